@@ -1,0 +1,3 @@
+from wsproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Command line: ``wsproxy run | check-config | demo | connect``.
+
+Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 bad config (EX_CONFIG from sysexits.h).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import uvloop
+
+from wsproxy import __version__, logs
+from wsproxy.address import parse_address
+from wsproxy.config import Config, load_config
+from wsproxy.errors import ConfigError
+
+EX_CONFIG = 78
+log = logging.getLogger("wsproxy")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="wsproxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"wsproxy {__version__}")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="serve the listeners of a config file")
+    run.add_argument("-c", "--config", required=True, help="TOML config file")
+
+    check = commands.add_parser("check-config", help="validate a config file; opens no socket")
+    check.add_argument("file")
+
+    demo = commands.add_parser("demo", help="echo targets and the proxy, in one command")
+    demo.add_argument("--listen", default="127.0.0.1:8080", help="proxy address (port 0: any)")
+    demo.add_argument("--admin", default="127.0.0.1:9900", help="admin address (port 0: any)")
+    demo.add_argument("--duration", type=float, default=0, help="stop after N seconds (0: never)")
+
+    connect = commands.add_parser("connect", help="an interactive WebSocket client")
+    connect.add_argument("url")
+    connect.add_argument(
+        "-H", "--header", action="append", default=[], help="extra header 'Name: value'"
+    )
+    connect.add_argument("--subprotocol", action="append", default=[])
+    connect.add_argument("--cacert", help="CA bundle to verify a wss:// server")
+    connect.add_argument("--cert", help="client certificate (PEM) for mTLS")
+    connect.add_argument("--key", help="client private key (PEM)")
+    connect.add_argument("--insecure", action="store_true", help="do not verify the server")
+    return parser
+
+
+def _run_with_signals(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
+    """Run ``main(stop)`` under uvloop; the first SIGTERM/SIGINT sets ``stop``, a second exits."""
+
+    async def runner() -> int | None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        received: list[int] = []
+
+        def on_signal(signum: int) -> None:
+            received.append(signum)
+            if len(received) == 1:
+                log.info(
+                    "%s received: draining (send it again to exit now)", signal.strsignal(signum)
+                )
+                stop.set()
+            else:
+                log.warning("second signal: exiting now")
+                logging.shutdown()
+                os._exit(1)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal, signum)
+        return await main(stop)
+
+    result = uvloop.run(runner())
+    return result or 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EX_CONFIG
+    targets = sum(len(group.targets) for group in config.target_groups.values())
+    print(
+        f"{args.file}: ok: {len(config.listeners)} listener(s), "
+        f"{len(config.target_groups)} target group(s), {targets} target(s)"
+    )
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EX_CONFIG
+
+    async def serve(stop: asyncio.Event) -> int:
+        from wsproxy.proxy import Proxy
+
+        proxy = Proxy(config)
+        try:
+            await proxy.start()
+        except OSError as exc:
+            log.error("%s", exc.strerror or exc)
+            return 1
+        await stop.wait()
+        await proxy.shutdown()
+        return 0
+
+    return _run_with_signals(serve)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from wsproxy.demo import run_demo
+
+    try:
+        listen = parse_address(args.listen, allow_port_zero=True)
+        admin = parse_address(args.admin, allow_port_zero=True)
+    except ValueError as exc:
+        print(f"wsproxy demo: {exc}", file=sys.stderr)
+        return 2
+
+    async def demo(stop: asyncio.Event) -> int:
+        try:
+            await run_demo(listen, admin, args.duration, stop)
+        except OSError as exc:
+            log.error("demo: %s (choose other ports with --listen/--admin)", exc.strerror or exc)
+            return 1
+        return 0
+
+    return _run_with_signals(demo)
+
+
+def _cmd_connect(args: argparse.Namespace) -> int:
+    from wsproxy.connect import client_ssl_context, run_connect
+
+    headers: list[tuple[str, str]] = []
+    for header in args.header:
+        name, sep, value = header.partition(":")
+        if not sep or not name.strip():
+            print(f"wsproxy connect: --header needs 'Name: value', got {header!r}", file=sys.stderr)
+            return 2
+        headers.append((name.strip(), value.strip()))
+    context = None
+    if args.url.startswith("wss://"):
+        context = client_ssl_context(args.cacert, args.cert, args.key, args.insecure)
+    return uvloop.run(run_connect(args.url, headers, args.subprotocol, context))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.configure(args.log_level, args.log_format)
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {
+        "run": _cmd_run,
+        "check-config": _cmd_check_config,
+        "demo": _cmd_demo,
+        "connect": _cmd_connect,
+    }
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:
+        return 1
+
+
+__all__ = ["Config", "main"]

@@ -1,0 +1,258 @@
+"""The TOML config file, validated into frozen objects before anything starts.
+
+Validation goes through pydantic v2: ``extra="forbid"`` makes unknown keys errors, and each error's
+location becomes the key path a user sees (``target_groups.chat.targets[1].address``). References
+between sections are checked in a second pass over the raw document so that one run reports every
+problem at once.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
+
+from wsproxy.address import Address, parse_address
+from wsproxy.errors import ConfigError, ConfigIssue
+
+MiB = 1024 * 1024
+
+Name = Annotated[
+    str,
+    StringConstraints(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$"),
+]
+ListenAddress = Annotated[
+    Address,
+    PlainValidator(
+        lambda v: v if isinstance(v, Address) else parse_address(v, allow_port_zero=True)
+    ),
+    PlainSerializer(str),
+]
+TargetAddress = Annotated[
+    Address,
+    PlainValidator(lambda v: v if isinstance(v, Address) else parse_address(v)),
+    PlainSerializer(str),
+]
+
+
+class Algorithm(StrEnum):
+    ROUND_ROBIN = "round_robin"
+    LEAST_CONNECTIONS = "least_connections"
+    RANDOM_TWO = "random_two"
+    SOURCE_IP = "source_ip"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProxySection(_Section):
+    shutdown_grace_seconds: float = Field(30.0, ge=0, le=3600)
+
+
+class AdminSection(_Section):
+    enabled: bool = True
+    address: ListenAddress = Address("127.0.0.1", 9900)
+
+
+class TargetConfig(_Section):
+    address: TargetAddress
+    weight: int = Field(1, ge=1, le=1000)
+
+
+class TargetGroupConfig(_Section):
+    protocol: Literal["tcp"] = "tcp"
+    algorithm: Algorithm = Algorithm.LEAST_CONNECTIONS
+    deregistration_delay_seconds: float = Field(30.0, ge=0, le=3600)
+    connect_timeout_seconds: float = Field(5.0, gt=0, le=300)
+    # How long a target may take to answer the WebSocket upgrade once the request is sent.
+    handshake_timeout_seconds: float = Field(10.0, gt=0, le=300)
+    targets: tuple[TargetConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _unique_targets(self) -> TargetGroupConfig:
+        seen: set[Address] = set()
+        for target in self.targets:
+            if target.address in seen:
+                raise ValueError(f"target {target.address} is listed twice")
+            seen.add(target.address)
+        return self
+
+
+class RuleConfig(_Section):
+    host: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
+    path_prefix: Annotated[str, StringConstraints(pattern=r"^/")] | None = None
+    target_group: Name
+
+    @model_validator(mode="after")
+    def _has_condition(self) -> RuleConfig:
+        if self.host is None and self.path_prefix is None:
+            raise ValueError("a rule needs 'host' and/or 'path_prefix'")
+        return self
+
+
+class ListenerConfig(_Section):
+    address: ListenAddress
+    protocol: Literal["tcp"] = "tcp"
+    websocket: bool = False
+    websocket_only: bool = False
+    default_target_group: Name
+    idle_timeout_seconds: float = Field(350.0, gt=0, le=7 * 24 * 3600)
+    max_frame_bytes: int = Field(16 * MiB, ge=125, le=2**40)
+    max_request_head_bytes: int = Field(16 * 1024, ge=1024, le=1 * MiB)
+    request_head_timeout_seconds: float = Field(10.0, gt=0, le=600)
+    rules: tuple[RuleConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _websocket_options(self) -> ListenerConfig:
+        if not self.websocket and self.websocket_only:
+            raise ValueError("websocket_only = true needs websocket = true")
+        if not self.websocket and self.rules:
+            raise ValueError(
+                "rules match on Host and path, which only websocket = true listeners read"
+            )
+        return self
+
+
+class Config(_Section):
+    proxy: ProxySection = ProxySection()
+    admin: AdminSection = AdminSection()
+    listeners: Annotated[dict[Name, ListenerConfig], Field(min_length=1)]
+    target_groups: dict[Name, TargetGroupConfig] = Field(default_factory=dict)
+
+
+def _format_loc(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part == "[key]":
+            continue
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key; see docs/config.md for the keys this section takes"
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "string_pattern_mismatch" and error["loc"] and error["loc"][-1] == "[key]":
+        return f"name {value!r} must be lower-case letters, digits, '-' or '_' (max 63)"
+    if kind == "string_pattern_mismatch" and "path_prefix" in error["loc"]:
+        return f"must start with '/', got {value!r}"
+    if kind == "string_pattern_mismatch":
+        return f"must be lower-case letters, digits, '-' or '_' (max 63), got {value!r}"
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}
+    bounds["less_than_equal"] = "<="
+    if kind in bounds:
+        limit = next(iter(ctx.values()))
+        shown = f"{limit:g}" if isinstance(limit, float) else str(limit)
+        return f"must be {bounds[kind]} {shown}, got {value!r}"
+    message = str(error["msg"])
+    message = message.removeprefix("Value error, ")
+    if kind in ("value_error", "assertion_error"):
+        return message
+    return f"{message[:1].lower()}{message[1:]}, got {value!r}"
+
+
+def _reference_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
+    groups = raw.get("target_groups")
+    group_names = set(groups) if isinstance(groups, Mapping) else set()
+    defined = ", ".join(sorted(group_names)) or "none"
+    issues: list[ConfigIssue] = []
+
+    def check(path: str, name: object) -> None:
+        if isinstance(name, str) and name not in group_names:
+            issues.append(
+                ConfigIssue(
+                    path,
+                    f"unknown target group {name!r}; defined: {defined} "
+                    "(add a [target_groups.NAME] section or fix the name)",
+                )
+            )
+
+    listeners = raw.get("listeners")
+    if not isinstance(listeners, Mapping):
+        return issues
+    for listener_name, listener in listeners.items():
+        if not isinstance(listener, Mapping):
+            continue
+        base = f"listeners.{listener_name}"
+        check(f"{base}.default_target_group", listener.get("default_target_group"))
+        rules = listener.get("rules")
+        if isinstance(rules, list):
+            for index, rule in enumerate(rules):
+                if isinstance(rule, Mapping):
+                    check(f"{base}.rules[{index}].target_group", rule.get("target_group"))
+    return issues
+
+
+def _address_issues(config: Config) -> list[ConfigIssue]:
+    issues: list[ConfigIssue] = []
+    seen: dict[Address, str] = {}
+    listeners = [
+        (f"listeners.{name}.address", lst.address) for name, lst in config.listeners.items()
+    ]
+    if config.admin.enabled:
+        listeners.append(("admin.address", config.admin.address))
+    for path, address in listeners:
+        if address.port == 0:
+            continue
+        if address in seen:
+            issues.append(
+                ConfigIssue(path, f"address {address} is already used by {seen[address]}")
+            )
+        seen[address] = path
+    return issues
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """Validate TOML text; raises ``ConfigError`` listing every problem found."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [ConfigIssue("", f"invalid TOML: {exc}")]) from None
+    issues = _reference_issues(raw)
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        issues = [
+            ConfigIssue(_format_loc(tuple(err["loc"])), _describe(err)) for err in exc.errors()
+        ] + issues
+        raise ConfigError(source, issues) from None
+    issues += _address_issues(config)
+    if issues:
+        raise ConfigError(source, issues)
+    return config
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raises ``ConfigError``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            str(path), [ConfigIssue("", f"cannot read file: {exc.strerror}")]
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), [ConfigIssue("", "file is not UTF-8 text")]) from None
+    return parse_config(text, str(path))

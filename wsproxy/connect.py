@@ -1,0 +1,69 @@
+"""``wsproxy connect URL``: stdin lines become text messages, received messages go to stdout."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import sys
+
+import aiohttp
+
+
+def client_ssl_context(
+    cacert: str | None, cert: str | None, key: str | None, insecure: bool
+) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=cacert)
+    if cert:
+        context.load_cert_chain(cert, key)
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def run_connect(
+    url: str,
+    headers: list[tuple[str, str]],
+    subprotocols: list[str],
+    ssl_context: ssl.SSLContext | None,
+) -> int:
+    loop = asyncio.get_running_loop()
+    async with aiohttp.ClientSession() as session:
+        try:
+            ws = await session.ws_connect(
+                url,
+                headers=headers,
+                protocols=subprotocols,
+                ssl=ssl_context if ssl_context is not None else True,
+                autoping=True,
+                max_msg_size=0,
+            )
+        except aiohttp.WSServerHandshakeError as exc:
+            print(f"handshake refused: {exc.status} {exc.message}", file=sys.stderr)
+            return 1
+        except aiohttp.ClientError as exc:
+            print(f"cannot connect to {url}: {exc}", file=sys.stderr)
+            return 1
+        print(f"connected to {url} (subprotocol: {ws.protocol or '-'})", file=sys.stderr)
+
+        async def pump_stdin() -> None:
+            while True:
+                line = await loop.run_in_executor(None, sys.stdin.readline)
+                if not line:
+                    await ws.close()
+                    return
+                await ws.send_str(line.rstrip("\n"))
+
+        sender = asyncio.create_task(pump_stdin())
+        try:
+            async for message in ws:
+                if message.type is aiohttp.WSMsgType.TEXT:
+                    print(message.data, flush=True)
+                elif message.type is aiohttp.WSMsgType.BINARY:
+                    print(
+                        f"<binary {len(message.data)} bytes> {message.data[:64].hex()}", flush=True
+                    )
+        finally:
+            sender.cancel()
+        print(f"closed: code {ws.close_code}", file=sys.stderr)
+        return 0

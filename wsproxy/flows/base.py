@@ -1,0 +1,160 @@
+"""The part every flow shares: its client socket, its log record, its end."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any
+
+from wsproxy.errors import ClientClosed, HttpError, WsproxyError
+from wsproxy.logs import CONNECTION_FIELDS
+from wsproxy.relay import Endpoint, Relay
+from wsproxy.target_group import Target
+
+if TYPE_CHECKING:
+    from wsproxy.listener import Listener
+
+log = logging.getLogger(__name__)
+
+
+class Flow:
+    """One accepted client connection, from accept to the connection log line.
+
+    A flow runs its handshake as a task owned by its listener; once the relay runs there is no task
+    left, only callbacks. ``finish`` runs exactly once and releases everything.
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.loop = asyncio.get_running_loop()
+        self.client = Endpoint()
+        self.client.on_made = self._accepted
+        self.target_endpoint: Endpoint | None = None
+        self.target: Target | None = None
+        self.relay: Relay | None = None
+        self.started = self.loop.time()
+        self.task: asyncio.Task[None] | None = None
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.finished = False
+        self.client_ip = ""
+        self.client_port = 0
+        self.log: dict[str, Any] = {
+            "listener": listener.name,
+            "target_group": None,
+            "target": None,
+            "status": None,
+            "close_code": None,
+        }
+        self.handshake_bytes_in = 0
+        self.handshake_bytes_out = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    def _accepted(self) -> None:
+        self.client_ip, self.client_port = self.client.peer_address
+        self.listener.flow_started(self)
+        self.client.on_lost = self._client_lost_early
+        self.begin()
+
+    def begin(self) -> None:
+        """Start the flow (runs inside ``connection_made``)."""
+        raise NotImplementedError
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.task = self.listener.spawn(coro)
+
+    def _client_lost_early(self, exc: Exception | None) -> None:
+        """The client left during the handshake: stop the handshake task."""
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+        elif self.relay is None:
+            self.finish("client_closed")
+
+    async def guarded(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a handshake coroutine; turn every way it can end into a reason and a finish."""
+        reason = "internal_error"
+        try:
+            await coro
+            return
+        except asyncio.CancelledError:
+            reason = "client_closed" if self.client.lost else "shutdown"
+        except HttpError as exc:
+            reason = exc.reason
+            self.fail(exc)
+        except ClientClosed as exc:
+            reason = exc.reason
+        except WsproxyError as exc:
+            reason = exc.reason
+            log.info("listener '%s': %s", self.listener.name, exc)
+        except Exception:  # connection boundary: log once, close this connection, keep serving
+            log.exception("listener '%s': unexpected error in a connection", self.listener.name)
+        if self.relay is None:
+            if self.target_endpoint is not None:
+                self.target_endpoint.abort()
+            self.client.close()
+            self.finish(reason)
+
+    def fail(self, exc: HttpError) -> None:
+        """Tell the client why its connection ends (flows without HTTP just close)."""
+        log.debug("listener '%s': %s", self.listener.name, exc)
+
+    def relay_done(self, relay: Relay) -> None:
+        self.finish(relay.reason or "closed")
+
+    def finish(self, reason: str) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.target is not None:
+            self.target.release()
+        relay = self.relay
+        bytes_in = self.handshake_bytes_in + (relay.bytes_in if relay else 0)
+        bytes_out = self.handshake_bytes_out + (relay.bytes_out if relay else 0)
+        self.log.update(
+            client=f"{self.client_ip}:{self.client_port}",
+            bytes_in=bytes_in,
+            bytes_out=bytes_out,
+            duration_seconds=round(self.loop.time() - self.started, 6),
+            reason=reason,
+        )
+        self.log = {key: self.log.get(key) for key in CONNECTION_FIELDS}
+        self.listener.flow_finished(self, reason, bytes_in, bytes_out)
+
+    # --- operations -----------------------------------------------------------------------------
+
+    @property
+    def live_bytes(self) -> tuple[int, int]:
+        relay = self.relay
+        if relay is None:
+            return self.handshake_bytes_in, self.handshake_bytes_out
+        return self.handshake_bytes_in + relay.bytes_in, self.handshake_bytes_out + relay.bytes_out
+
+    def drain(self, timeout: float) -> None:
+        """Close this connection as cleanly as its flow allows within ``timeout`` seconds.
+
+        A flow still in its handshake finishes it and drains as soon as its relay starts.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        self.drain_deadline = self.loop.time() + timeout
+        self.drain_relay(timeout)
+
+    def drain_remaining(self) -> float:
+        return max(0.0, self.drain_deadline - self.loop.time())
+
+    def drain_relay(self, timeout: float) -> None:
+        """Stream mode: opaque bytes have no clean cut, so wait out the grace period, then close."""
+        relay = self.relay
+        if relay is not None:
+            self.loop.call_later(timeout, relay.close, "draining")
+
+    def abort(self) -> None:
+        if self.relay is not None:
+            self.relay.abort("shutdown")
+        else:
+            self.client.abort()
+            if self.target_endpoint is not None:
+                self.target_endpoint.abort()

@@ -1,0 +1,31 @@
+"""Stream mode: pick a target, dial, relay opaque bytes (an NLB TCP listener).
+
+Nothing is read from the client before the target is connected: a server-first protocol would hang
+if the proxy waited for the client to speak.
+"""
+
+from __future__ import annotations
+
+from wsproxy.flows.base import Flow
+from wsproxy.relay import Endpoint, Relay
+
+
+class TcpFlow(Flow):
+    def begin(self) -> None:
+        self.client.pause_reading()
+        self.spawn(self.guarded(self._run()))
+
+    async def _run(self) -> None:
+        upstream = self.listener.upstream(self.listener.config.default_target_group)
+        self.log["target_group"] = upstream.name
+        self.target, self.target_endpoint = await upstream.dial(self.client_ip, Endpoint)
+        self.log["target"] = str(self.target.address)
+        self.relay = Relay(
+            self.client,
+            self.target_endpoint,
+            idle_timeout=self.listener.config.idle_timeout_seconds,
+            on_done=self.relay_done,
+        )
+        self.relay.start()
+        if self.draining:
+            self.drain_relay(self.drain_remaining())

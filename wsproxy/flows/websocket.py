@@ -1,0 +1,433 @@
+"""WebSocket mode: read and validate the Upgrade, route it, and tunnel only after a real 101.
+
+Order of work for one connection (DESIGN.md, "WebSocket"):
+1. read the request head within ``max_request_head_bytes`` and ``request_head_timeout_seconds``;
+2. validate it (RFC 6455 §4.2.1) or, for a plain request, answer 426 / forward it alone;
+3. route on Host and path, dial a target (retrying another on refusal, timeout, or a close before
+   any response byte), send the head with X-Forwarded-* set by us;
+4. read the target's response head: a valid 101 opens the frame-tracking tunnel; anything else is
+   forwarded with ``Connection: close`` and the connection ends, so no second request ever reaches
+   the target through a connection it did not upgrade (the WebSocket-smuggling class of CVEs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from wsproxy.errors import (
+    BadRequest,
+    BadTargetResponse,
+    ClientClosed,
+    HeadTooLarge,
+    HttpError,
+    MalformedBody,
+    MalformedHead,
+    NoTargets,
+    RequestTimeout,
+    TargetClosed,
+    TargetError,
+    TargetHandshakeTimeout,
+    UpgradeRequired,
+    WireError,
+)
+from wsproxy.flows.base import Flow
+from wsproxy.relay import Endpoint, Relay
+from wsproxy.target_group import Target
+from wsproxy.upstream import MAX_ATTEMPTS, Upstream
+from wsproxy.wire.http1 import (
+    BodyKind,
+    BodyTracker,
+    HeadBuffer,
+    RequestHead,
+    ResponseHead,
+    parse_request_head,
+    parse_response_head,
+    replace_headers,
+    request_body,
+    response_body,
+    serialize_request_head,
+    serialize_response_head,
+)
+from wsproxy.wire.upgrade import (
+    WEBSOCKET_VERSION,
+    check_host,
+    is_valid_upgrade_response,
+    validate_upgrade_request,
+    wants_upgrade,
+)
+from wsproxy.ws_relay import WebSocketRelay
+
+log = logging.getLogger(__name__)
+
+# A target's response head is bounded like the client's request head.
+MAX_RESPONSE_HEAD_BYTES = 16 * 1024
+_FORWARDED = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-port", "x-forwarded-host"}
+_HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection"}
+
+_STATUS_TEXT = {
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    426: "Upgrade Required",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def error_response(exc: HttpError) -> bytes:
+    """A short plain-text response that closes the connection."""
+    body = f"{exc.status} {_STATUS_TEXT.get(exc.status, 'Error')}: {exc.detail}\n".encode()
+    headers = [
+        ("Content-Type", "text/plain; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Connection", "close"),
+    ]
+    if exc.status == 405:
+        headers.append(("Allow", "GET"))
+    if exc.status == 426:
+        # RFC 9110 §15.5.22 and RFC 6455 §4.4: say what to upgrade to and which version we speak.
+        headers += [("Upgrade", "websocket"), ("Sec-WebSocket-Version", WEBSOCKET_VERSION)]
+    head = ResponseHead("HTTP/1.1", exc.status, _STATUS_TEXT.get(exc.status, "Error"), ())
+    head = ResponseHead(head.version, head.status, head.reason, tuple(headers))
+    return serialize_response_head(head) + body
+
+
+class _Exchange:
+    """Reads one HTTP response head from a target, then streams its body to the client.
+
+    Callback side of the handshake task: the target endpoint feeds it, the task awaits ``head`` and
+    then ``finished``.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self.head: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
+        self.finished: asyncio.Future[str] = loop.create_future()
+        self.received = 0
+        self._buffer = HeadBuffer(MAX_RESPONSE_HEAD_BYTES)
+        endpoint.on_data = self._head_data
+        endpoint.on_eof = self._eof
+        endpoint.on_lost = self._lost
+
+    def _head_data(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.head.done():
+            return
+        try:
+            result = self._buffer.feed(data)
+        except WireError as exc:
+            self.head.set_exception(BadTargetResponse(f"target sent an invalid response: {exc}"))
+            return
+        if result is not None:
+            self.endpoint.pause_reading()
+            self.head.set_result(result)
+
+    def _eof(self) -> bool:
+        self._ended("target closed the connection")
+        return False
+
+    def _lost(self, exc: Exception | None) -> None:
+        self._ended("target reset the connection" if exc else "target closed the connection")
+
+    def _ended(self, why: str) -> None:
+        if not self.head.done():
+            self.head.set_exception(TargetClosed(f"{why} before answering ({self.received} bytes)"))
+        if not self.finished.done():
+            self.finished.set_result("target_closed")
+
+
+class WebSocketFlow(Flow):
+    """The WebSocket flow of one client connection (``websocket = true``)."""
+
+    def begin(self) -> None:
+        self.log.update(host=None, path=None)
+        self.spawn(self.guarded(self._run()))
+
+    def fail(self, exc: HttpError) -> None:
+        self.log["status"] = exc.status
+        if exc.status >= 500 or isinstance(exc, TargetError):
+            log.info("listener '%s': %s", self.listener.name, exc)
+        else:
+            log.debug("listener '%s': %s", self.listener.name, exc)
+        if self.log.get("target_group") and isinstance(exc, TargetError):
+            self.listener.count_upgrade(str(self.log["target_group"]), exc.reason)
+        response = error_response(exc)
+        self.handshake_bytes_out += len(response)
+        self.client.write(response)
+
+    # --- 1. request head ------------------------------------------------------------------------
+
+    async def _read_request_head(self) -> tuple[bytes, bytes]:
+        config = self.listener.config
+        buffer = HeadBuffer(config.max_request_head_bytes)
+        done: asyncio.Future[tuple[bytes, bytes]] = self.loop.create_future()
+        client = self.client
+
+        def on_data(data: bytes) -> None:
+            self.handshake_bytes_in += len(data)
+            if done.done():
+                return
+            try:
+                result = buffer.feed(data)
+            except WireError as exc:
+                client.pause_reading()
+                done.set_exception(exc)
+                return
+            if result is not None:
+                client.pause_reading()
+                done.set_result(result)
+
+        def on_eof() -> bool:
+            if not done.done():
+                done.set_exception(ClientClosed("client closed before the request head ended"))
+            return True
+
+        client.on_data = on_data
+        client.on_eof = on_eof
+        try:
+            async with asyncio.timeout(config.request_head_timeout_seconds):
+                return await done
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request head not complete within {config.request_head_timeout_seconds:g} s "
+                f"({buffer.size} bytes received)"
+            ) from None
+        except MalformedHead as exc:
+            raise BadRequest(str(exc)) from None
+        except WireError as exc:
+            raise HeadTooLarge(str(exc)) from None
+
+    # --- 2. validate and route ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        raw_head, rest = await self._read_request_head()
+        try:
+            head = parse_request_head(raw_head)
+        except MalformedHead as exc:
+            raise BadRequest(str(exc)) from None
+        self.log.update(path=head.path[:256])
+        host = check_host(head)
+        self.log["host"] = host[:256]
+        upgrade = wants_upgrade(head)
+        key = ""
+        if upgrade:
+            key = validate_upgrade_request(head)
+            kind, length = BodyKind.NONE, 0
+        elif self.listener.config.websocket_only:
+            raise UpgradeRequired("this listener only accepts WebSocket upgrades")
+        else:
+            try:
+                kind, length = request_body(head)
+            except MalformedHead as exc:
+                raise BadRequest(str(exc)) from None
+        group = self.listener.router.route(host, head.path)
+        upstream = self.listener.upstream(group)
+        self.log["target_group"] = group
+        forwarded = self._forwarded_head(head, host, upgrade)
+        await self._exchange(upstream, head, forwarded, key, rest, kind, length)
+
+    def _forwarded_head(self, head: RequestHead, host: str, upgrade: bool) -> bytes:
+        drop = set(_FORWARDED)
+        add: tuple[tuple[str, str], ...] = (
+            ("X-Forwarded-For", self.client_ip),
+            ("X-Forwarded-Proto", "http"),
+            ("X-Forwarded-Port", str(self.client.local_port)),
+            ("X-Forwarded-Host", host),
+        )
+        if not upgrade:
+            drop |= _HOP_BY_HOP
+            add += (("Connection", "close"),)
+        headers = replace_headers(head.headers, drop, add)
+        return serialize_request_head(RequestHead(head.method, head.target, head.version, headers))
+
+    # --- 3. dial and exchange -------------------------------------------------------------------
+
+    async def _exchange(
+        self,
+        upstream: Upstream,
+        head: RequestHead,
+        forwarded: bytes,
+        key: str,
+        rest: bytes,
+        kind: BodyKind,
+        length: int,
+    ) -> None:
+        config = upstream.config
+        last: Target | None = None
+        error: TargetError | None = None
+        for _attempt in range(MAX_ATTEMPTS):
+            target = upstream.pick(self.client_ip, avoid=last)
+            if target is None:
+                break
+            endpoint = Endpoint()
+            self.target_endpoint = endpoint
+            exchange = _Exchange(self.loop, endpoint)
+            try:
+                await upstream.connect(target, endpoint)
+            except TargetError as exc:
+                error, last = exc, target
+                continue
+            target.acquire()
+            self.target = target
+            self.log["target"] = str(target.address)
+            endpoint.write(forwarded)
+            if not key:
+                self._stream_request_body(BodyTracker(kind, length), rest, endpoint)
+            try:
+                async with asyncio.timeout(config.handshake_timeout_seconds):
+                    raw_response, response_rest = await exchange.head
+            except TimeoutError:
+                raise TargetHandshakeTimeout(
+                    f"target {target.address} did not answer within "
+                    f"{config.handshake_timeout_seconds:g} s"
+                ) from None
+            except TargetClosed as exc:
+                # Nothing reached the client yet and the request had no body: another target may
+                # answer it (an Upgrade GET is idempotent).
+                if exchange.received or kind is not BodyKind.NONE:
+                    raise
+                target.release()
+                self.target = None
+                error, last = exc, target
+                continue
+            await self._answer(upstream, head, key, raw_response, response_rest, rest, exchange)
+            return
+        raise error or NoTargets(f"target group '{upstream.name}' has no target to try")
+
+    async def _answer(
+        self,
+        upstream: Upstream,
+        head: RequestHead,
+        key: str,
+        raw_response: bytes,
+        response_rest: bytes,
+        client_rest: bytes,
+        exchange: _Exchange,
+    ) -> None:
+        try:
+            response = parse_response_head(raw_response)
+        except MalformedHead as exc:
+            raise BadTargetResponse(f"target sent an invalid response head: {exc}") from None
+        if key and is_valid_upgrade_response(response, key):
+            self.log["status"] = response.status
+            self._open_tunnel(raw_response, response_rest, client_rest)
+            return
+        if key and response.status == 101:
+            raise BadTargetResponse("target answered 101 without a valid Sec-WebSocket-Accept")
+        if response.status < 200:
+            raise BadTargetResponse(f"target answered {response.status} (1xx) to the request")
+        if key:
+            self.listener.count_upgrade(upstream.name, "rejected_by_target")
+        self.log["status"] = response.status
+        await self._forward_response(head, response, response_rest, exchange)
+
+    def _stream_request_body(self, body: BodyTracker, rest: bytes, endpoint: Endpoint) -> None:
+        """Send a plain request's body (and nothing after it) to the target."""
+        client = self.client
+
+        def on_data(data: bytes) -> None:
+            self.handshake_bytes_in += len(data)
+            try:
+                taken = body.feed(data)
+            except MalformedBody as exc:
+                log.debug("listener '%s': bad request body: %s", self.listener.name, exc)
+                client.pause_reading()
+                endpoint.abort()
+                return
+            if taken:
+                endpoint.write(data[:taken] if taken < len(data) else data)
+            if body.done:
+                client.pause_reading()
+
+        def on_target_drained() -> None:
+            if not body.done:
+                client.resume_reading()
+
+        client.on_data = on_data
+        endpoint.on_pause_writing = client.pause_reading
+        endpoint.on_resume_writing = on_target_drained
+        if rest:
+            self.handshake_bytes_in -= len(rest)  # counted already with the head
+            on_data(rest)
+        if not body.done:
+            client.resume_reading()
+
+    async def _forward_response(
+        self, request: RequestHead, response: ResponseHead, rest: bytes, exchange: _Exchange
+    ) -> None:
+        """Forward a non-101 answer with ``Connection: close``, then end the connection."""
+        endpoint = exchange.endpoint
+        client = self.client
+        client.pause_reading()
+        try:
+            body = BodyTracker(*response_body(response, request.method))
+        except MalformedHead as exc:
+            raise BadTargetResponse(f"target response has bad framing: {exc}") from None
+        headers = replace_headers(response.headers, _HOP_BY_HOP, (("Connection", "close"),))
+        head = serialize_response_head(
+            ResponseHead(response.version, response.status, response.reason, headers)
+        )
+        self.handshake_bytes_out += len(head)
+        client.write(head)
+
+        def on_data(data: bytes) -> None:
+            try:
+                taken = body.feed(data)
+            except MalformedBody:
+                endpoint.abort()
+                return
+            if taken:
+                self.handshake_bytes_out += taken
+                client.write(data[:taken] if taken < len(data) else data)
+            if body.done and not exchange.finished.done():
+                exchange.finished.set_result("http_forwarded")
+
+        endpoint.on_data = on_data
+        client.on_pause_writing = endpoint.pause_reading
+        client.on_resume_writing = endpoint.resume_reading
+        if rest:
+            on_data(rest)
+        if not exchange.finished.done() and not body.done:
+            endpoint.resume_reading()
+            await exchange.finished
+        endpoint.close()
+        client.close()
+        self.finish("http_forwarded" if body.done else "target_closed")
+
+    # --- 4. tunnel ------------------------------------------------------------------------------
+
+    def _open_tunnel(self, raw_response: bytes, response_rest: bytes, client_rest: bytes) -> None:
+        config = self.listener.config
+        if self.target_endpoint is None:
+            raise BadTargetResponse("tunnel without a target connection")
+        self.listener.count_upgrade(str(self.log["target_group"]), "ok")
+        self.handshake_bytes_out += len(raw_response)
+        self.client.write(raw_response)
+        relay = WebSocketRelay(
+            self.client,
+            self.target_endpoint,
+            idle_timeout=config.idle_timeout_seconds,
+            max_frame_bytes=config.max_frame_bytes,
+            on_done=self.relay_done,
+        )
+        self.relay = relay
+        if client_rest:
+            self.handshake_bytes_in -= len(client_rest)  # the relay counts them
+        relay.start(to_target=client_rest, to_client=response_rest)
+        if self.draining and not relay.done:
+            relay.drain(self.drain_remaining())
+
+    def drain_relay(self, timeout: float) -> None:
+        if isinstance(self.relay, WebSocketRelay):
+            self.relay.drain(timeout)
+
+    def relay_done(self, relay: Relay) -> None:
+        if isinstance(relay, WebSocketRelay):
+            self.log["close_code"] = relay.close_code
+            self.listener.count_session(relay)
+        super().relay_done(relay)

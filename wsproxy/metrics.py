@@ -1,0 +1,169 @@
+"""Counters kept as plain integers on the data path, turned into Prometheus metrics at scrape time.
+
+The relay never calls prometheus-client: it bumps attributes of ``ListenerStats``; the collector
+here reads them (and the byte counts of live connections) only when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+import platform
+import ssl
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from wsproxy import __version__
+
+
+@dataclass(slots=True)
+class ListenerStats:
+    """What happened on one listener since start; updated in place, read at scrape time."""
+
+    connections: int = 0
+    active: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    upgrades: Counter[tuple[str, str]] = field(default_factory=Counter)  # (target_group, result)
+    closes: Counter[tuple[str, int]] = field(default_factory=Counter)  # (initiator, code)
+    bytes_in: int = 0  # finished connections only; live ones are added at scrape time
+    bytes_out: int = 0
+    messages_in: int = 0
+    messages_out: int = 0
+
+
+class LiveCounters(Protocol):
+    bytes_in: int
+    bytes_out: int
+
+
+class StatsSource(Protocol):
+    """What the collector needs from a listener."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stats(self) -> ListenerStats: ...
+
+    def live_byte_counts(self) -> Iterable[tuple[int, int]]: ...
+
+
+class TargetSource(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def connect_errors(self) -> dict[str, int]: ...
+
+    def target_rows(self) -> Iterable[tuple[str, str, int]]: ...  # (address, state, active)
+
+
+class ProxyCollector(Collector):
+    def __init__(
+        self,
+        listeners: Callable[[], Iterable[StatsSource]],
+        upstreams: Callable[[], Iterable[TargetSource]],
+        draining: Callable[[], bool],
+    ) -> None:
+        self._listeners = listeners
+        self._upstreams = upstreams
+        self._draining = draining
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "wsproxy_build_info",
+            "wsproxy build and runtime versions",
+            labels=["version", "python", "loop", "openssl"],
+        )
+        info.add_metric([__version__, platform.python_version(), "uvloop", ssl.OPENSSL_VERSION], 1)
+        yield info
+        conns = CounterMetricFamily(
+            "wsproxy_listener_connections", "Connections accepted", labels=["listener"]
+        )
+        active = GaugeMetricFamily(
+            "wsproxy_listener_connections_active", "Connections open now", labels=["listener"]
+        )
+        rejected = CounterMetricFamily(
+            "wsproxy_listener_connections_rejected",
+            "Connections ended by the proxy before reaching a target, by reason",
+            labels=["listener", "reason"],
+        )
+        upgrades = CounterMetricFamily(
+            "wsproxy_websocket_upgrades",
+            "WebSocket upgrade attempts by result",
+            labels=["listener", "target_group", "result"],
+        )
+        closes = CounterMetricFamily(
+            "wsproxy_websocket_closes",
+            "WebSocket sessions closed, by who started the close and the code",
+            labels=["listener", "initiator", "code"],
+        )
+        messages = CounterMetricFamily(
+            "wsproxy_websocket_messages",
+            "WebSocket messages relayed (counted by finished sessions)",
+            labels=["listener", "direction"],
+        )
+        byte_total = CounterMetricFamily(
+            "wsproxy_bytes", "Bytes relayed", labels=["listener", "direction"]
+        )
+        for listener in self._listeners():
+            stats = listener.stats
+            name = listener.name
+            conns.add_metric([name], stats.connections)
+            active.add_metric([name], stats.active)
+            for reason, count in sorted(stats.rejected.items()):
+                rejected.add_metric([name, reason], count)
+            for (group, result), count in sorted(stats.upgrades.items()):
+                upgrades.add_metric([name, group, result], count)
+            for (initiator, code), count in sorted(stats.closes.items()):
+                closes.add_metric([name, initiator, str(code)], count)
+            messages.add_metric([name, "client_to_target"], stats.messages_in)
+            messages.add_metric([name, "target_to_client"], stats.messages_out)
+            live_in = live_out = 0
+            for b_in, b_out in listener.live_byte_counts():
+                live_in += b_in
+                live_out += b_out
+            byte_total.add_metric([name, "client_to_target"], stats.bytes_in + live_in)
+            byte_total.add_metric([name, "target_to_client"], stats.bytes_out + live_out)
+        yield from (conns, active, rejected, upgrades, closes, messages, byte_total)
+
+        target_active = GaugeMetricFamily(
+            "wsproxy_target_connections_active",
+            "Client connections assigned to a target",
+            labels=["target_group", "target"],
+        )
+        target_state = GaugeMetricFamily(
+            "wsproxy_target_state",
+            "1 for the target's current state",
+            labels=["target_group", "target", "state"],
+        )
+        connect_errors = CounterMetricFamily(
+            "wsproxy_target_connect_errors",
+            "Failed connects to targets, by reason",
+            labels=["target_group", "reason"],
+        )
+        for upstream in self._upstreams():
+            for address, state, count in upstream.target_rows():
+                target_active.add_metric([upstream.name, address], count)
+                target_state.add_metric([upstream.name, address, state], 1)
+            for reason, count in sorted(upstream.connect_errors.items()):
+                connect_errors.add_metric([upstream.name, reason], count)
+        yield from (target_active, target_state, connect_errors)
+        draining = GaugeMetricFamily("wsproxy_draining", "1 while the proxy is shutting down")
+        draining.add_metric([], 1 if self._draining() else 0)
+        yield draining
+
+
+class Metrics:
+    """The proxy's own registry (never the global one, so two proxies fit in one process)."""
+
+    def __init__(self, collector: ProxyCollector) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(collector)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,71 @@
+"""Target groups and their targets: membership, state, and who may take a new connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from wsproxy.address import Address
+
+
+class TargetState(StrEnum):
+    """A target's state, as in AWS target health (``TargetHealth.State``)."""
+
+    INITIAL = "initial"
+    HEALTHY = "healthy"
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
+    UNUSED = "unused"
+
+
+ROUTABLE_STATES = frozenset((TargetState.INITIAL, TargetState.HEALTHY))
+
+
+@dataclass(slots=True, eq=False)
+class Target:
+    """One backend address with its weight, state and live connection count.
+
+    ``active`` counts client connections currently assigned to it: the balancers read it and the
+    flows keep it exact (``acquire``/``release``).
+    """
+
+    address: Address
+    weight: int = 1
+    state: TargetState = TargetState.INITIAL
+    reason: str = "Elb.RegistrationInProgress"
+    active: int = 0
+    connect_failures: int = 0
+
+    def acquire(self) -> None:
+        self.active += 1
+
+    def release(self) -> None:
+        self.active -= 1
+
+    def __str__(self) -> str:
+        return str(self.address)
+
+
+@dataclass(slots=True, eq=False)
+class TargetGroup:
+    """Targets that serve one kind of traffic, and the policy used to spread connections."""
+
+    name: str
+    targets: list[Target] = field(default_factory=list)
+
+    def candidates(self) -> list[Target]:
+        """Targets that may take a new connection.
+
+        Healthy and initial targets first; when none is, the group fails open to every target that
+        is not draining or unused, as an AWS NLB does, so a health-check outage is not an outage.
+        """
+        routable = [t for t in self.targets if t.state in ROUTABLE_STATES]
+        if routable:
+            return routable
+        return [t for t in self.targets if t.state is TargetState.UNHEALTHY]
+
+    def find(self, address: Address) -> Target | None:
+        for target in self.targets:
+            if target.address == address:
+                return target
+        return None

@@ -1,0 +1,99 @@
+"""Dialing the targets of a target group: pick with the balancer, connect with a deadline, retry.
+
+A refused or timed-out connect is retried on another target (at most ``MAX_ATTEMPTS`` in all,
+never the same target twice in a row), which is safe because no byte has reached the client yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from wsproxy.balancer import Balancer
+from wsproxy.config import TargetGroupConfig
+from wsproxy.errors import NoTargets, TargetConnectTimeout, TargetError, TargetRefused
+from wsproxy.relay import Endpoint
+from wsproxy.target_group import Target, TargetGroup
+
+log = logging.getLogger(__name__)
+
+# Envoy's default retry budget for connect failures is 1 retry; HAProxy's `retries` defaults to 3.
+MAX_ATTEMPTS = 3
+
+
+class Upstream:
+    """One target group at run time: its targets, its balancer, its connect settings."""
+
+    def __init__(self, config: TargetGroupConfig, group: TargetGroup, balancer: Balancer) -> None:
+        self.config = config
+        self.group = group
+        self.balancer = balancer
+        self.connect_errors: dict[str, int] = {}
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+    def pick(self, client_ip: str, avoid: Target | None = None) -> Target | None:
+        """A target for a new connection, or None when only ``avoid`` is left.
+
+        Raises ``NoTargets`` when the group has no target that may take connections.
+        """
+        candidates = self.group.candidates()
+        if not candidates:
+            raise NoTargets(f"target group '{self.name}' has no registered targets")
+        if avoid is not None:
+            candidates = [t for t in candidates if t is not avoid]
+            if not candidates:
+                return None
+        return self.balancer.pick(candidates, client_ip)
+
+    async def connect(self, target: Target, endpoint: Endpoint) -> None:
+        """Connect ``endpoint`` to ``target`` within ``connect_timeout_seconds``."""
+        loop = asyncio.get_running_loop()
+        address = target.address
+        try:
+            async with asyncio.timeout(self.config.connect_timeout_seconds):
+                await loop.create_connection(lambda: endpoint, address.host, address.port)
+        except TimeoutError:
+            self._failed(target, "timeout")
+            raise TargetConnectTimeout(
+                f"target {address} of '{self.name}' did not accept within "
+                f"{self.config.connect_timeout_seconds:g} s"
+            ) from None
+        except OSError as exc:
+            self._failed(target, "refused" if isinstance(exc, ConnectionRefusedError) else "error")
+            raise TargetRefused(
+                f"target {address} of '{self.name}': {exc.strerror or exc}"
+            ) from None
+        target.connect_failures = 0
+
+    def _failed(self, target: Target, reason: str) -> None:
+        target.connect_failures += 1
+        self.connect_errors[reason] = self.connect_errors.get(reason, 0) + 1
+
+    async def dial(
+        self, client_ip: str, make_endpoint: Callable[[], Endpoint]
+    ) -> tuple[Target, Endpoint]:
+        """Connect to some target, retrying others on failure; the target is ``acquire``d."""
+        last: Target | None = None
+        error: TargetError | None = None
+        for _attempt in range(MAX_ATTEMPTS):
+            target = self.pick(client_ip, avoid=last)
+            if target is None:
+                break
+            endpoint = make_endpoint()
+            try:
+                await self.connect(target, endpoint)
+            except TargetError as exc:
+                log.debug("connect failed: %s", exc)
+                error, last = exc, target
+                continue
+            target.acquire()
+            return target, endpoint
+        raise error or NoTargets(f"target group '{self.name}' has no target to try")
+
+    def target_rows(self) -> list[tuple[str, str, int]]:
+        """(address, state, active connections) per target, for metrics and the admin API."""
+        return [(str(t.address), t.state.value, t.active) for t in self.group.targets]

@@ -1,0 +1,255 @@
+"""WebSocket frame headers (RFC 6455 §5.2), sans-I/O.
+
+``FrameTracker`` follows a byte stream frame by frame reading *headers only*: payloads are skipped
+by length, never unmasked or copied (only the two status bytes of a Close frame are read). That is
+enough to count frames and messages, refuse frames over a size limit before a byte of them is
+forwarded, and find the message boundaries where the proxy may inject a Close frame of its own.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from wsproxy.errors import FrameError, FrameTooLarge, MaskedFrame, UnmaskedFrame
+
+OP_CONTINUATION = 0x0
+OP_TEXT = 0x1
+OP_BINARY = 0x2
+OP_CLOSE = 0x8
+OP_PING = 0x9
+OP_PONG = 0xA
+_KNOWN_OPCODES = frozenset((OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG))
+
+# RFC 6455 §5.5: control frames carry at most 125 bytes and are never fragmented.
+MAX_CONTROL_PAYLOAD = 125
+MAX_HEADER = 14
+
+# Where FrameTracker.feed may stop: nowhere, at the next frame boundary, at the next message
+# boundary (control frames may sit between the fragments of a message, RFC 6455 §5.4, so a Close
+# may be injected at any frame boundary; a message boundary also loses no half-sent message).
+STOP_NONE = 0
+STOP_FRAME = 1
+STOP_MESSAGE = 2
+
+# Close codes (RFC 6455 §7.4.1, IANA registry).
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_TOO_BIG = 1009
+CLOSE_INTERNAL_ERROR = 1011
+CLOSE_BAD_GATEWAY = 1014
+
+
+def _parse_header(buf: bytes, pos: int) -> tuple[int, int, int, bool, int, bytes] | None:
+    """(header_len, fin, opcode, masked, payload_len, mask_key) or None if ``buf`` is too short."""
+    avail = len(buf) - pos
+    if avail < 2:
+        return None
+    b0 = buf[pos]
+    b1 = buf[pos + 1]
+    length = b1 & 0x7F
+    masked = bool(b1 & 0x80)
+    header_len = 2
+    if length == 126:
+        header_len = 4
+        if avail < header_len:
+            return None
+        (length,) = struct.unpack_from("!H", buf, pos + 2)
+    elif length == 127:
+        header_len = 10
+        if avail < header_len:
+            return None
+        (length,) = struct.unpack_from("!Q", buf, pos + 2)
+    mask_key = b""
+    if masked:
+        if avail < header_len + 4:
+            return None
+        mask_key = bytes(buf[pos + header_len : pos + header_len + 4])
+        header_len += 4
+    return header_len, b0 >> 7, b0 & 0x0F, masked, length, mask_key
+
+
+class FrameTracker:
+    """Follows one direction of a WebSocket connection.
+
+    ``masked`` is True for the client-to-server direction, whose frames must be masked
+    (RFC 6455 §5.1), False for server-to-client, whose frames must not be.
+    """
+
+    __slots__ = (
+        "_close_buf",
+        "_close_mask",
+        "_header",
+        "_in_message",
+        "_masked",
+        "_max_frame_bytes",
+        "_opcode",
+        "_payload_seen",
+        "_remaining",
+        "close_code",
+        "closes",
+        "frames",
+        "messages",
+    )
+
+    def __init__(self, *, masked: bool, max_frame_bytes: int) -> None:
+        self._masked = masked
+        self._max_frame_bytes = max_frame_bytes
+        self._remaining = 0  # payload bytes of the current frame still to come
+        self._header = b""  # a header split across chunks
+        self._in_message = False  # inside a fragmented data message
+        self._opcode = -1  # opcode of the frame whose payload is flowing, -1 between frames
+        self._close_buf = b""
+        self._close_mask = b""
+        self._payload_seen = 0
+        self.frames = 0
+        self.messages = 0
+        self.closes = 0
+        self.close_code: int | None = None  # first Close frame's status code (1005 if none)
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        return self._opcode < 0 and not self._header
+
+    @property
+    def at_message_boundary(self) -> bool:
+        """Between two messages: a Close injected here cuts nothing (control frames included)."""
+        return self._opcode < 0 and not self._header and not self._in_message
+
+    def feed(self, data: bytes, stop: int = STOP_NONE) -> int:
+        """Track the frames in ``data``; return how many leading bytes may be forwarded.
+
+        Normally that is ``len(data)``. With ``stop=STOP_FRAME`` (or ``STOP_MESSAGE``) it is the
+        offset of the first frame (or message) boundary in ``data``, 0 when the stream is already at
+        one; the bytes from there on are not consumed. Raises a ``FrameError`` whose ``offset`` is
+        where the bad frame's header starts in ``data`` (negative when it started in an earlier
+        chunk): nothing from ``offset`` on was consumed.
+        """
+        pos = 0
+        size = len(data)
+        while True:
+            if self._opcode >= 0:
+                remaining = self._remaining
+                avail = size - pos
+                if self._opcode == OP_CLOSE and len(self._close_buf) < 2:
+                    self._capture_close(data, pos, min(remaining, avail))
+                if remaining > avail:
+                    self._remaining = remaining - avail
+                    return size
+                pos += remaining
+                self._remaining = 0
+                self._end_frame()
+            if (
+                stop
+                and self._opcode < 0
+                and not self._header
+                and (stop == STOP_FRAME or not self._in_message)
+            ):
+                return pos
+            if pos >= size:
+                return size
+            pos = self._start_frame(data, pos)
+            if pos < 0:
+                return size
+
+    def _start_frame(self, data: bytes, pos: int) -> int:
+        """Parse the header at ``pos``; return where its payload starts, or -1 if incomplete."""
+        pending = self._header
+        if pending:
+            parsed = _parse_header(pending + data[pos : pos + MAX_HEADER], 0)
+            start = pos - len(pending)
+        else:
+            parsed = _parse_header(data, pos)
+            start = pos
+        if parsed is None:
+            self._header = pending + data[pos:]
+            return -1
+        header_len, fin, opcode, masked, length, mask_key = parsed
+        self._check(start, fin, opcode, masked, length)
+        self._header = b""
+        self.frames += 1
+        if opcode < OP_CLOSE:
+            self._in_message = not fin
+            if fin:
+                self.messages += 1
+        elif opcode == OP_CLOSE:
+            self.closes += 1
+        if opcode == OP_CLOSE and self.close_code is None:
+            self._close_mask = mask_key
+            self._close_buf = b""
+            self._payload_seen = 0
+            if length < 2:
+                self.close_code = 1005  # RFC 6455 §7.1.5: no status code present
+        self._opcode = opcode
+        self._remaining = length
+        return pos + header_len - len(pending)
+
+    def _check(self, start: int, fin: int, opcode: int, masked: bool, length: int) -> None:
+        if opcode not in _KNOWN_OPCODES:
+            raise FrameError(f"reserved opcode 0x{opcode:x}", start)
+        if masked != self._masked:
+            if self._masked:
+                raise UnmaskedFrame("client frame is not masked (RFC 6455 §5.1)", start)
+            raise MaskedFrame("server frame is masked (RFC 6455 §5.1)", start)
+        if length >> 63:
+            raise FrameError("payload length has its most significant bit set", start)
+        if opcode >= OP_CLOSE:
+            if not fin:
+                raise FrameError("fragmented control frame", start)
+            if length > MAX_CONTROL_PAYLOAD:
+                raise FrameError(f"control frame payload of {length} bytes (max 125)", start)
+            if opcode == OP_CLOSE and length == 1:
+                raise FrameError("close frame with a 1-byte payload", start)
+        elif opcode == OP_CONTINUATION and not self._in_message:
+            raise FrameError("continuation frame outside a fragmented message", start)
+        elif opcode != OP_CONTINUATION and self._in_message:
+            raise FrameError("new data frame inside a fragmented message", start)
+        if length > self._max_frame_bytes:
+            raise FrameTooLarge(
+                f"frame payload of {length} bytes exceeds max_frame_bytes {self._max_frame_bytes}",
+                start,
+            )
+
+    def _capture_close(self, data: bytes, pos: int, count: int) -> None:
+        need = 2 - len(self._close_buf)
+        piece = data[pos : pos + min(need, count)]
+        if self._close_mask:
+            offset = self._payload_seen
+            piece = bytes(b ^ self._close_mask[(offset + i) % 4] for i, b in enumerate(piece))
+        self._payload_seen += len(piece)
+        self._close_buf += piece
+        if len(self._close_buf) == 2 and self.close_code is None:
+            self.close_code = int.from_bytes(self._close_buf, "big")
+
+    def _end_frame(self) -> None:
+        self._opcode = -1
+
+
+def encode_frame(
+    opcode: int, payload: bytes = b"", *, fin: bool = True, mask: bytes = b""
+) -> bytes:
+    """One frame; ``mask`` is the 4-byte key for client-to-server frames, empty otherwise."""
+    if mask and len(mask) != 4:
+        raise ValueError("mask key must be 4 bytes")
+    length = len(payload)
+    head = bytearray([(0x80 if fin else 0) | opcode])
+    mask_bit = 0x80 if mask else 0
+    if length < 126:
+        head.append(mask_bit | length)
+    elif length < 1 << 16:
+        head.append(mask_bit | 126)
+        head += struct.pack("!H", length)
+    else:
+        head.append(mask_bit | 127)
+        head += struct.pack("!Q", length)
+    if mask:
+        head += mask
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes(head) + payload
+
+
+def encode_close(code: int, reason: str = "", *, mask: bytes = b"") -> bytes:
+    """A Close frame with a status code and a short reason (truncated to fit 125 bytes)."""
+    payload = code.to_bytes(2, "big") + reason.encode("utf-8")[: MAX_CONTROL_PAYLOAD - 2]
+    return encode_frame(OP_CLOSE, payload, mask=mask)

@@ -1,0 +1,260 @@
+"""The relay after a WebSocket upgrade: bytes still flow untouched, but frame headers are tracked.
+
+Tracking lets the proxy refuse a frame over ``max_frame_bytes`` or an unmasked client frame before
+any byte of it is forwarded, count messages, and close a session cleanly: a Close frame of the
+proxy's own is injected into each direction only at a boundary (a message boundary when draining,
+any frame boundary after a violation), after which that direction's data is discarded while the
+proxy waits, within a deadline, for each side to answer with its own Close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+
+from wsproxy.errors import FrameError
+from wsproxy.relay import Endpoint, Relay
+from wsproxy.wire.wsframe import (
+    CLOSE_BAD_GATEWAY,
+    CLOSE_GOING_AWAY,
+    STOP_FRAME,
+    STOP_MESSAGE,
+    STOP_NONE,
+    FrameTracker,
+    encode_close,
+)
+
+# How long the proxy waits for both sides to answer its Close before it closes the sockets
+# (the websockets library's default close_timeout is 10 s; a proxy should be quicker).
+CLOSE_TIMEOUT_SECONDS = 5.0
+
+
+class _Direction:
+    """One direction of the session: its tracker and the Close the proxy wants to inject into it."""
+
+    __slots__ = ("close_frame", "closes_at_send", "reason", "sent", "stop", "tracker")
+
+    def __init__(self, tracker: FrameTracker) -> None:
+        self.tracker = tracker
+        self.close_frame = b""
+        self.stop = STOP_NONE  # set while a Close waits for a boundary
+        self.sent = False  # a Close (ours or the sender's own) has gone out in this direction
+        self.closes_at_send = 0
+        self.reason = ""
+
+    def at(self, stop: int) -> bool:
+        tracker = self.tracker
+        return tracker.at_frame_boundary if stop == STOP_FRAME else tracker.at_message_boundary
+
+
+class WebSocketRelay(Relay):
+    """A ``Relay`` that follows frames in both directions (RFC 6455 §5)."""
+
+    def __init__(
+        self,
+        client: Endpoint,
+        target: Endpoint,
+        *,
+        idle_timeout: float,
+        max_frame_bytes: int,
+        on_done: Callable[[Relay], None],
+        mask_key: Callable[[], bytes] = lambda: os.urandom(4),
+    ) -> None:
+        super().__init__(client, target, idle_timeout=idle_timeout, on_done=on_done)
+        # client → target frames must be masked; target → client frames must not be.
+        self.upstream = _Direction(FrameTracker(masked=True, max_frame_bytes=max_frame_bytes))
+        self.downstream = _Direction(FrameTracker(masked=False, max_frame_bytes=max_frame_bytes))
+        self.close_code: int | None = None
+        self.close_initiator: str | None = None
+        self._mask_key = mask_key
+        self._close_deadline: asyncio.TimerHandle | None = None
+
+    # --- hot path -------------------------------------------------------------------------------
+
+    def from_client(self, data: bytes) -> None:
+        self.bytes_in += len(data)
+        self._forward(self.upstream, self.target, data)
+
+    def from_target(self, data: bytes) -> None:
+        self.bytes_out += len(data)
+        self._forward(self.downstream, self.client, data)
+
+    def _forward(self, direction: _Direction, sink: Endpoint, data: bytes) -> None:
+        tracker = direction.tracker
+        if direction.sent:
+            self._watch(direction, data)
+            return
+        closes = tracker.closes
+        try:
+            taken = tracker.feed(data, direction.stop)
+        except FrameError as exc:
+            if exc.offset > 0:
+                sink.write(data[: exc.offset])
+            self._violation(direction, exc)
+            return
+        if taken == len(data):
+            sink.write(data)
+        elif taken:
+            sink.write(data[:taken])
+        if tracker.closes != closes:
+            self._note_peer_close(direction)
+        if direction.stop and direction.at(direction.stop):
+            self._inject(direction, sink)
+            if taken < len(data):
+                self._watch(direction, data[taken:])
+        self._check_close_handshake()
+
+    def _watch(self, direction: _Direction, data: bytes) -> None:
+        """Follow frames a peer sends after the proxy closed that direction, for its Close reply."""
+        try:
+            direction.tracker.feed(data)
+        except FrameError:
+            direction.tracker.closes += 1  # a peer talking nonsense after Close is as good as done
+        self._check_close_handshake()
+
+    # --- closing --------------------------------------------------------------------------------
+
+    def _note_peer_close(self, direction: _Direction) -> None:
+        """A Close frame from one side passed through: the proxy must not inject another there."""
+        if self.close_initiator is None:
+            self.close_initiator = "client" if direction is self.upstream else "target"
+            self.close_code = direction.tracker.close_code
+        direction.sent = True
+        direction.stop = STOP_NONE
+        direction.closes_at_send = -1  # that side's reply travels the other way; just relay it
+
+    def request_close(
+        self,
+        *,
+        client_code: int,
+        target_code: int,
+        stop: int,
+        reason: str,
+        timeout: float = CLOSE_TIMEOUT_SECONDS,
+    ) -> None:
+        """Send Close ``client_code`` to the client and ``target_code`` to the target, each at the
+        next boundary of kind ``stop`` in its direction; close the sockets once both answered, or
+        after ``timeout`` seconds."""
+        self.set_reason(reason)
+        if self.close_initiator is None:
+            self.close_initiator = "proxy"
+            self.close_code = client_code
+        for direction, sink, code, mask in (
+            (self.downstream, self.client, client_code, False),
+            (self.upstream, self.target, target_code, True),
+        ):
+            if direction.sent or direction.stop:
+                continue
+            direction.close_frame = encode_close(
+                code, reason.replace("_", " "), mask=self._mask_key() if mask else b""
+            )
+            direction.stop = stop
+            direction.reason = reason
+            if direction.at(stop):
+                self._inject(direction, sink)
+        if self._close_deadline is None and not self.done:
+            loop = asyncio.get_running_loop()
+            self._close_deadline = loop.call_later(timeout, self._close_timed_out)
+        self._check_close_handshake()
+
+    def _inject(self, direction: _Direction, sink: Endpoint) -> None:
+        sink.write(direction.close_frame)
+        direction.sent = True
+        direction.stop = STOP_NONE
+        # The side we closed answers in the opposite direction; remember how many Close frames
+        # it had sent so far, so its answer is recognised.
+        reply = self.upstream if direction is self.downstream else self.downstream
+        direction.closes_at_send = reply.tracker.closes
+
+    def _side_finished(self, direction: _Direction, endpoint: Endpoint) -> bool:
+        if endpoint.lost or not endpoint.open:
+            return True
+        if not direction.sent or direction.closes_at_send < 0:
+            return False
+        reply = self.upstream if direction is self.downstream else self.downstream
+        return reply.tracker.closes > direction.closes_at_send
+
+    def _check_close_handshake(self) -> None:
+        if self._close_deadline is None:
+            return
+        if self._side_finished(self.downstream, self.client) and self._side_finished(
+            self.upstream, self.target
+        ):
+            self.client.close()
+            self.target.close()
+
+    def _close_timed_out(self) -> None:
+        self._close_deadline = None
+        if not self.done:
+            self.set_reason("close_timeout")
+            self.client.close()
+            self.target.close()
+
+    def _violation(self, direction: _Direction, exc: FrameError) -> None:
+        """A side broke RFC 6455 or a limit: tell it why, tell the other side we are going away."""
+        if direction is self.upstream:
+            client_code, target_code = exc.close_code, CLOSE_GOING_AWAY
+            if exc.offset < 0:
+                # Part of the bad frame's header already reached the target: no clean Close there.
+                self.upstream.sent = True
+                self.target.close()
+        else:
+            client_code, target_code = CLOSE_BAD_GATEWAY, exc.close_code
+            if exc.offset < 0:
+                self.downstream.sent = True
+                self.client.close()
+        # The offending direction is now at a frame boundary (just before the bad frame).
+        offender = direction
+        offender.stop = STOP_NONE
+        self.close_initiator = "proxy"
+        self.close_code = client_code
+        self.request_close(
+            client_code=client_code, target_code=target_code, stop=STOP_FRAME, reason=exc.reason
+        )
+        if not offender.sent:
+            sink = self.target if direction is self.upstream else self.client
+            self._inject(offender, sink)
+
+    def _maybe_done(self) -> None:
+        if self._close_deadline is not None and self.client.lost and self.target.lost:
+            self._close_deadline.cancel()
+            self._close_deadline = None
+        super()._maybe_done()
+
+    def _client_lost(self, exc: Exception | None) -> None:
+        self._say_goodbye(self.upstream, self.target, "client went away")
+        super()._client_lost(exc)
+
+    def _target_lost(self, exc: Exception | None) -> None:
+        self._say_goodbye(self.downstream, self.client, "target went away")
+        super()._target_lost(exc)
+
+    def _say_goodbye(self, direction: _Direction, sink: Endpoint, why: str) -> None:
+        """One side vanished without a Close: send the other a 1001 if its stream allows it."""
+        if direction.sent or not direction.tracker.at_frame_boundary or not sink.open:
+            return
+        mask = self._mask_key() if direction is self.upstream else b""
+        sink.write(encode_close(CLOSE_GOING_AWAY, why, mask=mask))
+        direction.sent = True
+        if self.close_initiator is None:
+            self.close_initiator = "proxy"
+            self.close_code = CLOSE_GOING_AWAY
+
+    def on_idle(self) -> None:
+        self.request_close(
+            client_code=CLOSE_GOING_AWAY,
+            target_code=CLOSE_GOING_AWAY,
+            stop=STOP_FRAME,
+            reason="idle_timeout",
+        )
+
+    def drain(self, timeout: float) -> None:
+        """Close with 1001 at the next message boundary of each direction, within ``timeout``."""
+        self.request_close(
+            client_code=CLOSE_GOING_AWAY,
+            target_code=CLOSE_GOING_AWAY,
+            stop=STOP_MESSAGE,
+            reason="draining",
+            timeout=timeout,
+        )
