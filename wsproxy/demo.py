@@ -22,13 +22,20 @@ class EchoTarget:
 
     name: str
     greeting: bool = True
+    protocols: tuple[str, ...] = ()
     address: Address | None = None
+    sessions: int = 0  # WebSocket sessions accepted
+    active: int = 0  # WebSocket sessions open now
+    last_headers: dict[str, list[str]] | None = None
     _runner: web.AppRunner | None = None
 
     async def start(self, port: int = 0) -> Address:
         app = web.Application()
-        app.router.add_get("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        # A short shutdown_timeout: stopping must not wait a minute for open sessions.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", port).start()
         host, bound_port = self._runner.addresses[0][:2]
@@ -40,10 +47,27 @@ class EchoTarget:
             await self._runner.cleanup()
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        headers: dict[str, list[str]] = {}
+        for name, value in request.headers.items():
+            headers.setdefault(name.lower(), []).append(value)
+        self.last_headers = headers
         if request.headers.get("Upgrade", "").lower() != "websocket":
-            return web.Response(text=f"{self.name}: plain HTTP {request.method} {request.path}\n")
-        ws = web.WebSocketResponse(max_msg_size=0)
+            body = await request.read()
+            return web.Response(
+                text=f"{self.name}: plain HTTP {request.method} {request.path} "
+                f"body={len(body)} bytes\n"
+            )
+        ws = web.WebSocketResponse(max_msg_size=0, protocols=self.protocols)
         await ws.prepare(request)
+        self.sessions += 1
+        self.active += 1
+        try:
+            await self._echo(ws, request)
+        finally:
+            self.active -= 1
+        return ws
+
+    async def _echo(self, ws: web.WebSocketResponse, request: web.Request) -> None:
         if self.greeting:
             await ws.send_str(
                 f"connected to {self.name} ({self.address}) for {request.path}; "
@@ -54,7 +78,6 @@ class EchoTarget:
                 await ws.send_str(message.data)
             elif message.type is aiohttp.WSMsgType.BINARY:
                 await ws.send_bytes(message.data)
-        return ws
 
 
 DEMO_CONFIG = """

@@ -69,6 +69,9 @@ class WebSocketRelay(Relay):
         self.close_initiator: str | None = None
         self._mask_key = mask_key
         self._close_deadline: asyncio.TimerHandle | None = None
+        # After a violation the connection is failed (RFC 6455 §7.1.7): Close, then close the
+        # socket without waiting for an answer.
+        self._failing = False
 
     # --- hot path -------------------------------------------------------------------------------
 
@@ -170,6 +173,8 @@ class WebSocketRelay(Relay):
     def _side_finished(self, direction: _Direction, endpoint: Endpoint) -> bool:
         if endpoint.lost or not endpoint.open:
             return True
+        if self._failing and direction.sent:
+            return True
         if not direction.sent or direction.closes_at_send < 0:
             return False
         reply = self.upstream if direction is self.downstream else self.downstream
@@ -207,6 +212,7 @@ class WebSocketRelay(Relay):
         # The offending direction is now at a frame boundary (just before the bad frame).
         offender = direction
         offender.stop = STOP_NONE
+        self._failing = True
         self.close_initiator = "proxy"
         self.close_code = client_code
         self.request_close(
@@ -215,12 +221,30 @@ class WebSocketRelay(Relay):
         if not offender.sent:
             sink = self.target if direction is self.upstream else self.client
             self._inject(offender, sink)
+        self._check_close_handshake()
 
     def _maybe_done(self) -> None:
         if self._close_deadline is not None and self.client.lost and self.target.lost:
             self._close_deadline.cancel()
             self._close_deadline = None
         super()._maybe_done()
+
+    def _handshake_complete(self) -> bool:
+        return bool(self.upstream.tracker.closes and self.downstream.tracker.closes)
+
+    def _client_eof_received(self) -> bool:
+        if self._handshake_complete():
+            self.close("closed")
+            return True
+        return super()._client_eof_received()
+
+    def _target_eof_received(self) -> bool:
+        # RFC 6455 §7.1.1: once Close frames went both ways the server closes TCP first; a FIN
+        # then means "done", not half-close, and the client should not be left holding the socket.
+        if self._handshake_complete():
+            self.close("closed")
+            return True
+        return super()._target_eof_received()
 
     def _client_lost(self, exc: Exception | None) -> None:
         self._say_goodbye(self.upstream, self.target, "client went away")

@@ -1,0 +1,98 @@
+"""Real target servers for tests, on 127.0.0.1 and ephemeral ports."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from wsproxy.address import Address
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class RawServer:
+    """An asyncio stream server running ``handler`` per connection; records what it received."""
+
+    def __init__(self, handler: Handler) -> None:
+        self._handler = handler
+        self._server: asyncio.Server | None = None
+        self.address = Address("127.0.0.1", 0)
+        self.connections = 0
+        self.received: list[bytes] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> Address:
+        self._server = await asyncio.start_server(self._run, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.address = Address("127.0.0.1", port)
+        return self.address
+
+    async def _run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handler(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(BaseException):
+                await task
+
+
+async def read_head(reader: asyncio.StreamReader) -> bytes:
+    return await reader.readuntil(b"\r\n\r\n")
+
+
+def fixed_response(response: bytes, record: list[bytes] | None = None) -> Handler:
+    """Read one request head, answer ``response``, then record anything else that arrives."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await read_head(reader)
+        if record is not None:
+            record.append(head)
+        writer.write(response)
+        await writer.drain()
+        while True:
+            more = await reader.read(65536)
+            if not more:
+                return
+            if record is not None:
+                record.append(more)
+
+    return handler
+
+
+async def accept_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    writer.close()
+
+
+async def tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            if writer.can_write_eof():
+                writer.write_eof()
+            return
+        writer.write(data)
+        await writer.drain()
+
+
+async def closed_port() -> Address:
+    """An address on 127.0.0.1 where nothing listens (bound, then closed)."""
+    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    server.close()
+    await server.wait_closed()
+    return Address("127.0.0.1", port)
