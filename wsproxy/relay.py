@@ -22,10 +22,6 @@ WRITE_LOW_WATER = 16 * 1024
 CLOSE_LINGER_SECONDS = 5.0
 
 
-def _ignore_data(data: bytes) -> None:
-    return None
-
-
 def _keep_open() -> bool:
     return True
 
@@ -48,6 +44,7 @@ class Endpoint(asyncio.Protocol):
 
     __slots__ = (
         "_linger",
+        "held",
         "lost",
         "on_data",
         "on_eof",
@@ -64,8 +61,11 @@ class Endpoint(asyncio.Protocol):
         self.lost = False
         self.write_paused = False
         self._linger: asyncio.TimerHandle | None = None
+        self.held = b""
         self.on_made: Callable[[], None] = _nothing
-        self.on_data: Callable[[bytes], None] = _ignore_data
+        # Until a flow takes over, bytes are held (and reading paused), never dropped: an event
+        # loop may deliver data before a pause_reading() in connection_made takes effect.
+        self.on_data: Callable[[bytes], None] = self.hold
         self.on_eof: Callable[[], bool] = _keep_open
         self.on_lost: Callable[[Exception | None], None] = _ignore_lost
         self.on_pause_writing: Callable[[], None] = _nothing
@@ -104,6 +104,14 @@ class Endpoint(asyncio.Protocol):
         self.on_resume_writing()
 
     # --- helpers that are safe in every state ---------------------------------------------------
+
+    def hold(self, data: bytes) -> None:
+        self.held += data
+        self.pause_reading()
+
+    def take_held(self) -> bytes:
+        held, self.held = self.held, b""
+        return held
 
     @property
     def open(self) -> bool:
@@ -193,6 +201,9 @@ class Relay:
         """Take over both endpoints; ``to_target``/``to_client`` are bytes already read from the
         client/target during the handshake that belong to the relayed stream."""
         client, target = self.client, self.target
+        # Bytes handed over by the handshake came first; bytes held since then follow them.
+        to_target += client.take_held()
+        to_client += target.take_held()
         client.on_data = self.from_client
         target.on_data = self.from_target
         client.on_eof = self._client_eof_received

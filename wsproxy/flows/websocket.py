@@ -117,6 +117,7 @@ class _Exchange:
     def _head_data(self, data: bytes) -> None:
         self.received += len(data)
         if self.head.done():
+            self.endpoint.hold(data)
             return
         try:
             result = self._buffer.feed(data)
@@ -146,6 +147,8 @@ class WebSocketFlow(Flow):
 
     def begin(self) -> None:
         self.log.update(host=None, path=None)
+        # Hook the head reader up now, inside connection_made, so no byte can arrive unread.
+        self._head_done = self._start_head_reader()
         self.spawn(self.guarded(self._run()))
 
     def fail(self, exc: HttpError) -> None:
@@ -162,15 +165,17 @@ class WebSocketFlow(Flow):
 
     # --- 1. request head ------------------------------------------------------------------------
 
-    async def _read_request_head(self) -> tuple[bytes, bytes]:
+    def _start_head_reader(self) -> asyncio.Future[tuple[bytes, bytes]]:
         config = self.listener.config
         buffer = HeadBuffer(config.max_request_head_bytes)
         done: asyncio.Future[tuple[bytes, bytes]] = self.loop.create_future()
         client = self.client
+        self._head_buffer = buffer
 
         def on_data(data: bytes) -> None:
             self.handshake_bytes_in += len(data)
             if done.done():
+                client.hold(data)  # arrived before the pause took effect: keep it, in order
                 return
             try:
                 result = buffer.feed(data)
@@ -189,13 +194,20 @@ class WebSocketFlow(Flow):
 
         client.on_data = on_data
         client.on_eof = on_eof
+        held = client.take_held()
+        if held:
+            on_data(held)
+        return done
+
+    async def _read_request_head(self) -> tuple[bytes, bytes]:
+        config = self.listener.config
         try:
             async with asyncio.timeout(config.request_head_timeout_seconds):
-                return await done
+                return await self._head_done
         except TimeoutError:
             raise RequestTimeout(
                 f"request head not complete within {config.request_head_timeout_seconds:g} s "
-                f"({buffer.size} bytes received)"
+                f"({self._head_buffer.size} bytes received)"
             ) from None
         except MalformedHead as exc:
             raise BadRequest(str(exc)) from None
@@ -351,6 +363,7 @@ class WebSocketFlow(Flow):
         client.on_data = on_data
         endpoint.on_pause_writing = client.pause_reading
         endpoint.on_resume_writing = on_target_drained
+        rest += client.take_held()
         if rest:
             self.handshake_bytes_in -= len(rest)  # counted already with the head
             on_data(rest)
@@ -390,6 +403,7 @@ class WebSocketFlow(Flow):
         endpoint.on_data = on_data
         client.on_pause_writing = endpoint.pause_reading
         client.on_resume_writing = endpoint.resume_reading
+        rest += endpoint.take_held()
         if rest:
             on_data(rest)
         if not exchange.finished.done() and not body.done:
@@ -416,8 +430,9 @@ class WebSocketFlow(Flow):
             on_done=self.relay_done,
         )
         self.relay = relay
-        if client_rest:
-            self.handshake_bytes_in -= len(client_rest)  # the relay counts them
+        if client_rest or self.client.held:
+            # The relay counts these bytes again.
+            self.handshake_bytes_in -= len(client_rest) + len(self.client.held)
         relay.start(to_target=client_rest, to_client=response_rest)
         if self.draining and not relay.done:
             relay.drain(self.drain_remaining())
