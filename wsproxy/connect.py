@@ -26,8 +26,12 @@ async def run_connect(
     headers: list[tuple[str, str]],
     subprotocols: list[str],
     ssl_context: ssl.SSLContext | None,
+    linger: float = 0.5,
 ) -> int:
+    """Returns the exit code. After stdin ends, replies are still printed until none has come
+    for ``linger`` seconds, so ``echo hi | wsproxy connect URL`` shows the answer."""
     loop = asyncio.get_running_loop()
+    last_activity = [loop.time()]
     async with aiohttp.ClientSession() as session:
         try:
             ws = await session.ws_connect(
@@ -50,6 +54,9 @@ async def run_connect(
             while True:
                 line = await loop.run_in_executor(None, sys.stdin.readline)
                 if not line:
+                    last_activity[0] = loop.time()
+                    while loop.time() - last_activity[0] < linger:
+                        await asyncio.sleep(min(0.05, linger))
                     await ws.close()
                     return
                 await ws.send_str(line.rstrip("\n"))
@@ -57,6 +64,7 @@ async def run_connect(
         sender = asyncio.create_task(pump_stdin())
         try:
             async for message in ws:
+                last_activity[0] = loop.time()
                 if message.type is aiohttp.WSMsgType.TEXT:
                     print(message.data, flush=True)
                 elif message.type is aiohttp.WSMsgType.BINARY:

@@ -244,7 +244,23 @@ class WebSocketRelay(Relay):
         if self._handshake_complete():
             self.close("closed")
             return True
+        if self._awaiting_client_reply():
+            return True
         return super()._target_eof_received()
+
+    def _awaiting_client_reply(self) -> bool:
+        """The proxy sent the client a Close and is within its deadline for the answer.
+
+        The target may hang up meanwhile; the client's socket stays open so that its Close
+        handshake completes cleanly (a client whose socket drops first reports 1006)."""
+        direction = self.downstream
+        return (
+            self._close_deadline is not None
+            and direction.sent
+            and direction.closes_at_send >= 0
+            and self.upstream.tracker.closes <= direction.closes_at_send
+            and self.client.open
+        )
 
     def _client_lost(self, exc: Exception | None) -> None:
         self._say_goodbye(self.upstream, self.target, "client went away")
@@ -252,6 +268,9 @@ class WebSocketRelay(Relay):
 
     def _target_lost(self, exc: Exception | None) -> None:
         self._say_goodbye(self.downstream, self.client, "target went away")
+        if self._awaiting_client_reply():
+            self._check_close_handshake()
+            return
         super()._target_lost(exc)
 
     def _say_goodbye(self, direction: _Direction, sink: Endpoint, why: str) -> None:

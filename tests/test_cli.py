@@ -1,0 +1,218 @@
+"""The command line, run as a user runs it: a real process, real signals, real exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from wsproxy.demo import EchoTarget
+
+WSPROXY = [sys.executable, "-m", "wsproxy"]
+
+
+def run_cli(
+    *args: str, stdin: str | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*WSPROXY, *args], capture_output=True, text=True, input=stdin, timeout=timeout, check=False
+    )
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert result.stdout.startswith("wsproxy ")
+
+
+def test_usage_error_exits_2() -> None:
+    assert run_cli("run").returncode == 2
+
+
+def test_check_config_ok(tmp_path: Path) -> None:
+    result = run_cli("check-config", "deploy/wsproxy.example.toml")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1
+    assert "ok: 2 listener(s), 3 target group(s), 5 target(s)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[listeners", "invalid TOML"),
+        (
+            '[listeners.edge]\naddress = "nowhere"\ndefault_target_group = "x"\nunknown = 1\n',
+            [
+                "listeners.edge.address: expected 'host:port'",
+                "listeners.edge.unknown: unknown key",
+                "listeners.edge.default_target_group: unknown target group 'x'",
+            ],
+        ),
+    ],
+)
+def test_check_config_lists_every_error_and_exits_78(
+    tmp_path: Path, text: str, expected: str | list[str]
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    result = run_cli("check-config", str(path))
+    assert result.returncode == 78
+    for line in [expected] if isinstance(expected, str) else expected:
+        assert line in result.stderr, result.stderr
+
+
+def test_run_with_bad_config_exits_78(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[listeners.edge]\n")
+    result = run_cli("run", "-c", str(path))
+    assert result.returncode == 78
+    assert "listeners.edge.address: required key is missing" in result.stderr
+
+
+def test_run_on_a_busy_port_exits_1(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "busy.toml"
+        path.write_text(
+            f'[admin]\nenabled = false\n[listeners.edge]\naddress = "127.0.0.1:{port}"\n'
+            'default_target_group = "g"\n[target_groups.g]\n'
+        )
+        result = run_cli("run", "-c", str(path))
+    assert result.returncode == 1
+    assert f"listener 'edge': cannot bind 127.0.0.1:{port}" in result.stderr
+
+
+class RunningProxy:
+    def __init__(self, process: asyncio.subprocess.Process, port: int, admin: int) -> None:
+        self.process = process
+        self.port = port
+        self.admin = admin
+        self.stderr_lines: list[str] = []
+
+    async def collect_stderr(self) -> None:
+        assert self.process.stderr is not None
+        async for line in self.process.stderr:
+            self.stderr_lines.append(line.decode())
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[EchoTarget]:
+    target = EchoTarget("echo", greeting=False)
+    await target.start()
+    yield target
+    await target.stop()
+
+
+async def start_proxy(config: Path, *extra: str) -> RunningProxy:
+    process = await asyncio.create_subprocess_exec(
+        *WSPROXY, *extra, "run", "-c", str(config), stderr=asyncio.subprocess.PIPE
+    )
+    assert process.stderr is not None
+    ports: dict[str, int] = {}
+    lines: list[str] = []
+    async with asyncio.timeout(15):
+        while len(ports) < 2:
+            line = (await process.stderr.readline()).decode()
+            assert line, "".join(lines)
+            lines.append(line)
+            if found := re.search(r"listener 'edge' listening on 127\.0\.0\.1:(\d+)", line):
+                ports["edge"] = int(found.group(1))
+            if found := re.search(r"admin listening on http://127\.0\.0\.1:(\d+)", line):
+                ports["admin"] = int(found.group(1))
+    running = RunningProxy(process, ports["edge"], ports["admin"])
+    running.stderr_lines = lines
+    return running
+
+
+def proxy_config(tmp_path: Path, echo: EchoTarget, grace: float) -> Path:
+    path = tmp_path / "proxy.toml"
+    path.write_text(
+        f"""
+[proxy]
+shutdown_grace_seconds = {grace}
+[admin]
+address = "127.0.0.1:0"
+[listeners.edge]
+address = "127.0.0.1:0"
+websocket = true
+default_target_group = "echo"
+[target_groups.echo]
+targets = [{{ address = "{echo.address}" }}]
+"""
+    )
+    return path
+
+
+async def test_sigterm_drains_with_1001_and_exits_0(tmp_path: Path, echo: EchoTarget) -> None:
+    proxy = await start_proxy(proxy_config(tmp_path, echo, grace=5), "--log-format", "json")
+    collector = asyncio.create_task(proxy.collect_stderr())
+    async with aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(f"ws://127.0.0.1:{proxy.port}/s{i}") for i in range(5)]
+        for ws in sockets:
+            await ws.send_str("before")
+            assert await ws.receive_str(timeout=5) == "before"
+        async with session.get(f"http://127.0.0.1:{proxy.admin}/readyz") as response:
+            assert response.status == 200
+        proxy.process.send_signal(signal.SIGTERM)
+        for ws in sockets:
+            message = await ws.receive(timeout=10)
+            assert message.type is aiohttp.WSMsgType.CLOSE
+            assert ws.close_code == 1001
+    async with asyncio.timeout(10):
+        assert await proxy.process.wait() == 0
+    await collector
+    entries = [json.loads(line) for line in proxy.stderr_lines if line.startswith("{")]
+    connections = [e for e in entries if e.get("event") == "connection"]
+    assert len(connections) == 5
+    assert all(e["close_code"] == 1001 and e["reason"] == "draining" for e in connections)
+
+
+async def test_second_signal_exits_at_once(tmp_path: Path, echo: EchoTarget) -> None:
+    proxy = await start_proxy(proxy_config(tmp_path, echo, grace=60))
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    writer.write(b"GET / HTTP/1.1\r\n")  # a half-sent head keeps a connection open
+    await writer.drain()
+    await asyncio.sleep(0.2)
+    proxy.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    assert proxy.process.returncode is None  # still draining, grace is 60 s
+    proxy.process.send_signal(signal.SIGINT)
+    async with asyncio.timeout(5):
+        assert await proxy.process.wait() == 1
+    writer.close()
+
+
+async def test_connect_command_round_trip(make_proxy: object, echo: EchoTarget) -> None:
+    loop = asyncio.get_running_loop()
+    url = f"ws://{echo.address}/"
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return run_cli("connect", url, "--header", "X-Test: 1", stdin="hello\nworld\n")
+
+    result = await loop.run_in_executor(None, run)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["hello", "world"]
+    assert echo.last_headers is not None and echo.last_headers["x-test"] == ["1"]
+
+
+def test_connect_bad_header_is_a_usage_error() -> None:
+    assert run_cli("connect", "ws://127.0.0.1:1/", "--header", "nocolon").returncode == 2
+
+
+def test_demo_runs_and_passes_its_self_check() -> None:
+    result = run_cli("demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--duration", "1")
+    assert result.returncode == 0, result.stderr
+    assert "Self-check passed: connected to echo-1" in result.stdout
+    assert "wsproxy connect ws://127.0.0.1:" in result.stdout
