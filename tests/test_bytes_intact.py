@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 import random
 from collections import Counter
@@ -61,7 +62,7 @@ def make_message(rng: random.Random) -> str | bytes:
 def fragments(message: str | bytes, rng: random.Random) -> list[str] | list[bytes]:
     cuts = sorted(rng.sample(range(1, len(message)), min(3, len(message) - 1)))
     bounds = [0, *cuts, len(message)]
-    return [message[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]  # type: ignore[return-value]
+    return [message[a:b] for a, b in itertools.pairwise(bounds)]  # type: ignore[return-value]
 
 
 async def run_session(url: str, seed: int) -> tuple[str, str]:

@@ -181,7 +181,7 @@ async def test_sigterm_drains_with_1001_and_exits_0(tmp_path: Path, echo: EchoTa
 
 async def test_second_signal_exits_at_once(tmp_path: Path, echo: EchoTarget) -> None:
     proxy = await start_proxy(proxy_config(tmp_path, echo, grace=60))
-    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
     writer.write(b"GET / HTTP/1.1\r\n")  # a half-sent head keeps a connection open
     await writer.drain()
     await asyncio.sleep(0.2)

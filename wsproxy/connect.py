@@ -31,7 +31,7 @@ async def run_connect(
     """Returns the exit code. After stdin ends, replies are still printed until none has come
     for ``linger`` seconds, so ``echo hi | wsproxy connect URL`` shows the answer."""
     loop = asyncio.get_running_loop()
-    last_activity = [loop.time()]
+    activity = asyncio.Event()
     async with aiohttp.ClientSession() as session:
         try:
             ws = await session.ws_connect(
@@ -54,9 +54,13 @@ async def run_connect(
             while True:
                 line = await loop.run_in_executor(None, sys.stdin.readline)
                 if not line:
-                    last_activity[0] = loop.time()
-                    while loop.time() - last_activity[0] < linger:
-                        await asyncio.sleep(min(0.05, linger))
+                    while True:  # until no reply for `linger` seconds
+                        activity.clear()
+                        try:
+                            async with asyncio.timeout(linger):
+                                await activity.wait()
+                        except TimeoutError:
+                            break
                     await ws.close()
                     return
                 await ws.send_str(line.rstrip("\n"))
@@ -64,7 +68,7 @@ async def run_connect(
         sender = asyncio.create_task(pump_stdin())
         try:
             async for message in ws:
-                last_activity[0] = loop.time()
+                activity.set()
                 if message.type is aiohttp.WSMsgType.TEXT:
                     print(message.data, flush=True)
                 elif message.type is aiohttp.WSMsgType.BINARY:

@@ -1,0 +1,1 @@
+"""Benchmarks for wsproxy; see loadtest/README.md."""
