@@ -32,6 +32,7 @@ async def run_connect(
     for ``linger`` seconds, so ``echo hi | wsproxy connect URL`` shows the answer."""
     loop = asyncio.get_running_loop()
     activity = asyncio.Event()
+    closing = asyncio.Event()
     async with aiohttp.ClientSession() as session:
         try:
             ws = await session.ws_connect(
@@ -61,6 +62,7 @@ async def run_connect(
                                 await activity.wait()
                         except TimeoutError:
                             break
+                    closing.set()
                     await ws.close()
                     return
                 await ws.send_str(line.rstrip("\n"))
@@ -76,6 +78,9 @@ async def run_connect(
                         f"<binary {len(message.data)} bytes> {message.data[:64].hex()}", flush=True
                     )
         finally:
-            sender.cancel()
+            if closing.is_set():
+                await sender  # let our Close handshake finish
+            else:
+                sender.cancel()  # the server closed first; stdin may still be open
         print(f"closed: code {ws.close_code}", file=sys.stderr)
         return 0

@@ -23,7 +23,7 @@ class EchoTarget:
     name: str
     greeting: bool = True
     protocols: tuple[str, ...] = ()
-    address: Address | None = None
+    bound: Address | None = None
     sessions: int = 0  # WebSocket sessions accepted
     active: int = 0  # WebSocket sessions open now
     last_headers: dict[str, list[str]] | None = None
@@ -39,8 +39,14 @@ class EchoTarget:
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", port).start()
         host, bound_port = self._runner.addresses[0][:2]
-        self.address = Address(str(host), int(bound_port))
-        return self.address
+        self.bound = Address(str(host), int(bound_port))
+        return self.bound
+
+    @property
+    def address(self) -> Address:
+        if self.bound is None:
+            raise RuntimeError(f"echo target {self.name} is not started")
+        return self.bound
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import base64
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from wsproxy.errors import BadRequest, HttpError, MethodNotAllowed, UpgradeRequired
 from wsproxy.wire.http1 import parse_request_head, parse_response_head
@@ -83,3 +87,32 @@ def test_upgrade_response_checks() -> None:
     wrong = ("Upgrade: websocket", "Connection: Upgrade", "Sec-WebSocket-Accept: AAAA")
     assert not is_valid_upgrade_response(parse_response_head(response(101, *wrong)), KEY)
     assert not is_valid_upgrade_response(parse_response_head(response(101, *good[1:])), KEY)
+
+
+HEADER_NAMES = st.sampled_from(
+    ["Host", "Upgrade", "Connection", "Sec-WebSocket-Key", "Sec-WebSocket-Version",
+     "Content-Length", "Transfer-Encoding", "X-Other"]
+)  # fmt: skip
+HEADER_VALUES = st.sampled_from(
+    ["", "websocket", "upgrade", "Upgrade, keep-alive", KEY, "13", "8", "0", "4", "chunked",
+     "h2c", "x" * 30, "dGhlIHNhbXBsZQ==", "é"]
+)  # fmt: skip
+
+
+@given(
+    st.sampled_from(["GET", "POST", "HEAD"]),
+    st.sampled_from(["HTTP/1.1", "HTTP/1.0"]),
+    st.lists(st.tuples(HEADER_NAMES, HEADER_VALUES), max_size=10),
+)
+def test_validation_only_raises_http_errors(
+    method: str, version: str, headers: list[tuple[str, str]]
+) -> None:
+    lines = [f"{name}: {value}" for name, value in headers]
+    raw = request(*lines, method=method, version=version).decode().encode("latin-1")
+    head = parse_request_head(raw)
+    try:
+        key = validate_upgrade_request(head)
+    except HttpError:
+        return
+    assert head.method == "GET" and head.get("sec-websocket-version") == "13"
+    assert len(base64.b64decode(key)) == 16
