@@ -84,11 +84,6 @@ class HeadTooLarge(HttpError):
     reason = "head_too_large"
 
 
-class NoRoute(HttpError):
-    status = 404
-    reason = "no_route"
-
-
 # --- targets -----------------------------------------------------------------------------------
 
 

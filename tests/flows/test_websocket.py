@@ -641,3 +641,34 @@ async def test_connection_log_line_is_json_with_every_field(
     assert entry["target_group"] == "chat" and entry["close_code"] == 1000
     assert entry["path"] == "/x" and entry["status"] == 101
     assert entry["bytes_in"] > 0 and entry["bytes_out"] > 0
+
+
+async def test_stalled_response_body_is_cut_at_the_idle_timeout(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    stall = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"
+    server = await raw_servers(fixed_response(stall))
+    proxy = await make_proxy(
+        ws_config(("web", [server.address]), listener="idle_timeout_seconds = 0.4")
+    )
+    response = await exchange_raw(listener_address(proxy), b"GET / HTTP/1.1\r\nHost: w\r\n\r\n")
+    assert status_of(response) == 200 and response.endswith(b"partial")
+    await wait_for(lambda: proxy.listeners["edge"].stats.active == 0)
+
+
+async def test_slow_upload_is_not_a_silent_target(
+    make_proxy: ProxyFactory, echo_targets: list[EchoTarget]
+) -> None:
+    proxy = await make_proxy(
+        ws_config(("web", [echo_targets[0].address]), group_extra="handshake_timeout_seconds = 0.3")
+    )
+    address = listener_address(proxy)
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(b"POST /up HTTP/1.1\r\nHost: w\r\nContent-Length: 50\r\n\r\n")
+    for _ in range(5):  # 0.75 s of upload: longer than the 0.3 s handshake timeout
+        await asyncio.sleep(0.15)
+        writer.write(b"x" * 10)
+    response = await asyncio.wait_for(reader.read(), 5)
+    assert status_of(response) == 200
+    assert b"body=50 bytes" in response
+    writer.close()

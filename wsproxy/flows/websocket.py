@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from wsproxy.errors import (
     BadRequest,
@@ -291,8 +292,8 @@ class WebSocketFlow(Flow):
             if not key:
                 self._stream_request_body(BodyTracker(kind, length), rest, endpoint)
             try:
-                async with asyncio.timeout(config.handshake_timeout_seconds):
-                    raw_response, response_rest = await exchange.head
+                await self._until_quiet(exchange.head, config.handshake_timeout_seconds)
+                raw_response, response_rest = exchange.head.result()
             except TimeoutError:
                 raise TargetHandshakeTimeout(
                     f"target {target.address} did not answer within "
@@ -337,6 +338,16 @@ class WebSocketFlow(Flow):
             self.listener.count_upgrade(upstream.name, "rejected_by_target")
         self.log["status"] = response.status
         await self._forward_response(head, response, response_rest, exchange)
+
+    async def _until_quiet(self, future: asyncio.Future[Any], quiet_seconds: float) -> None:
+        """Wait for ``future`` while bytes keep moving; TimeoutError once none moved for
+        ``quiet_seconds`` (an upload still streaming is not a silent target)."""
+        while not future.done():
+            mark = self.handshake_bytes_in + self.handshake_bytes_out
+            await asyncio.wait((future,), timeout=quiet_seconds)
+            if not future.done() and mark == self.handshake_bytes_in + self.handshake_bytes_out:
+                raise TimeoutError
+        future.result()  # re-raise what the callbacks set
 
     def _stream_request_body(self, body: BodyTracker, rest: bytes, endpoint: Endpoint) -> None:
         """Send a plain request's body (and nothing after it) to the target."""
@@ -406,12 +417,18 @@ class WebSocketFlow(Flow):
         rest += endpoint.take_held()
         if rest:
             on_data(rest)
+        reason = "http_forwarded"
         if not exchange.finished.done() and not body.done:
             endpoint.resume_reading()
-            await exchange.finished
+            try:
+                await self._until_quiet(
+                    exchange.finished, self.listener.config.idle_timeout_seconds
+                )
+            except TimeoutError:
+                reason = "idle_timeout"
         endpoint.close()
         client.close()
-        self.finish("http_forwarded" if body.done else "target_closed")
+        self.finish(reason if body.done or reason == "idle_timeout" else "target_closed")
 
     # --- 4. tunnel ------------------------------------------------------------------------------
 
