@@ -26,6 +26,14 @@ def _keep_open() -> bool:
     return True
 
 
+def _close_on_eof() -> bool:
+    return False  # asyncio closes the transport when eof_received returns a false value
+
+
+def _discard(data: bytes) -> None:
+    return None
+
+
 def _nothing() -> None:
     return None
 
@@ -151,6 +159,22 @@ class Endpoint(asyncio.Protocol):
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
             self.transport.abort()
+
+    def lingering_close(self, seconds: float = 2.0) -> None:
+        """Close after an error response without losing it to a TCP reset.
+
+        Closing a socket with unread input makes the kernel send RST, which can destroy the
+        response before the client reads it; so send FIN, discard what the client still sends
+        until its own FIN or ``seconds``, then close (nginx's lingering_close, RFC 9112 §9.6).
+        """
+        self.on_data = _discard
+        self.on_eof = _close_on_eof
+        if not self.write_eof():
+            self.close()
+            return
+        self.resume_reading()
+        if self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(seconds, self.abort)
 
     @property
     def peer_address(self) -> tuple[str, int]:

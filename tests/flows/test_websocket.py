@@ -672,3 +672,18 @@ async def test_slow_upload_is_not_a_silent_target(
     assert status_of(response) == 200
     assert b"body=50 bytes" in response
     writer.close()
+
+
+async def test_error_response_survives_a_client_still_sending(
+    make_proxy: ProxyFactory, echo_targets: list[EchoTarget]
+) -> None:
+    # Without a lingering close the unread input would turn our close into a TCP reset that can
+    # destroy the 431 before the client reads it.
+    proxy = await make_proxy(ws_config(("chat", [echo_targets[0].address])))
+    address = listener_address(proxy)
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection(address.host, address.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Flood: " + b"a" * 300_000)
+        response = await asyncio.wait_for(reader.read(), 5)
+        assert status_of(response) == 431
+        writer.close()

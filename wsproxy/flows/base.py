@@ -75,6 +75,7 @@ class Flow:
     async def guarded(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a handshake coroutine; turn every way it can end into a reason and a finish."""
         reason = "internal_error"
+        answered = False
         try:
             await coro
             return
@@ -82,7 +83,7 @@ class Flow:
             reason = "client_closed" if self.client.lost else "shutdown"
         except HttpError as exc:
             reason = exc.reason
-            self.fail(exc)
+            answered = self.fail(exc)
         except ClientClosed as exc:
             reason = exc.reason
         except WsproxyError as exc:
@@ -93,12 +94,19 @@ class Flow:
         if self.relay is None:
             if self.target_endpoint is not None:
                 self.target_endpoint.abort()
-            self.client.close()
+            if answered:
+                self.client.lingering_close()
+            else:
+                self.client.close()
             self.finish(reason)
 
-    def fail(self, exc: HttpError) -> None:
-        """Tell the client why its connection ends (flows without HTTP just close)."""
+    def fail(self, exc: HttpError) -> bool:
+        """Tell the client why its connection ends; True if a response was written.
+
+        Flows without HTTP (stream mode) just close.
+        """
         log.debug("listener '%s': %s", self.listener.name, exc)
+        return False
 
     def relay_done(self, relay: Relay) -> None:
         self.finish(relay.reason or "closed")

@@ -152,7 +152,7 @@ class WebSocketFlow(Flow):
         self._head_done = self._start_head_reader()
         self.spawn(self.guarded(self._run()))
 
-    def fail(self, exc: HttpError) -> None:
+    def fail(self, exc: HttpError) -> bool:
         self.log["status"] = exc.status
         if exc.status >= 500 or isinstance(exc, TargetError):
             log.info("listener '%s': %s", self.listener.name, exc)
@@ -163,6 +163,7 @@ class WebSocketFlow(Flow):
         response = error_response(exc)
         self.handshake_bytes_out += len(response)
         self.client.write(response)
+        return True
 
     # --- 1. request head ------------------------------------------------------------------------
 
