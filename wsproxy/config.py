@@ -76,7 +76,6 @@ class TargetConfig(_Section):
 class TargetGroupConfig(_Section):
     protocol: Literal["tcp"] = "tcp"
     algorithm: Algorithm = Algorithm.LEAST_CONNECTIONS
-    deregistration_delay_seconds: float = Field(30.0, ge=0, le=3600)
     connect_timeout_seconds: float = Field(5.0, gt=0, le=300)
     # How long a target may take to answer the WebSocket upgrade once the request is sent.
     handshake_timeout_seconds: float = Field(10.0, gt=0, le=300)
