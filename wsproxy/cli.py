@@ -55,6 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     connect.add_argument("--cert", help="client certificate (PEM) for mTLS")
     connect.add_argument("--key", help="client private key (PEM)")
     connect.add_argument("--insecure", action="store_true", help="do not verify the server")
+
+    from wsproxy.ca.cli import add_parser as add_ca_parser
+
+    add_ca_parser(commands)
     return parser
 
 
@@ -160,6 +164,12 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     return uvloop.run(run_connect(args.url, headers, args.subprotocol, context))
 
 
+def _cmd_ca(args: argparse.Namespace) -> int:
+    from wsproxy.ca.cli import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
@@ -168,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         "check-config": _cmd_check_config,
         "demo": _cmd_demo,
         "connect": _cmd_connect,
+        "ca": _cmd_ca,
     }
     try:
         return commands[args.command](args)

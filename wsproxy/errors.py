@@ -188,3 +188,9 @@ class ClientClosed(WsproxyError):
     """The client closed or reset its connection before the handshake finished."""
 
     reason = "client_closed"
+
+
+class CAError(WsproxyError):
+    """The certificate authority cannot do what was asked; the message says how to fix it."""
+
+    reason = "ca"

@@ -1,0 +1,1 @@
+"""wsproxy's own certificate authority: mint, revoke and publish certificates for mTLS."""

@@ -1,0 +1,380 @@
+"""The certificate authority: an ECDSA P-256 root that issues server and client certificates,
+revokes them, and publishes a CRL. Built on ``cryptography``; time comes from an injected clock."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from typing import Literal
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from wsproxy.ca.store import (
+    CAStore,
+    Index,
+    IndexEntry,
+    check_name,
+    read_private_key_file,
+    write_atomic,
+)
+from wsproxy.clock import Clock, SystemClock
+from wsproxy.errors import CAError
+
+KeyType = Literal["ec-p256", "ed25519", "rsa-3072"]
+KEY_TYPES: tuple[KeyType, ...] = ("ec-p256", "ed25519", "rsa-3072")
+PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+
+CA_DAYS = 3650
+SERVER_DAYS = 397  # the CA/Browser Forum's cap for server certificates
+CLIENT_DAYS = 90
+CRL_DAYS = 7
+# Backdating absorbs clock skew between the CA and the machines that verify its certificates.
+BACKDATE = dt.timedelta(minutes=5)
+REASONS = {
+    "unspecified": x509.ReasonFlags.unspecified,
+    "keyCompromise": x509.ReasonFlags.key_compromise,
+    "caCompromise": x509.ReasonFlags.ca_compromise,
+    "affiliationChanged": x509.ReasonFlags.affiliation_changed,
+    "superseded": x509.ReasonFlags.superseded,
+    "cessationOfOperation": x509.ReasonFlags.cessation_of_operation,
+    "certificateHold": x509.ReasonFlags.certificate_hold,
+    "privilegeWithdrawn": x509.ReasonFlags.privilege_withdrawn,
+}
+
+
+def _new_key(key_type: KeyType) -> PrivateKey:
+    if key_type == "ec-p256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if key_type == "rsa-3072":
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    raise CAError(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
+
+
+def _key_pem(key: PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _iso(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass(frozen=True, slots=True)
+class Issued:
+    name: str
+    serial: int
+    cert_path: str
+    key_path: str
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Listing:
+    name: str
+    serial: str
+    kind: str
+    not_after: str
+    status: str  # valid | revoked | expired | not_yet_valid
+
+
+class CertificateAuthority:
+    """One CA directory. Every operation reads what it needs from disk and writes atomically."""
+
+    def __init__(self, directory: str, clock: Clock | None = None) -> None:
+        self.store = CAStore(directory)
+        self.clock = clock or SystemClock()
+
+    # --- init -----------------------------------------------------------------------------------
+
+    def init(self, name: str = "wsproxy CA") -> x509.Certificate:
+        """Create the root; refuses to overwrite an existing CA."""
+        store = self.store
+        if store.exists():
+            raise CAError(f"a CA already exists in {store.ca_dir}; refusing to overwrite it")
+        now = self.clock.now()
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        write_atomic(store.ca_key, _key_pem(key), 0o600)
+        write_atomic(store.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        store.issued_dir.mkdir(parents=True, exist_ok=True)
+        index = Index()
+        store.save_index(index)
+        self._write_crl(cert, key, index)
+        return cert
+
+    # --- loading --------------------------------------------------------------------------------
+
+    def _load_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        self.store.require()
+        cert = x509.load_pem_x509_certificate(self.store.ca_cert.read_bytes())
+        key = serialization.load_pem_private_key(
+            read_private_key_file(self.store.ca_key), password=None
+        )
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise CAError(f"{self.store.ca_key} is not an EC key")
+        spki = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+        if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
+            raise CAError(f"{self.store.ca_key} does not match {self.store.ca_cert}")
+        return cert, key
+
+    @property
+    def ca_certificate(self) -> x509.Certificate:
+        self.store.require()
+        return x509.load_pem_x509_certificate(self.store.ca_cert.read_bytes())
+
+    # --- issuing --------------------------------------------------------------------------------
+
+    def issue_server(
+        self,
+        name: str,
+        dns: list[str],
+        ips: list[str] | None = None,
+        days: int = SERVER_DAYS,
+        key_type: KeyType = "ec-p256",
+    ) -> Issued:
+        """A serverAuth certificate for ``dns`` names and ``ips`` (at least one of them)."""
+        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        for ip in ips or []:
+            try:
+                sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
+            except ValueError:
+                raise CAError(f"--ip {ip!r} is not an IP address") from None
+        if not sans:
+            raise CAError("a server certificate needs at least one --dns or --ip")
+        common_name = dns[0] if dns else str(ips[0] if ips else name)
+        return self._issue(
+            name, "server", common_name, sans, ExtendedKeyUsageOID.SERVER_AUTH, days, key_type
+        )
+
+    def issue_client(
+        self,
+        name: str,
+        cn: str | None = None,
+        days: int = CLIENT_DAYS,
+        key_type: KeyType = "ec-p256",
+    ) -> Issued:
+        """A clientAuth certificate whose subject CN is ``cn`` (default: the name)."""
+        return self._issue(
+            name, "client", cn or name, [], ExtendedKeyUsageOID.CLIENT_AUTH, days, key_type
+        )
+
+    def _issue(
+        self,
+        name: str,
+        kind: str,
+        common_name: str,
+        sans: list[x509.GeneralName],
+        usage: x509.ObjectIdentifier,
+        days: int,
+        key_type: KeyType,
+    ) -> Issued:
+        check_name(name)
+        if days <= 0:
+            raise CAError(f"--days must be > 0, got {days}")
+        ca_cert, ca_key = self._load_ca()
+        index = self.store.load_index()
+        current = [e for e in index.certificates if e.name == name and e.status == "valid"]
+        if current:
+            raise CAError(
+                f"a valid certificate named {name!r} exists (serial {current[-1].serial}); "
+                f"revoke it first (`wsproxy ca revoke {name}`) or pick another name"
+            )
+        now = self.clock.now()
+        not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+        key = _new_key(key_type)
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        serial = x509.random_serial_number()  # 159 random bits (RFC 5280 §4.1.2.2 allows 20 octets)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(serial)
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=isinstance(key, rsa.RSAPrivateKey),
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                critical=False,
+            )
+        )
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        store = self.store
+        chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(
+            serialization.Encoding.PEM
+        )
+        write_atomic(store.leaf_key(name), _key_pem(key), 0o600)
+        write_atomic(store.leaf_cert(name), chain, 0o644)
+        index.certificates.append(
+            IndexEntry(
+                name=name,
+                serial=f"{serial:x}",
+                kind=kind,
+                subject=cert.subject.rfc4514_string(),
+                not_before=_iso(cert.not_valid_before_utc),
+                not_after=_iso(cert.not_valid_after_utc),
+                key_type=key_type,
+            )
+        )
+        store.save_index(index)
+        return Issued(
+            name, serial, str(store.leaf_cert(name)), str(store.leaf_key(name)), not_after
+        )
+
+    # --- revocation -----------------------------------------------------------------------------
+
+    def revoke(self, name_or_serial: str, reason: str = "unspecified") -> IndexEntry:
+        """Mark a certificate revoked and publish a fresh CRL."""
+        if reason not in REASONS:
+            raise CAError(f"unknown reason {reason!r}; use one of {', '.join(REASONS)}")
+        ca_cert, ca_key = self._load_ca()
+        index = self.store.load_index()
+        entry = index.find(name_or_serial)
+        if entry.status == "revoked":
+            raise CAError(f"certificate {entry.name} (serial {entry.serial}) is already revoked")
+        entry.status = "revoked"
+        entry.revoked_at = _iso(self.clock.now())
+        entry.revocation_reason = reason
+        self._write_crl(ca_cert, ca_key, index)
+        return entry
+
+    def crl(self) -> x509.CertificateRevocationList:
+        """Publish a fresh CRL (run it before ``nextUpdate``, e.g. daily from cron)."""
+        ca_cert, ca_key = self._load_ca()
+        return self._write_crl(ca_cert, ca_key, self.store.load_index())
+
+    def _write_crl(
+        self, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, index: Index
+    ) -> x509.CertificateRevocationList:
+        now = self.clock.now()
+        index.crl_number += 1
+        ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(ca_cert.subject)
+            .last_update(now - BACKDATE)
+            .next_update(now + dt.timedelta(days=CRL_DAYS))
+            .add_extension(x509.CRLNumber(index.crl_number), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                critical=False,
+            )
+        )
+        for entry in index.certificates:
+            if entry.status != "revoked" or entry.revoked_at is None:
+                continue
+            revoked = (
+                x509.RevokedCertificateBuilder()
+                .serial_number(int(entry.serial, 16))
+                .revocation_date(dt.datetime.fromisoformat(entry.revoked_at.replace("Z", "+00:00")))
+                .add_extension(
+                    x509.CRLReason(REASONS[entry.revocation_reason or "unspecified"]),
+                    critical=False,
+                )
+                .build()
+            )
+            builder = builder.add_revoked_certificate(revoked)
+        crl = builder.sign(ca_key, hashes.SHA256())
+        # The CRL is written before the index: a crash in between leaves a CRL that already
+        # lists the revocation, never an index that claims one the CRL does not show.
+        write_atomic(self.store.crl_file, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+        self.store.save_index(index)
+        return crl
+
+    # --- listing and export ---------------------------------------------------------------------
+
+    def list(self) -> list[Listing]:
+        self.store.require()
+        now = _iso(self.clock.now())
+        rows = []
+        for entry in self.store.load_index().certificates:
+            status = entry.status
+            if status == "valid" and entry.not_after < now:
+                status = "expired"
+            elif status == "valid" and entry.not_before > now:
+                status = "not_yet_valid"
+            rows.append(Listing(entry.name, entry.serial, entry.kind, entry.not_after, status))
+        return rows
+
+    def export_p12(self, name: str, password: str | None = None) -> str:
+        """Write issued/NAME.p12 (key, certificate, CA) for browsers and curl."""
+        store = self.store
+        store.require()
+        cert_path, key_path = store.leaf_cert(name), store.leaf_key(name)
+        if not cert_path.exists():
+            raise CAError(f"{cert_path} not found; see `wsproxy ca list`")
+        certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+        key = serialization.load_pem_private_key(read_private_key_file(key_path), password=None)
+        if not isinstance(
+            key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
+        ):
+            raise CAError(f"{key_path}: unsupported key type")
+        encryption: serialization.KeySerializationEncryption = (
+            serialization.BestAvailableEncryption(password.encode())
+            if password
+            else serialization.NoEncryption()
+        )
+        blob = pkcs12.serialize_key_and_certificates(
+            name.encode(), key, certs[0], certs[1:], encryption
+        )
+        path = store.leaf_p12(name)
+        write_atomic(path, blob, 0o600)
+        return str(path)

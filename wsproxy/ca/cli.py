@@ -1,0 +1,109 @@
+"""``wsproxy ca …``: the CA's command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from wsproxy.ca.authority import (
+    CA_DAYS,
+    CLIENT_DAYS,
+    KEY_TYPES,
+    REASONS,
+    SERVER_DAYS,
+    CertificateAuthority,
+)
+from wsproxy.errors import CAError
+
+
+def add_parser(commands: Any) -> None:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dir", default="certs", help="CA directory (default: certs)")
+    ca = commands.add_parser("ca", help="wsproxy's own certificate authority")
+    actions = ca.add_subparsers(dest="ca_command", required=True)
+
+    init = actions.add_parser(
+        "init", parents=[common], help=f"create the root (ECDSA P-256, {CA_DAYS} days)"
+    )
+    init.add_argument("--name", default="wsproxy CA", help="the root's common name")
+
+    issue = actions.add_parser("issue", help="issue a server or client certificate")
+    kinds = issue.add_subparsers(dest="kind", required=True)
+    server = kinds.add_parser("server", parents=[common], help="serverAuth certificate with SANs")
+    server.add_argument("--name", required=True, help="file name under issued/")
+    server.add_argument("--dns", action="append", default=[], help="DNS SAN (repeatable)")
+    server.add_argument("--ip", action="append", default=[], help="IP SAN (repeatable)")
+    server.add_argument("--days", type=int, default=SERVER_DAYS)
+    server.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
+    client = kinds.add_parser("client", parents=[common], help="clientAuth certificate")
+    client.add_argument("--name", required=True, help="file name under issued/")
+    client.add_argument("--cn", help="subject common name (default: the name)")
+    client.add_argument("--days", type=int, default=CLIENT_DAYS)
+    client.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
+
+    revoke = actions.add_parser(
+        "revoke", parents=[common], help="revoke by name or serial and publish a CRL"
+    )
+    revoke.add_argument("certificate", help="name or serial (hex)")
+    revoke.add_argument("--reason", choices=list(REASONS), default="unspecified")
+
+    actions.add_parser("crl", parents=[common], help="publish a fresh CRL (valid 7 days)")
+    actions.add_parser("list", parents=[common], help="every certificate issued, with its status")
+
+    export = actions.add_parser(
+        "export-p12", parents=[common], help="PKCS#12 bundle for browsers and curl"
+    )
+    export.add_argument("name")
+    export.add_argument("--password", help="protect the bundle (default: none)")
+
+
+def run(args: argparse.Namespace) -> int:
+    authority = CertificateAuthority(args.dir)
+    try:
+        return _dispatch(authority, args)
+    except CAError as exc:
+        print(f"wsproxy ca: {exc}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(authority: CertificateAuthority, args: argparse.Namespace) -> int:
+    store = authority.store
+    command = args.ca_command
+    if command == "init":
+        cert = authority.init(args.name)
+        until = f"{cert.not_valid_after_utc:%Y-%m-%d}"
+        print(f"created CA '{args.name}' in {store.ca_dir} (valid until {until})")
+        return 0
+    if command == "issue":
+        if args.kind == "server":
+            issued = authority.issue_server(args.name, args.dns, args.ip, args.days, args.key_type)
+        else:
+            issued = authority.issue_client(args.name, args.cn, args.days, args.key_type)
+        print(
+            f"issued {args.kind} certificate '{issued.name}' serial {issued.serial:x}, "
+            f"valid until {issued.not_after:%Y-%m-%d}\n  {issued.cert_path}\n  {issued.key_path}"
+        )
+        return 0
+    if command == "revoke":
+        entry = authority.revoke(args.certificate, args.reason)
+        print(
+            f"revoked '{entry.name}' serial {entry.serial} ({args.reason}); CRL: {store.crl_file}"
+        )
+        return 0
+    if command == "crl":
+        crl = authority.crl()
+        next_update = f"{crl.next_update_utc:%Y-%m-%d %H:%M} UTC"
+        print(f"wrote {store.crl_file}: {len(list(crl))} revoked, next update {next_update}")
+        return 0
+    if command == "list":
+        rows = authority.list()
+        print(f"{'NAME':<24} {'SERIAL':<41} {'KIND':<7} {'NOT AFTER':<21} STATUS")
+        for row in rows:
+            print(f"{row.name:<24} {row.serial:<41} {row.kind:<7} {row.not_after:<21} {row.status}")
+        return 0
+    if command == "export-p12":
+        path = authority.export_p12(args.name, args.password)
+        print(f"wrote {path}")
+        return 0
+    raise CAError(f"unknown command {command!r}")

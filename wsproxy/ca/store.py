@@ -1,0 +1,164 @@
+"""The CA's files on disk: layout, atomic writes, key permissions, the index.
+
+Layout under the CA directory::
+
+    ca/ca.pem  ca/ca.key  ca/index.json  ca/crl.pem
+    issued/NAME.pem (leaf + chain)  issued/NAME.key  issued/NAME.p12
+
+Every write goes to a temporary file in the same directory, is fsynced, then renamed over the
+target, so a crash leaves either the old file or the new one. Private keys are created with mode
+0600 from the first byte; a key readable by group or others is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wsproxy.errors import CAError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+INDEX_VERSION = 1
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise CAError(
+            f"certificate name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
+            "(it becomes a file name under issued/)"
+        )
+    return name
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with ``mode``, all or nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            temp.unlink()
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def read_private_key_file(path: Path) -> bytes:
+    """Read a key file, refusing one that group or others may read."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CAError(f"{path} not found") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise CAError(
+            f"{path} is readable by group or others (mode {stat.S_IMODE(mode):04o}); "
+            f"run: chmod 600 {path}"
+        )
+    return path.read_bytes()
+
+
+@dataclass
+class IndexEntry:
+    name: str
+    serial: str  # hex, as openssl prints it
+    kind: str  # "server" | "client"
+    subject: str
+    not_before: str  # ISO 8601 UTC
+    not_after: str
+    key_type: str
+    status: str = "valid"  # "valid" | "revoked"
+    revoked_at: str | None = None
+    revocation_reason: str | None = None
+
+
+@dataclass
+class Index:
+    version: int = INDEX_VERSION
+    crl_number: int = 0
+    certificates: list[IndexEntry] = field(default_factory=list)
+
+    def find(self, name_or_serial: str) -> IndexEntry:
+        """The newest certificate with that name, or the one with that serial (hex)."""
+        wanted = name_or_serial.lower().removeprefix("0x").replace(":", "")
+        by_name = [e for e in self.certificates if e.name == name_or_serial]
+        if by_name:
+            return by_name[-1]
+        for entry in self.certificates:
+            if entry.serial == wanted:
+                return entry
+        raise CAError(
+            f"no certificate named or with serial {name_or_serial!r}; see `wsproxy ca list`"
+        )
+
+
+class CAStore:
+    """Paths and persistence for one CA directory."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.ca_dir = self.root / "ca"
+        self.issued_dir = self.root / "issued"
+        self.ca_cert = self.ca_dir / "ca.pem"
+        self.ca_key = self.ca_dir / "ca.key"
+        self.index_file = self.ca_dir / "index.json"
+        self.crl_file = self.ca_dir / "crl.pem"
+
+    def leaf_cert(self, name: str) -> Path:
+        return self.issued_dir / f"{check_name(name)}.pem"
+
+    def leaf_key(self, name: str) -> Path:
+        return self.issued_dir / f"{check_name(name)}.key"
+
+    def leaf_p12(self, name: str) -> Path:
+        return self.issued_dir / f"{check_name(name)}.p12"
+
+    def exists(self) -> bool:
+        return self.ca_cert.exists() or self.ca_key.exists()
+
+    def require(self) -> None:
+        if not self.ca_cert.exists() or not self.ca_key.exists():
+            raise CAError(f"no CA in {self.root}; run `wsproxy ca init --dir {self.root}` first")
+
+    def load_index(self) -> Index:
+        try:
+            raw = json.loads(self.index_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CAError(
+                f"{self.index_file} is missing; the CA directory is incomplete "
+                "(restore it from a backup)"
+            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CAError(
+                f"{self.index_file} is corrupted ({exc}); restore it from a backup: the "
+                "certificates under issued/ are intact and list what was issued"
+            ) from None
+        try:
+            if raw.get("version") != INDEX_VERSION:
+                raise CAError(f"{self.index_file}: unsupported version {raw.get('version')!r}")
+            entries = [IndexEntry(**item) for item in raw["certificates"]]
+            return Index(raw["version"], int(raw["crl_number"]), entries)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CAError(
+                f"{self.index_file} does not have the expected fields ({exc}); restore it "
+                "from a backup"
+            ) from None
+
+    def save_index(self, index: Index) -> None:
+        data: dict[str, Any] = asdict(index)
+        text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+        write_atomic(self.index_file, text.encode(), 0o644)
