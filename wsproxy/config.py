@@ -103,9 +103,34 @@ class RuleConfig(_Section):
         return self
 
 
+class CertificateFiles(_Section):
+    cert: Annotated[str, StringConstraints(min_length=1)]
+    key: Annotated[str, StringConstraints(min_length=1)]
+
+
+class ListenerTls(_Section):
+    """``[listeners.NAME.tls]``: certificates chosen by SNI, policy, client certificates."""
+
+    certificates: Annotated[tuple[CertificateFiles, ...], Field(min_length=1)]
+    policy: Literal["intermediate", "modern"] = "intermediate"
+    client_auth: Literal["none", "optional", "required"] = "none"
+    client_ca: str | None = None
+    crl: str | None = None
+
+    @model_validator(mode="after")
+    def _client_ca_needed(self) -> ListenerTls:
+        if self.client_auth != "none" and not self.client_ca:
+            raise ValueError(f"client_auth = {self.client_auth!r} needs client_ca")
+        if self.crl and self.client_auth == "none":
+            raise ValueError("crl is only used to check client certificates (client_auth)")
+        return self
+
+
 class ListenerConfig(_Section):
     address: ListenAddress
-    protocol: Literal["tcp"] = "tcp"
+    protocol: Literal["tcp", "tls"] = "tcp"
+    tls: ListenerTls | None = None
+    tls_handshake_timeout_seconds: float = Field(10.0, gt=0, le=120)
     websocket: bool = False
     websocket_only: bool = False
     default_target_group: Name
@@ -117,6 +142,10 @@ class ListenerConfig(_Section):
 
     @model_validator(mode="after")
     def _websocket_options(self) -> ListenerConfig:
+        if self.protocol == "tls" and self.tls is None:
+            raise ValueError("protocol = 'tls' needs a [listeners.NAME.tls] section")
+        if self.protocol != "tls" and self.tls is not None:
+            raise ValueError("a tls section needs protocol = 'tls'")
         if not self.websocket and self.websocket_only:
             raise ValueError("websocket_only = true needs websocket = true")
         if not self.websocket and self.rules:
@@ -223,8 +252,48 @@ def _address_issues(config: Config) -> list[ConfigIssue]:
     return issues
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """Validate TOML text; raises ``ConfigError`` listing every problem found."""
+def _resolve_files(config: Config, base_dir: Path) -> Config:
+    """Make certificate paths absolute, relative to the config file's directory."""
+
+    def resolve(path: str | None) -> str | None:
+        return None if path is None else str(base_dir / Path(path).expanduser())
+
+    listeners = {}
+    for name, listener in config.listeners.items():
+        tls = listener.tls
+        if tls is not None:
+            tls = tls.model_copy(
+                update={
+                    "certificates": tuple(
+                        CertificateFiles(cert=str(resolve(c.cert)), key=str(resolve(c.key)))
+                        for c in tls.certificates
+                    ),
+                    "client_ca": resolve(tls.client_ca),
+                    "crl": resolve(tls.crl),
+                }
+            )
+            listener = listener.model_copy(update={"tls": tls})
+        listeners[name] = listener
+    return config.model_copy(update={"listeners": listeners})
+
+
+def _tls_file_issues(config: Config) -> list[ConfigIssue]:
+    from wsproxy.tls import check_listener_files  # reads files only; opens no socket
+
+    issues: list[ConfigIssue] = []
+    for name, listener in config.listeners.items():
+        if listener.tls is not None:
+            issues += check_listener_files(name, listener.tls)
+    return issues
+
+
+def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Validate TOML text; raises ``ConfigError`` listing every problem found.
+
+    Relative certificate paths are taken from ``base_dir`` (the config file's directory when
+    loaded with ``load_config``; the working directory otherwise), and every file is read and
+    checked (cert and key match, not expired).
+    """
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -238,6 +307,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         ] + issues
         raise ConfigError(source, issues) from None
     issues += _address_issues(config)
+    config = _resolve_files(config, base_dir or Path.cwd())
+    issues += _tls_file_issues(config)
     if issues:
         raise ConfigError(source, issues)
     return config
@@ -254,4 +325,4 @@ def load_config(path: str | Path) -> Config:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), [ConfigIssue("", "file is not UTF-8 text")]) from None
-    return parse_config(text, str(path))
+    return parse_config(text, str(path), path.parent.resolve())

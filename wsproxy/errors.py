@@ -194,3 +194,18 @@ class CAError(WsproxyError):
     """The certificate authority cannot do what was asked; the message says how to fix it."""
 
     reason = "ca"
+
+
+class TlsConfigError(WsproxyError):
+    """A TLS listener's certificates, keys, CA or CRL cannot be used."""
+
+    reason = "tls_config"
+
+
+class ClientCertRejected(WsproxyError):
+    """A client certificate failed a check OpenSSL does not make (e.g. the clientAuth EKU)."""
+
+    def __init__(self, result: str, detail: str) -> None:
+        self.result = result  # ok | missing | untrusted | expired | revoked | bad_eku
+        self.reason = f"client_cert_{result}"
+        super().__init__(detail)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any
 
@@ -12,10 +13,11 @@ from wsproxy.config import ListenerConfig
 from wsproxy.flows.base import Flow
 from wsproxy.flows.tcp import TcpFlow
 from wsproxy.flows.websocket import WebSocketFlow
-from wsproxy.logs import log_connection
+from wsproxy.logs import CONNECTION_FIELDS, log_connection
 from wsproxy.metrics import ListenerStats
 from wsproxy.relay import Endpoint
 from wsproxy.routing import Router, Rule
+from wsproxy.tls import ServerTls, classify_handshake_failure
 from wsproxy.upstream import Upstream
 from wsproxy.ws_relay import WebSocketRelay
 
@@ -47,6 +49,13 @@ class Listener:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
+        self._socket: socket.socket | None = None
+        self._accept_task: asyncio.Task[None] | None = None
+        self.tls: ServerTls | None = None
+        if config.tls is not None:
+            # ALPN http/1.1 in websocket mode: the only protocol the flow speaks.
+            alpn = ["http/1.1"] if config.websocket else None
+            self.tls = ServerTls(name, config.tls, alpn=alpn)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -54,25 +63,98 @@ class Listener:
         loop = asyncio.get_running_loop()
         host, port = self.config.address.host, self.config.address.port
         try:
-            self._server = await loop.create_server(
-                self._accept, host, port, reuse_address=True, backlog=1024
-            )
+            if self.tls is None:
+                self._server = await loop.create_server(
+                    self._accept, host, port, reuse_address=True, backlog=1024
+                )
+                bound = self._server.sockets[0].getsockname()
+            else:
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                self._socket = socket.create_server((host, port), family=family, backlog=1024)
+                self._socket.setblocking(False)
+                bound = self._socket.getsockname()
+                self._accept_task = self.spawn(self._accept_tls(self._socket, self.tls))
         except OSError as exc:
             raise OSError(
                 exc.errno,
                 f"listener '{self.name}': cannot bind {self.config.address}: {exc.strerror}",
             ) from None
-        bound = self._server.sockets[0].getsockname()
         self.address = Address(str(bound[0]), int(bound[1]))
         log.info("listener '%s' listening on %s", self.name, self.address)
 
+    async def _accept_tls(self, listening: socket.socket, tls: ServerTls) -> None:
+        """Accept, then run each TLS handshake in its own task so its failure can be classified
+        (a server created with ssl= would only log it) and counted."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                connection, _ = await loop.sock_accept(listening)
+            except OSError as exc:
+                log.warning("listener '%s': accept failed: %s", self.name, exc)
+                await asyncio.sleep(0.1)
+                continue
+            self.spawn(self._handshake(connection, tls))
+
+    async def _handshake(self, connection: socket.socket, tls: ServerTls) -> None:
+        loop = asyncio.get_running_loop()
+        flow = self._new_flow()
+        started = loop.time()
+        try:
+            peer = connection.getpeername()
+        except OSError:
+            peer = ("", 0)
+        try:
+            await loop.connect_accepted_socket(
+                lambda: flow.client,
+                connection,
+                ssl=tls.context,
+                ssl_handshake_timeout=self.config.tls_handshake_timeout_seconds,
+            )
+        except asyncio.CancelledError:
+            connection.close()
+            raise
+        except Exception as exc:  # noqa: BLE001  # connection boundary: every failed handshake is classified, counted and logged once
+            connection.close()
+            reason, detail = classify_handshake_failure(exc)
+            self._handshake_failed(reason, detail, peer, loop.time() - started)
+            return
+        self.stats.tls_handshakes["ok"] += 1
+
+    def _handshake_failed(
+        self, reason: str, detail: str, peer: tuple[str, int], duration: float
+    ) -> None:
+        stats = self.stats
+        stats.connections += 1
+        stats.tls_handshakes[reason] += 1
+        if reason.startswith("client_cert_"):
+            stats.client_certs[reason.removeprefix("client_cert_")] += 1
+        if reason != "client_closed":
+            stats.rejected[reason] += 1
+        log.info("listener '%s': %s:%s %s", self.name, peer[0], peer[1], detail)
+        entry = dict.fromkeys(CONNECTION_FIELDS)
+        entry.update(
+            client=f"{peer[0]}:{peer[1]}",
+            listener=self.name,
+            bytes_in=0,
+            bytes_out=0,
+            duration_seconds=round(duration, 6),
+            reason=reason,
+        )
+        log_connection(entry)
+
+    def _new_flow(self) -> Flow:
+        return WebSocketFlow(self) if self.config.websocket else TcpFlow(self)
+
     def _accept(self) -> Endpoint:
-        flow: Flow = WebSocketFlow(self) if self.config.websocket else TcpFlow(self)
-        return flow.client
+        return self._new_flow().client
 
     def stop_accepting(self) -> None:
         if self._server is not None:
             self._server.close()
+        if self._accept_task is not None:
+            self._accept_task.cancel()
+        if self._socket is not None:
+            self._socket.close()
 
     async def drain(self, grace: float, spread: float) -> None:
         """Close every connection within ``grace`` seconds, starting the closes evenly over the

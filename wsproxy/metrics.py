@@ -33,6 +33,8 @@ class ListenerStats:
     bytes_out: int = 0
     messages_in: int = 0
     messages_out: int = 0
+    tls_handshakes: Counter[str] = field(default_factory=Counter)  # result
+    client_certs: Counter[str] = field(default_factory=Counter)  # ok | missing | untrusted | ...
 
 
 class LiveCounters(Protocol):
@@ -110,6 +112,14 @@ class ProxyCollector(Collector):
         byte_total = CounterMetricFamily(
             "wsproxy_bytes", "Bytes relayed", labels=["listener", "direction"]
         )
+        handshakes = CounterMetricFamily(
+            "wsproxy_tls_handshakes", "TLS handshakes by result", labels=["listener", "result"]
+        )
+        client_certs = CounterMetricFamily(
+            "wsproxy_client_cert_verifications",
+            "Client certificate checks by result",
+            labels=["listener", "result"],
+        )
         for listener in self._listeners():
             stats = listener.stats
             name = listener.name
@@ -121,6 +131,10 @@ class ProxyCollector(Collector):
                 upgrades.add_metric([name, group, result], count)
             for (initiator, code), count in sorted(stats.closes.items()):
                 closes.add_metric([name, initiator, str(code)], count)
+            for result, count in sorted(stats.tls_handshakes.items()):
+                handshakes.add_metric([name, result], count)
+            for result, count in sorted(stats.client_certs.items()):
+                client_certs.add_metric([name, result], count)
             messages.add_metric([name, "client_to_target"], stats.messages_in)
             messages.add_metric([name, "target_to_client"], stats.messages_out)
             live_in = live_out = 0
@@ -130,6 +144,7 @@ class ProxyCollector(Collector):
             byte_total.add_metric([name, "client_to_target"], stats.bytes_in + live_in)
             byte_total.add_metric([name, "target_to_client"], stats.bytes_out + live_out)
         yield from (conns, active, rejected, upgrades, closes, messages, byte_total)
+        yield from (handshakes, client_certs)
 
         target_active = GaugeMetricFamily(
             "wsproxy_target_connections_active",

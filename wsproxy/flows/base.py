@@ -7,10 +7,11 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from wsproxy.errors import ClientClosed, HttpError, WsproxyError
+from wsproxy.errors import ClientCertRejected, ClientClosed, HttpError, WsproxyError
 from wsproxy.logs import CONNECTION_FIELDS
 from wsproxy.relay import Endpoint, Relay
 from wsproxy.target_group import Target
+from wsproxy.tls import ClientCertificate
 
 if TYPE_CHECKING:
     from wsproxy.listener import Listener
@@ -49,6 +50,7 @@ class Flow:
         }
         self.handshake_bytes_in = 0
         self.handshake_bytes_out = 0
+        self.client_cert: ClientCertificate | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -56,7 +58,33 @@ class Flow:
         self.client_ip, self.client_port = self.client.peer_address
         self.listener.flow_started(self)
         self.client.on_lost = self._client_lost_early
+        if self.listener.tls is not None and not self._check_tls():
+            return
         self.begin()
+
+    def _check_tls(self) -> bool:
+        """Record the TLS facts of this connection; refuse a client certificate OpenSSL let by."""
+        tls = self.listener.tls
+        transport = self.client.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport else None
+        if tls is None or ssl_object is None:
+            return True
+        self.log["sni"] = tls.server_name(ssl_object)
+        self.log["tls_version"] = ssl_object.version()
+        if not tls.verifies_clients:
+            return True
+        try:
+            self.client_cert = tls.client_certificate(ssl_object)
+        except ClientCertRejected as exc:
+            self.listener.stats.client_certs[exc.result] += 1
+            log.info("listener '%s': %s: %s", self.listener.name, self.client_ip, exc)
+            self.client.abort()
+            self.finish(exc.reason)
+            return False
+        self.listener.stats.client_certs["ok" if self.client_cert else "none"] += 1
+        if self.client_cert is not None:
+            self.log["client_cert_subject"] = self.client_cert.subject
+        return True
 
     def begin(self) -> None:
         """Start the flow (runs inside ``connection_made``)."""

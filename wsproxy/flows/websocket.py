@@ -63,7 +63,17 @@ log = logging.getLogger(__name__)
 
 # A target's response head is bounded like the client's request head.
 MAX_RESPONSE_HEAD_BYTES = 16 * 1024
-_FORWARDED = {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-port", "x-forwarded-host"}
+_FORWARDED = {
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-port",
+    "x-forwarded-host",
+    # Only the proxy may vouch for a client certificate: client copies are always removed.
+    "x-client-cert-subject",
+    "x-client-cert-serial",
+    "x-client-cert-fingerprint-sha256",
+    "x-client-cert-not-after",
+}
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection"}
 
 _STATUS_TEXT = {
@@ -249,10 +259,12 @@ class WebSocketFlow(Flow):
         drop = set(_FORWARDED)
         add: tuple[tuple[str, str], ...] = (
             ("X-Forwarded-For", self.client_ip),
-            ("X-Forwarded-Proto", "http"),
+            ("X-Forwarded-Proto", "https" if self.listener.tls else "http"),
             ("X-Forwarded-Port", str(self.client.local_port)),
             ("X-Forwarded-Host", host),
         )
+        if self.client_cert is not None:
+            add += self.client_cert.headers()
         if not upgrade:
             drop |= _HOP_BY_HOP
             add += (("Connection", "close"),)

@@ -1,0 +1,268 @@
+"""TLS on listeners: SSL contexts chosen by SNI, client-certificate checks, failure reasons.
+
+Each configured certificate gets its own ``SSLContext`` with identical settings; an SNI callback
+on the first (the default) switches the connection to the context whose certificate names the
+requested host: exact SAN first, then a wildcard SAN, then the default. Contexts are built once
+per config generation and never changed afterwards.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ssl
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from wsproxy.clock import Clock, SystemClock
+from wsproxy.config import ListenerTls
+from wsproxy.errors import ClientCertRejected, ConfigIssue, TlsConfigError
+
+# Mozilla's "intermediate" TLS 1.2 suites (TLS 1.3 suites are always on and not configurable).
+INTERMEDIATE_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+        "DHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
+# OpenSSL X509_V_ERR_* codes → the reasons wsproxy reports for client certificates.
+_VERIFY_RESULTS = {
+    9: "expired",  # certificate is not yet valid
+    10: "expired",
+    23: "revoked",
+    26: "bad_eku",  # unsupported certificate purpose
+}
+
+
+def _fix_hint(listener: str) -> str:
+    return f"run `wsproxy ca issue server --name {listener} --dns HOST` to mint one"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCertificate:
+    context: ssl.SSLContext
+    dns_names: tuple[str, ...]
+    not_after: dt.datetime
+    path: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    subject: str
+    serial: str
+    fingerprint_sha256: str
+    not_after: str
+
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        return (
+            ("X-Client-Cert-Subject", self.subject),
+            ("X-Client-Cert-Serial", self.serial),
+            ("X-Client-Cert-Fingerprint-SHA256", self.fingerprint_sha256),
+            ("X-Client-Cert-Not-After", self.not_after),
+        )
+
+
+class ServerTls:
+    """The TLS side of one listener, built from its ``[listeners.NAME.tls]`` section."""
+
+    def __init__(
+        self,
+        listener: str,
+        config: ListenerTls,
+        *,
+        alpn: list[str] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.listener = listener
+        self.config = config
+        self._clock = clock or SystemClock()
+        self._alpn = alpn
+        self._sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+        self.certificates = [
+            self._load(index, files.cert, files.key)
+            for index, files in enumerate(config.certificates)
+        ]
+        for certificate in self.certificates:
+            certificate.context.sni_callback = self._on_sni
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self.certificates[0].context
+
+    @property
+    def verifies_clients(self) -> bool:
+        return self.config.client_auth != "none"
+
+    # --- building -------------------------------------------------------------------------------
+
+    def _base_context(self) -> ssl.SSLContext:
+        config = self.config
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if config.policy == "modern":
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+        else:
+            context.minimum_version = ssl.TLSVersion.TLSv1_2
+            context.set_ciphers(INTERMEDIATE_CIPHERS)
+        context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+        if self._alpn:
+            context.set_alpn_protocols(self._alpn)
+        if config.client_auth != "none":
+            if config.client_ca is None:
+                raise TlsConfigError(f"listener '{self.listener}': client_auth needs client_ca")
+            self._load_verify(context, config.client_ca, "client_ca", "wsproxy ca init")
+            context.verify_mode = (
+                ssl.CERT_REQUIRED if config.client_auth == "required" else ssl.CERT_OPTIONAL
+            )
+            # A resumed session skips certificate verification, so a revoked client could
+            # resume; no tickets on listeners that verify clients.
+            context.options |= ssl.OP_NO_TICKET
+            if config.crl:
+                self._load_verify(context, config.crl, "crl", "wsproxy ca crl")
+                context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
+        return context
+
+    def _load_verify(self, context: ssl.SSLContext, path: str, key: str, command: str) -> None:
+        if not Path(path).is_file():
+            raise TlsConfigError(
+                f"listener '{self.listener}': {key} file {path} not found; run `{command}`"
+            )
+        try:
+            context.load_verify_locations(cafile=path)
+        except ssl.SSLError as exc:
+            raise TlsConfigError(
+                f"listener '{self.listener}': {key} file {path} is not usable PEM ({exc.reason})"
+            ) from None
+
+    def _load(self, index: int, cert_path: str, key_path: str) -> ServerCertificate:
+        where = f"listener '{self.listener}'"
+        for path in (cert_path, key_path):
+            if not Path(path).is_file():
+                raise TlsConfigError(f"{where}: file {path} not found; {_fix_hint(self.listener)}")
+        try:
+            leaf = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())[0]
+        except ValueError:
+            raise TlsConfigError(f"{where}: {cert_path} holds no PEM certificate") from None
+        now = self._clock.now()
+        if leaf.not_valid_after_utc < now:
+            raise TlsConfigError(
+                f"{where}: certificate {cert_path} expired on "
+                f"{leaf.not_valid_after_utc:%Y-%m-%d}; {_fix_hint(self.listener)}"
+            )
+        context = self._base_context()
+        try:
+            context.load_cert_chain(cert_path, key_path)
+        except ssl.SSLError as exc:
+            raise TlsConfigError(
+                f"{where}: key {key_path} does not match certificate {cert_path} "
+                f"({exc.reason or exc})"
+            ) from None
+        try:
+            sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            names = tuple(name.lower() for name in sans.get_values_for_type(x509.DNSName))
+        except x509.ExtensionNotFound:
+            names = ()
+        return ServerCertificate(context, names, leaf.not_valid_after_utc, cert_path)
+
+    # --- per connection -------------------------------------------------------------------------
+
+    def select(self, server_name: str | None) -> ssl.SSLContext:
+        """The context for ``server_name``: exact SAN, then wildcard SAN, then the default."""
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            for certificate in self.certificates:
+                if name in certificate.dns_names:
+                    return certificate.context
+            parent = name.partition(".")[2]
+            if parent:
+                for certificate in self.certificates:
+                    if f"*.{parent}" in certificate.dns_names:
+                        return certificate.context
+        return self.context
+
+    def _on_sni(
+        self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
+    ) -> None:
+        if server_name:
+            self._sni[ssl_object] = server_name
+        chosen = self.select(server_name)
+        if chosen is not context:
+            ssl_object.context = chosen
+
+    def server_name(self, ssl_object: ssl.SSLObject) -> str | None:
+        return self._sni.get(ssl_object)
+
+    def client_certificate(self, ssl_object: ssl.SSLObject) -> ClientCertificate | None:
+        """Check the verified peer certificate for what OpenSSL leaves to us.
+
+        OpenSSL has checked the chain, validity and CRL during the handshake; a certificate with
+        no EKU at all still passes there, so the clientAuth EKU is checked here.
+        """
+        der = ssl_object.getpeercert(binary_form=True)
+        if not der:
+            if self.config.client_auth == "required":
+                raise ClientCertRejected("missing", "no client certificate")
+            return None
+        cert = x509.load_der_x509_certificate(der)
+        try:
+            usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        except x509.ExtensionNotFound:
+            raise ClientCertRejected(
+                "bad_eku", "client certificate has no extended key usage (needs clientAuth)"
+            ) from None
+        if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
+            raise ClientCertRejected("bad_eku", "client certificate lacks the clientAuth EKU")
+        return ClientCertificate(
+            subject=cert.subject.rfc4514_string(),
+            serial=f"{cert.serial_number:x}",
+            fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+            not_after=cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        )
+
+
+def classify_handshake_failure(exc: BaseException) -> tuple[str, str]:
+    """(reason, detail) for a failed server-side handshake; reasons are a closed set."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        result = _VERIFY_RESULTS.get(exc.verify_code, "untrusted")
+        return f"client_cert_{result}", exc.verify_message or str(exc)
+    if isinstance(exc, ssl.SSLError):
+        tag = (exc.reason or "").upper()
+        if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in tag or "CERTIFICATE_REQUIRED" in tag:
+            return "client_cert_missing", "no client certificate"
+        if tag == "HTTP_REQUEST":
+            return "tls_http_request", "plain HTTP sent to a TLS listener"
+        if tag in ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"):
+            return "tls_not_tls", f"bytes that are not a TLS ClientHello ({exc.reason})"
+        if "VERSION" in tag or "UNSUPPORTED_PROTOCOL" in tag:
+            return "tls_protocol_version", f"TLS version refused ({exc.reason})"
+        if "CIPHER" in tag:
+            return "tls_no_shared_cipher", f"no cipher in common ({exc.reason})"
+        return "tls_handshake_error", f"TLS handshake failed ({exc.reason or exc})"
+    if isinstance(exc, TimeoutError) or (
+        # asyncio and uvloop report ssl_handshake_timeout as this abort.
+        isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)
+    ):
+        return "tls_handshake_timeout", "TLS handshake did not finish in time"
+    if isinstance(exc, ConnectionError | EOFError):
+        return "client_closed", "client left during the TLS handshake"
+    return "tls_handshake_error", f"TLS handshake failed ({exc!r})"
+
+
+def check_listener_files(listener: str, config: ListenerTls) -> list[ConfigIssue]:
+    """Every problem with a TLS listener's files, for ``check-config`` (no socket opened)."""
+    try:
+        ServerTls(listener, config)
+    except TlsConfigError as exc:
+        return [ConfigIssue(f"listeners.{listener}.tls", str(exc))]
+    return []
