@@ -97,6 +97,36 @@ def test_errors_name_the_key_path(text: str, expected: str) -> None:
     assert any(expected in issue for issue in issues(text)), issues(text)
 
 
+@pytest.mark.parametrize(
+    ("listener", "expected"),
+    [
+        ('protocol = "tls_passthrough"\nwebsocket = true', "cannot be websocket = true"),
+        (
+            'protocol = "tls_passthrough"\n[[listeners.edge.rules]]\npath_prefix = "/"\n'
+            'target_group = "chat"',
+            "tls_passthrough rules match 'sni' only",
+        ),
+        (
+            'websocket = true\n[[listeners.edge.rules]]\nsni = "a.b"\ntarget_group = "chat"',
+            "'sni' rules are for tls_passthrough listeners",
+        ),
+        ('protocol = "tls"', "protocol = 'tls' needs a [listeners.NAME.tls] section"),
+    ],
+)
+def test_listener_protocol_rules(listener: str, expected: str) -> None:
+    text = MINIMAL.replace(
+        'default_target_group = "chat"', f'default_target_group = "chat"\n{listener}'
+    )
+    assert any(expected in issue for issue in issues(text)), issues(text)
+
+
+def test_default_group_is_optional_only_for_passthrough() -> None:
+    text = MINIMAL.replace('default_target_group = "chat"', 'protocol = "tls_passthrough"')
+    assert parse_config(text).listeners["edge"].default_target_group is None
+    plain = MINIMAL.replace('default_target_group = "chat"', "")
+    assert any("default_target_group is required" in issue for issue in issues(plain))
+
+
 def test_every_error_is_reported_at_once() -> None:
     text = """
 [listeners.edge]

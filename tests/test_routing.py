@@ -34,3 +34,19 @@ def test_first_match_wins(host: str, path: str, group: str) -> None:
 def test_host_without_port() -> None:
     assert host_without_port("[::1]:8080") == "[::1]"
     assert host_without_port("Example.COM:80") == "example.com"
+
+
+def test_sni_router_exact_then_longest_suffix_then_default() -> None:
+    from wsproxy.routing import SniRouter
+
+    router = SniRouter(
+        [("*.example.com", "wide"), ("*.eu.example.com", "eu"), ("api.example.com", "api")],
+        "default",
+    )
+    assert router.route("api.example.com") == "api"
+    assert router.route("API.Example.COM.") == "api"
+    assert router.route("x.eu.example.com") == "eu"
+    assert router.route("a.b.example.com") == "wide"
+    assert router.route("example.com") == "default"
+    assert router.route(None) == "default"
+    assert SniRouter([], None).route("x") is None

@@ -94,12 +94,15 @@ class TargetGroupConfig(_Section):
 class RuleConfig(_Section):
     host: Annotated[str, StringConstraints(min_length=1, max_length=253)] | None = None
     path_prefix: Annotated[str, StringConstraints(pattern=r"^/")] | None = None
+    sni: Annotated[str, StringConstraints(pattern=r"^(\*\.)?[A-Za-z0-9_.-]{1,253}$")] | None = None
     target_group: Name
 
     @model_validator(mode="after")
     def _has_condition(self) -> RuleConfig:
-        if self.host is None and self.path_prefix is None:
-            raise ValueError("a rule needs 'host' and/or 'path_prefix'")
+        if self.sni is not None and (self.host is not None or self.path_prefix is not None):
+            raise ValueError("'sni' rules (tls_passthrough) cannot also match host or path")
+        if self.sni is None and self.host is None and self.path_prefix is None:
+            raise ValueError("a rule needs 'host' and/or 'path_prefix' (or 'sni' on passthrough)")
         return self
 
 
@@ -128,12 +131,15 @@ class ListenerTls(_Section):
 
 class ListenerConfig(_Section):
     address: ListenAddress
-    protocol: Literal["tcp", "tls"] = "tcp"
+    protocol: Literal["tcp", "tls", "tls_passthrough"] = "tcp"
     tls: ListenerTls | None = None
     tls_handshake_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    # Passthrough: the ClientHello must arrive within these bounds (Envoy's tls_inspector: 64 KiB).
+    client_hello_timeout_seconds: float = Field(5.0, gt=0, le=120)
+    max_client_hello_bytes: int = Field(64 * 1024, ge=1024, le=1 * MiB)
     websocket: bool = False
     websocket_only: bool = False
-    default_target_group: Name
+    default_target_group: Name | None = None
     idle_timeout_seconds: float = Field(350.0, gt=0, le=7 * 24 * 3600)
     max_frame_bytes: int = Field(16 * MiB, ge=125, le=2**40)
     max_request_head_bytes: int = Field(16 * 1024, ge=1024, le=1 * MiB)
@@ -146,6 +152,16 @@ class ListenerConfig(_Section):
             raise ValueError("protocol = 'tls' needs a [listeners.NAME.tls] section")
         if self.protocol != "tls" and self.tls is not None:
             raise ValueError("a tls section needs protocol = 'tls'")
+        if self.protocol == "tls_passthrough":
+            if self.websocket:
+                raise ValueError("tls_passthrough never decrypts, so it cannot be websocket = true")
+            if any(rule.sni is None for rule in self.rules):
+                raise ValueError("tls_passthrough rules match 'sni' only")
+            return self
+        if self.default_target_group is None:
+            raise ValueError("default_target_group is required (except on tls_passthrough)")
+        if any(rule.sni is not None for rule in self.rules):
+            raise ValueError("'sni' rules are for tls_passthrough listeners")
         if not self.websocket and self.websocket_only:
             raise ValueError("websocket_only = true needs websocket = true")
         if not self.websocket and self.rules:

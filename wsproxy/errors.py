@@ -209,3 +209,27 @@ class ClientCertRejected(WsproxyError):
         self.result = result  # ok | missing | untrusted | expired | revoked | bad_eku
         self.reason = f"client_cert_{result}"
         super().__init__(detail)
+
+
+class NotTls(WireError):
+    """The first bytes are not a TLS handshake record."""
+
+    reason = "tls_not_tls"
+
+
+class MalformedClientHello(WireError):
+    reason = "tls_malformed_client_hello"
+
+
+class ClientHelloTooLarge(WireError):
+    reason = "tls_client_hello_too_large"
+
+
+class ClientHelloTimeout(WsproxyError):
+    reason = "tls_client_hello_timeout"
+
+
+class NoRoute(WsproxyError):
+    """No rule matched and the listener has no default target group."""
+
+    reason = "no_route"

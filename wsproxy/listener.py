@@ -10,13 +10,15 @@ from typing import Any
 
 from wsproxy.address import Address
 from wsproxy.config import ListenerConfig
+from wsproxy.errors import NoRoute
 from wsproxy.flows.base import Flow
+from wsproxy.flows.passthrough import PassthroughFlow
 from wsproxy.flows.tcp import TcpFlow
 from wsproxy.flows.websocket import WebSocketFlow
 from wsproxy.logs import CONNECTION_FIELDS, log_connection
 from wsproxy.metrics import ListenerStats
 from wsproxy.relay import Endpoint
-from wsproxy.routing import Router, Rule
+from wsproxy.routing import Router, Rule, SniRouter
 from wsproxy.tls import ServerTls, classify_handshake_failure
 from wsproxy.upstream import Upstream
 from wsproxy.ws_relay import WebSocketRelay
@@ -40,6 +42,10 @@ class Listener:
                 Rule(rule.target_group, host=rule.host, path_prefix=rule.path_prefix)
                 for rule in config.rules
             ),
+            config.default_target_group,
+        )
+        self.sni_router = SniRouter(
+            [(rule.sni, rule.target_group) for rule in config.rules if rule.sni is not None],
             config.default_target_group,
         )
         self.stats = ListenerStats()
@@ -143,6 +149,8 @@ class Listener:
         log_connection(entry)
 
     def _new_flow(self) -> Flow:
+        if self.config.protocol == "tls_passthrough":
+            return PassthroughFlow(self)
         return WebSocketFlow(self) if self.config.websocket else TcpFlow(self)
 
     def _accept(self) -> Endpoint:
@@ -194,7 +202,9 @@ class Listener:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def upstream(self, name: str) -> Upstream:
+    def upstream(self, name: str | None) -> Upstream:
+        if name is None:
+            raise NoRoute(f"listener '{self.name}': no rule matched and no default_target_group")
         return self._upstreams[name]
 
     def flow_started(self, flow: Flow) -> None:

@@ -35,10 +35,37 @@ class Rule:
 @dataclass(frozen=True, slots=True)
 class Router:
     rules: Sequence[Rule]
-    default_target_group: str
+    default_target_group: str | None
 
-    def route(self, host: str, path: str) -> str:
+    def route(self, host: str, path: str) -> str | None:
         for rule in self.rules:
             if rule.matches(host, path):
                 return rule.target_group
+        return self.default_target_group
+
+
+class SniRouter:
+    """TLS passthrough routing on the ClientHello's server name: an exact name first, then the
+    longest matching ``*.suffix`` (any depth below it), then the default; None means no route."""
+
+    def __init__(self, rules: Sequence[tuple[str, str]], default_target_group: str | None) -> None:
+        self._exact: dict[str, str] = {}
+        suffixes: list[tuple[str, str]] = []
+        for pattern, group in rules:
+            pattern = pattern.lower().rstrip(".")
+            if pattern.startswith("*."):
+                suffixes.append((pattern[1:], group))  # ".example.com"
+            else:
+                self._exact.setdefault(pattern, group)
+        self._suffixes = sorted(suffixes, key=lambda item: -len(item[0]))
+        self.default_target_group = default_target_group
+
+    def route(self, server_name: str | None) -> str | None:
+        if server_name:
+            name = server_name.lower().rstrip(".")
+            if name in self._exact:
+                return self._exact[name]
+            for suffix, group in self._suffixes:
+                if name.endswith(suffix):
+                    return group
         return self.default_target_group

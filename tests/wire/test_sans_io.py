@@ -7,7 +7,12 @@ import sys
 
 import pytest
 
-MODULES = ["wsproxy.wire.http1", "wsproxy.wire.upgrade", "wsproxy.wire.wsframe"]
+MODULES = [
+    "wsproxy.wire.clienthello",
+    "wsproxy.wire.http1",
+    "wsproxy.wire.upgrade",
+    "wsproxy.wire.wsframe",
+]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -1,0 +1,76 @@
+"""TLS passthrough: read the ClientHello without decrypting, route on its SNI, replay it untouched.
+
+The client's TLS session ends at the target, byte for byte; the proxy never holds a key. Draining
+can only wait, then close (like stream mode).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from wsproxy.errors import ClientClosed, ClientHelloTimeout, WireError
+from wsproxy.flows.base import Flow
+from wsproxy.relay import Endpoint, Relay
+from wsproxy.wire.clienthello import ClientHello, ClientHelloReader
+
+
+class PassthroughFlow(Flow):
+    def begin(self) -> None:
+        config = self.listener.config
+        self._reader = ClientHelloReader(config.max_client_hello_bytes)
+        self._hello: asyncio.Future[ClientHello] = self.loop.create_future()
+        client = self.client
+        hello = self._hello
+
+        def on_data(data: bytes) -> None:
+            self.handshake_bytes_in += len(data)
+            if hello.done():
+                client.hold(data)
+                return
+            try:
+                result = self._reader.feed(data)
+            except WireError as exc:
+                client.pause_reading()
+                hello.set_exception(exc)
+                return
+            if result is not None:
+                client.pause_reading()
+                hello.set_result(result)
+
+        def on_eof() -> bool:
+            if not hello.done():
+                hello.set_exception(ClientClosed("client closed before its ClientHello ended"))
+            return True
+
+        client.on_data = on_data
+        client.on_eof = on_eof
+        held = client.take_held()
+        if held:
+            on_data(held)
+        self.spawn(self.guarded(self._run()))
+
+    async def _run(self) -> None:
+        config = self.listener.config
+        try:
+            async with asyncio.timeout(config.client_hello_timeout_seconds):
+                hello = await self._hello
+        except TimeoutError:
+            raise ClientHelloTimeout(
+                f"no complete ClientHello within {config.client_hello_timeout_seconds:g} s"
+            ) from None
+        self.log["sni"] = hello.server_name
+        upstream = self.listener.upstream(self.listener.sni_router.route(hello.server_name))
+        self.log["target_group"] = upstream.name
+        self.target, self.target_endpoint = await upstream.dial(self.client_ip, Endpoint)
+        self.log["target"] = str(self.target.address)
+        replay = bytes(self._reader.buffered) + self.client.take_held()
+        self.handshake_bytes_in -= len(replay)  # the relay counts them
+        self.relay = Relay(
+            self.client,
+            self.target_endpoint,
+            idle_timeout=config.idle_timeout_seconds,
+            on_done=self.relay_done,
+        )
+        self.relay.start(to_target=replay)
+        if self.draining:
+            self.drain_relay(self.drain_remaining())
