@@ -73,8 +73,25 @@ class TargetConfig(_Section):
     weight: int = Field(1, ge=1, le=1000)
 
 
+class TargetTls(_Section):
+    """``tls = {...}`` on a ``protocol = "tls"`` target group: how the proxy checks the target and
+    proves itself to it."""
+
+    ca: str | None = None  # None: the system's trust store
+    server_name: str | None = None  # None: the target's host
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TargetTls:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("client_cert and client_key go together")
+        return self
+
+
 class TargetGroupConfig(_Section):
-    protocol: Literal["tcp"] = "tcp"
+    protocol: Literal["tcp", "tls"] = "tcp"
+    tls: TargetTls | None = None
     algorithm: Algorithm = Algorithm.LEAST_CONNECTIONS
     connect_timeout_seconds: float = Field(5.0, gt=0, le=300)
     # How long a target may take to answer the WebSocket upgrade once the request is sent.
@@ -83,6 +100,8 @@ class TargetGroupConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_targets(self) -> TargetGroupConfig:
+        if self.tls is not None and self.protocol != "tls":
+            raise ValueError("a tls table needs protocol = 'tls'")
         seen: set[Address] = set()
         for target in self.targets:
             if target.address in seen:
@@ -290,16 +309,35 @@ def _resolve_files(config: Config, base_dir: Path) -> Config:
             )
             listener = listener.model_copy(update={"tls": tls})
         listeners[name] = listener
-    return config.model_copy(update={"listeners": listeners})
+    groups = {}
+    for name, group in config.target_groups.items():
+        if group.tls is not None:
+            target_tls = group.tls
+            group = group.model_copy(
+                update={
+                    "tls": target_tls.model_copy(
+                        update={
+                            "ca": resolve(target_tls.ca),
+                            "client_cert": resolve(target_tls.client_cert),
+                            "client_key": resolve(target_tls.client_key),
+                        }
+                    )
+                }
+            )
+        groups[name] = group
+    return config.model_copy(update={"listeners": listeners, "target_groups": groups})
 
 
 def _tls_file_issues(config: Config) -> list[ConfigIssue]:
-    from wsproxy.tls import check_listener_files  # reads files only; opens no socket
+    from wsproxy.tls import check_listener_files, check_target_group_files  # reads files only
 
     issues: list[ConfigIssue] = []
     for name, listener in config.listeners.items():
         if listener.tls is not None:
             issues += check_listener_files(name, listener.tls)
+    for name, group in config.target_groups.items():
+        if group.protocol == "tls":
+            issues += check_target_group_files(name, group.tls or TargetTls())
     return issues
 
 

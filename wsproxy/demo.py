@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from dataclasses import dataclass
 
 import aiohttp
@@ -23,6 +24,7 @@ class EchoTarget:
     name: str
     greeting: bool = True
     protocols: tuple[str, ...] = ()
+    ssl_context: ssl.SSLContext | None = None  # serve wss:// (TLS targets)
     bound: Address | None = None
     sessions: int = 0  # WebSocket sessions accepted
     active: int = 0  # WebSocket sessions open now
@@ -37,7 +39,7 @@ class EchoTarget:
             app, access_log=None, handle_signals=False, shutdown_timeout=1.0
         )
         await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", port).start()
+        await web.TCPSite(self._runner, "127.0.0.1", port, ssl_context=self.ssl_context).start()
         host, bound_port = self._runner.addresses[0][:2]
         self.bound = Address(str(host), int(bound_port))
         return self.bound

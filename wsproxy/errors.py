@@ -104,6 +104,13 @@ class TargetRefused(TargetError):
     reason = "target_refused"
 
 
+class TargetTlsFailed(TargetError):
+    """The TLS handshake with a target failed (bad certificate, name mismatch, ...)."""
+
+    status = 502
+    reason = "target_tls"
+
+
 class TargetConnectTimeout(TargetError):
     status = 504
     reason = "target_connect_timeout"

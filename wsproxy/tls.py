@@ -19,7 +19,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from wsproxy.clock import Clock, SystemClock
-from wsproxy.config import ListenerTls
+from wsproxy.config import ListenerTls, TargetTls
 from wsproxy.errors import ClientCertRejected, ConfigIssue, TlsConfigError
 
 # Mozilla's "intermediate" TLS 1.2 suites (TLS 1.3 suites are always on and not configurable).
@@ -265,4 +265,50 @@ def check_listener_files(listener: str, config: ListenerTls) -> list[ConfigIssue
         ServerTls(listener, config)
     except TlsConfigError as exc:
         return [ConfigIssue(f"listeners.{listener}.tls", str(exc))]
+    return []
+
+
+def target_context(
+    group: str, config: TargetTls, *, alpn: list[str] | None = None
+) -> ssl.SSLContext:
+    """The client context the proxy uses toward a ``protocol = "tls"`` target group.
+
+    The target's certificate is verified against ``ca`` (or the system store) and
+    ``server_name``; the proxy presents ``client_cert`` when one is configured, so targets can
+    require that traffic came through the proxy.
+    """
+    where = f"target group '{group}'"
+    if config.ca is not None and not Path(config.ca).is_file():
+        raise TlsConfigError(f"{where}: ca file {config.ca} not found; run `wsproxy ca init`")
+    try:
+        context = ssl.create_default_context(cafile=config.ca)
+    except ssl.SSLError as exc:
+        raise TlsConfigError(
+            f"{where}: ca file {config.ca} is not usable PEM ({exc.reason})"
+        ) from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    if config.client_cert is not None and config.client_key is not None:
+        for path in (config.client_cert, config.client_key):
+            if not Path(path).is_file():
+                raise TlsConfigError(
+                    f"{where}: file {path} not found; run "
+                    "`wsproxy ca issue client --name wsproxy` to mint the proxy's certificate"
+                )
+        try:
+            context.load_cert_chain(config.client_cert, config.client_key)
+        except ssl.SSLError as exc:
+            raise TlsConfigError(
+                f"{where}: client_key {config.client_key} does not match client_cert "
+                f"{config.client_cert} ({exc.reason or exc})"
+            ) from None
+    return context
+
+
+def check_target_group_files(group: str, config: TargetTls) -> list[ConfigIssue]:
+    try:
+        target_context(group, config)
+    except TlsConfigError as exc:
+        return [ConfigIssue(f"target_groups.{group}.tls", str(exc))]
     return []

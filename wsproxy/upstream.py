@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Callable
 
 from wsproxy.balancer import Balancer
-from wsproxy.config import TargetGroupConfig
-from wsproxy.errors import NoTargets, TargetConnectTimeout, TargetError, TargetRefused
+from wsproxy.config import TargetGroupConfig, TargetTls
+from wsproxy.errors import (
+    NoTargets,
+    TargetConnectTimeout,
+    TargetError,
+    TargetRefused,
+    TargetTlsFailed,
+)
 from wsproxy.relay import Endpoint
 from wsproxy.target_group import Target, TargetGroup
+from wsproxy.tls import target_context
 
 log = logging.getLogger(__name__)
 
@@ -25,11 +33,21 @@ MAX_ATTEMPTS = 3
 class Upstream:
     """One target group at run time: its targets, its balancer, its connect settings."""
 
-    def __init__(self, config: TargetGroupConfig, group: TargetGroup, balancer: Balancer) -> None:
+    def __init__(
+        self,
+        config: TargetGroupConfig,
+        group: TargetGroup,
+        balancer: Balancer,
+        *,
+        alpn: list[str] | None = None,
+    ) -> None:
         self.config = config
         self.group = group
         self.balancer = balancer
         self.connect_errors: dict[str, int] = {}
+        self.ssl_context: ssl.SSLContext | None = None
+        if config.protocol == "tls":
+            self.ssl_context = target_context(group.name, config.tls or TargetTls(), alpn=alpn)
 
     @property
     def name(self) -> str:
@@ -53,9 +71,25 @@ class Upstream:
         """Connect ``endpoint`` to ``target`` within ``connect_timeout_seconds``."""
         loop = asyncio.get_running_loop()
         address = target.address
+        tls = self.ssl_context
+        server_name = None
+        if tls is not None:
+            server_name = (self.config.tls and self.config.tls.server_name) or address.host
         try:
             async with asyncio.timeout(self.config.connect_timeout_seconds):
-                await loop.create_connection(lambda: endpoint, address.host, address.port)
+                await loop.create_connection(
+                    lambda: endpoint,
+                    address.host,
+                    address.port,
+                    ssl=tls,
+                    server_hostname=server_name,
+                )
+        except ssl.SSLError as exc:
+            # Never a fallback to plaintext: a target that fails TLS is a failed dial.
+            self._failed(target, "tls")
+            raise TargetTlsFailed(
+                f"target {address} of '{self.name}': TLS failed ({exc.reason or exc})"
+            ) from None
         except TimeoutError:
             self._failed(target, "timeout")
             raise TargetConnectTimeout(
