@@ -94,6 +94,8 @@ class TargetGroupConfig(_Section):
     tls: TargetTls | None = None
     algorithm: Algorithm = Algorithm.LEAST_CONNECTIONS
     connect_timeout_seconds: float = Field(5.0, gt=0, le=300)
+    # Write a PROXY v2 header (client and listener addresses) before any other byte.
+    proxy_protocol_v2: bool = False
     # How long a target may take to answer the WebSocket upgrade once the request is sent.
     handshake_timeout_seconds: float = Field(10.0, gt=0, le=300)
     targets: tuple[TargetConfig, ...] = ()

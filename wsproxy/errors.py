@@ -240,3 +240,7 @@ class NoRoute(WsproxyError):
     """No rule matched and the listener has no default target group."""
 
     reason = "no_route"
+
+
+class MalformedProxyHeader(WireError):
+    reason = "proxy_protocol_error"

@@ -67,23 +67,41 @@ class Upstream:
                 return None
         return self.balancer.pick(candidates, client_ip)
 
-    async def connect(self, target: Target, endpoint: Endpoint) -> None:
-        """Connect ``endpoint`` to ``target`` within ``connect_timeout_seconds``."""
+    async def connect(self, target: Target, endpoint: Endpoint, proxy_header: bytes = b"") -> None:
+        """Connect ``endpoint`` to ``target`` within ``connect_timeout_seconds``.
+
+        ``proxy_header`` (PROXY v2) is written first when the group asks for it; with TLS it goes
+        before the handshake, on the bare TCP connection, as the spec requires.
+        """
         loop = asyncio.get_running_loop()
         address = target.address
         tls = self.ssl_context
         server_name = None
         if tls is not None:
             server_name = (self.config.tls and self.config.tls.server_name) or address.host
+        header = proxy_header if self.config.proxy_protocol_v2 else b""
         try:
             async with asyncio.timeout(self.config.connect_timeout_seconds):
-                await loop.create_connection(
-                    lambda: endpoint,
-                    address.host,
-                    address.port,
-                    ssl=tls,
-                    server_hostname=server_name,
-                )
+                if not header:
+                    await loop.create_connection(
+                        lambda: endpoint,
+                        address.host,
+                        address.port,
+                        ssl=tls,
+                        server_hostname=server_name,
+                    )
+                else:
+                    transport, _ = await loop.create_connection(
+                        lambda: endpoint, address.host, address.port
+                    )
+                    transport.write(header)
+                    if tls is not None:
+                        secure = await loop.start_tls(
+                            transport, endpoint, tls, server_hostname=server_name
+                        )
+                        if secure is None:
+                            raise ConnectionResetError("target closed during the TLS handshake")
+                        endpoint.transport = secure  # the endpoint now writes through TLS
         except ssl.SSLError as exc:
             # Never a fallback to plaintext: a target that fails TLS is a failed dial.
             self._failed(target, "tls")
@@ -108,7 +126,7 @@ class Upstream:
         self.connect_errors[reason] = self.connect_errors.get(reason, 0) + 1
 
     async def dial(
-        self, client_ip: str, make_endpoint: Callable[[], Endpoint]
+        self, client_ip: str, make_endpoint: Callable[[], Endpoint], proxy_header: bytes = b""
     ) -> tuple[Target, Endpoint]:
         """Connect to some target, retrying others on failure; the target is ``acquire``d."""
         last: Target | None = None
@@ -119,7 +137,7 @@ class Upstream:
                 break
             endpoint = make_endpoint()
             try:
-                await self.connect(target, endpoint)
+                await self.connect(target, endpoint, proxy_header)
             except TargetError as exc:
                 log.debug("connect failed: %s", exc)
                 error, last = exc, target

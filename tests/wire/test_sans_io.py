@@ -10,6 +10,7 @@ import pytest
 MODULES = [
     "wsproxy.wire.clienthello",
     "wsproxy.wire.http1",
+    "wsproxy.wire.proxyproto",
     "wsproxy.wire.upgrade",
     "wsproxy.wire.wsframe",
 ]

@@ -12,6 +12,7 @@ from wsproxy.logs import CONNECTION_FIELDS
 from wsproxy.relay import Endpoint, Relay
 from wsproxy.target_group import Target
 from wsproxy.tls import ClientCertificate
+from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, encode_v2
 
 if TYPE_CHECKING:
     from wsproxy.listener import Listener
@@ -157,6 +158,15 @@ class Flow:
         )
         self.log = {key: self.log.get(key) for key in CONNECTION_FIELDS}
         self.listener.flow_finished(self, reason, bytes_in, bytes_out)
+
+    def proxy_header(self, sni: str | None = None) -> bytes:
+        """A PROXY v2 header for this connection (used when the target group asks for one)."""
+        transport = self.client.transport
+        local = transport.get_extra_info("sockname") if transport else None
+        destination = (str(local[0]), int(local[1])) if isinstance(local, tuple) else None
+        tlvs = [(PP2_TYPE_AUTHORITY, sni.encode("ascii", "replace"))] if sni else []
+        source = (self.client_ip, self.client_port) if self.client_ip else None
+        return encode_v2(source, destination, tlvs=tlvs)
 
     # --- operations -----------------------------------------------------------------------------
 

@@ -61,7 +61,9 @@ class PassthroughFlow(Flow):
         self.log["sni"] = hello.server_name
         upstream = self.listener.upstream(self.listener.sni_router.route(hello.server_name))
         self.log["target_group"] = upstream.name
-        self.target, self.target_endpoint = await upstream.dial(self.client_ip, Endpoint)
+        self.target, self.target_endpoint = await upstream.dial(
+            self.client_ip, Endpoint, self.proxy_header(hello.server_name)
+        )
         self.log["target"] = str(self.target.address)
         replay = bytes(self._reader.buffered) + self.client.take_held()
         self.handshake_bytes_in -= len(replay)  # the relay counts them

@@ -18,7 +18,9 @@ class TcpFlow(Flow):
     async def _run(self) -> None:
         upstream = self.listener.upstream(self.listener.config.default_target_group)
         self.log["target_group"] = upstream.name
-        self.target, self.target_endpoint = await upstream.dial(self.client_ip, Endpoint)
+        self.target, self.target_endpoint = await upstream.dial(
+            self.client_ip, Endpoint, self.proxy_header(self.log.get("sni"))
+        )
         self.log["target"] = str(self.target.address)
         self.relay = Relay(
             self.client,

@@ -294,7 +294,7 @@ class WebSocketFlow(Flow):
             self.target_endpoint = endpoint
             exchange = _Exchange(self.loop, endpoint)
             try:
-                await upstream.connect(target, endpoint)
+                await upstream.connect(target, endpoint, self.proxy_header(self.log.get("sni")))
             except TargetError as exc:
                 error, last = exc, target
                 continue
