@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any
 
 from wsproxy.address import Address
 from wsproxy.config import ListenerConfig
-from wsproxy.errors import NoRoute
+from wsproxy.errors import NoRoute, TlsConfigError
 from wsproxy.flows.base import Flow
 from wsproxy.flows.passthrough import PassthroughFlow
 from wsproxy.flows.tcp import TcpFlow
@@ -24,6 +25,17 @@ from wsproxy.upstream import Upstream
 from wsproxy.ws_relay import WebSocketRelay
 
 log = logging.getLogger(__name__)
+
+CRL_POLL_SECONDS = 1.0
+
+
+def _file_stamp(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size
+
 
 # Reasons that mean the connection ended without being served, counted as rejected.
 _NOT_REJECTED = frozenset(("http_forwarded", "client_closed", "shutdown"))
@@ -79,7 +91,9 @@ class Listener:
                 self._socket = socket.create_server((host, port), family=family, backlog=1024)
                 self._socket.setblocking(False)
                 bound = self._socket.getsockname()
-                self._accept_task = self.spawn(self._accept_tls(self._socket, self.tls))
+                self._accept_task = self.spawn(self._accept_tls(self._socket))
+                if self.tls.config.crl:
+                    self.spawn(self._watch_crl(self.tls.config.crl))
         except OSError as exc:
             raise OSError(
                 exc.errno,
@@ -88,7 +102,7 @@ class Listener:
         self.address = Address(str(bound[0]), int(bound[1]))
         log.info("listener '%s' listening on %s", self.name, self.address)
 
-    async def _accept_tls(self, listening: socket.socket, tls: ServerTls) -> None:
+    async def _accept_tls(self, listening: socket.socket) -> None:
         """Accept, then run each TLS handshake in its own task so its failure can be classified
         (a server created with ssl= would only log it) and counted."""
         loop = asyncio.get_running_loop()
@@ -99,7 +113,9 @@ class Listener:
                 log.warning("listener '%s': accept failed: %s", self.name, exc)
                 await asyncio.sleep(0.1)
                 continue
-            self.spawn(self._handshake(connection, tls))
+            # The current contexts: a new CRL swaps them for new connections.
+            if self.tls is not None:
+                self.spawn(self._handshake(connection, self.tls))
 
     async def _handshake(self, connection: socket.socket, tls: ServerTls) -> None:
         loop = asyncio.get_running_loop()
@@ -125,6 +141,41 @@ class Listener:
             self._handshake_failed(reason, detail, peer, loop.time() - started)
             return
         self.stats.tls_handshakes["ok"] += 1
+
+    async def _watch_crl(self, path: str) -> None:
+        """Reload the CRL when its file changes; close live sessions whose certificate it revokes.
+
+        Polled once a second (no inotify dependency), so a revocation takes effect within about
+        a second: fresh SSL contexts for new handshakes, and existing sessions closed (Close 1008
+        in websocket mode). No mainstream proxy ends live sessions on revocation; wsproxy does.
+        """
+        last = _file_stamp(path)
+        while True:
+            await asyncio.sleep(CRL_POLL_SECONDS)
+            stamp = _file_stamp(path)
+            if stamp == last or self.tls is None:
+                continue
+            last = stamp
+            try:
+                fresh = ServerTls(self.name, self.tls.config, alpn=self.tls.alpn)
+                revoked = fresh.revoked_serials()
+            except (TlsConfigError, OSError, ValueError) as exc:
+                log.error(
+                    "listener '%s': new CRL not used, keeping the old one: %s", self.name, exc
+                )
+                continue
+            self.tls = fresh
+            closed = 0
+            for flow in list(self.flows):
+                if flow.client_cert is not None and flow.client_cert.serial in revoked:
+                    flow.revoke()
+                    closed += 1
+            log.info(
+                "listener '%s': CRL reloaded (%d revoked); closed %d live session(s)",
+                self.name,
+                len(revoked),
+                closed,
+            )
 
     def _handshake_failed(
         self, reason: str, detail: str, peer: tuple[str, int], duration: float

@@ -88,7 +88,7 @@ class ServerTls:
         self.listener = listener
         self.config = config
         self._clock = clock or SystemClock()
-        self._alpn = alpn
+        self.alpn = alpn
         self._sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
         self.certificates = [
             self._load(index, files.cert, files.key)
@@ -116,8 +116,8 @@ class ServerTls:
             context.minimum_version = ssl.TLSVersion.TLSv1_2
             context.set_ciphers(INTERMEDIATE_CIPHERS)
         context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-        if self._alpn:
-            context.set_alpn_protocols(self._alpn)
+        if self.alpn:
+            context.set_alpn_protocols(self.alpn)
         if config.client_auth != "none":
             if config.client_ca is None:
                 raise TlsConfigError(f"listener '{self.listener}': client_auth needs client_ca")
@@ -174,6 +174,19 @@ class ServerTls:
         except x509.ExtensionNotFound:
             names = ()
         return ServerCertificate(context, names, leaf.not_valid_after_utc, cert_path)
+
+    def revoked_serials(self) -> set[str]:
+        """Serials (lower-case hex) listed by the CRL, after checking its signature."""
+        if not self.config.crl or not self.config.client_ca:
+            return set()
+        crl = x509.load_pem_x509_crl(Path(self.config.crl).read_bytes())
+        issuers = x509.load_pem_x509_certificates(Path(self.config.client_ca).read_bytes())
+        if not any(
+            issuer.subject == crl.issuer and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]  # CA keys are EC or RSA, which CRLs accept
+            for issuer in issuers
+        ):
+            raise TlsConfigError(f"CRL {self.config.crl} is not signed by client_ca")
+        return {f"{entry.serial_number:x}" for entry in crl}
 
     # --- per connection -------------------------------------------------------------------------
 

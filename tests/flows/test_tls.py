@@ -348,3 +348,45 @@ certificates = [{ cert = "certs/issued/edge.pem", key = "certs/issued/edge.key" 
     proxy = Proxy(loaded)
     await proxy.start()
     await proxy.shutdown(grace=0.1)
+
+
+async def test_revocation_ends_live_sessions(
+    make_proxy: ProxyFactory, echo_targets: list[EchoTarget], pki: Pki
+) -> None:
+    victim = pki.ca.issue_client("live-victim")
+    bystander = pki.ca.issue_client("live-bystander")
+    proxy = await make_proxy(
+        tls_config(pki, echo_targets[0].address, client_auth="required", crl=True)
+    )
+    address = listener_address(proxy)
+
+    async def open_session(
+        cert: str, key: str
+    ) -> tuple[aiohttp.ClientSession, aiohttp.ClientWebSocketResponse]:
+        connector = aiohttp.TCPConnector(ssl=client_context(pki, cert, key))
+        session = aiohttp.ClientSession(connector=connector)
+        ws = await session.ws_connect(
+            f"wss://{address}/", headers={"Host": "edge.internal"}, server_hostname="edge.internal"
+        )
+        await ws.send_str("hi")
+        assert await ws.receive_str(timeout=5) == "hi"
+        return session, ws
+
+    victim_session, victim_ws = await open_session(victim.cert_path, victim.key_path)
+    other_session, other_ws = await open_session(bystander.cert_path, bystander.key_path)
+    try:
+        started = asyncio.get_running_loop().time()
+        pki.ca.revoke("live-victim", "keyCompromise")
+        message = await victim_ws.receive(timeout=5)
+        assert message.type is aiohttp.WSMsgType.CLOSE
+        assert victim_ws.close_code == 1008
+        assert asyncio.get_running_loop().time() - started < 5
+        await other_ws.send_str("still here")
+        assert await other_ws.receive_str(timeout=5) == "still here"
+        # New handshakes use the new CRL.
+        with pytest.raises((aiohttp.ClientError, ssl.SSLError, ConnectionError)):
+            await wss_echo(address, client_context(pki, victim.cert_path, victim.key_path))
+    finally:
+        await other_ws.close()
+        await victim_session.close()
+        await other_session.close()

@@ -197,6 +197,15 @@ class Flow:
         if relay is not None:
             self.loop.call_later(timeout, relay.close, "draining")
 
+    def revoke(self) -> None:
+        """The client's certificate was just revoked: end this connection now."""
+        name = self.listener.name
+        log.info("listener '%s': closing %s: client certificate revoked", name, self.client_ip)
+        if self.relay is not None:
+            self.relay.close("client_cert_revoked")
+        else:
+            self.abort()
+
     def abort(self) -> None:
         if self.relay is not None:
             self.relay.abort("shutdown")

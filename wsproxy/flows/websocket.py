@@ -57,6 +57,7 @@ from wsproxy.wire.upgrade import (
     validate_upgrade_request,
     wants_upgrade,
 )
+from wsproxy.wire.wsframe import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, STOP_FRAME
 from wsproxy.ws_relay import WebSocketRelay
 
 log = logging.getLogger(__name__)
@@ -470,6 +471,19 @@ class WebSocketFlow(Flow):
     def drain_relay(self, timeout: float) -> None:
         if isinstance(self.relay, WebSocketRelay):
             self.relay.drain(timeout)
+
+    def revoke(self) -> None:
+        if isinstance(self.relay, WebSocketRelay):
+            # 1008 policy violation to the client, as API Gateway does for a revoked identity.
+            self.relay.request_close(
+                client_code=CLOSE_POLICY_VIOLATION,
+                target_code=CLOSE_GOING_AWAY,
+                stop=STOP_FRAME,
+                reason="client_cert_revoked",
+                timeout=2.0,
+            )
+        else:
+            super().revoke()
 
     def relay_done(self, relay: Relay) -> None:
         if isinstance(relay, WebSocketRelay):
