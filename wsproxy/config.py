@@ -155,6 +155,9 @@ class ListenerConfig(_Section):
     protocol: Literal["tcp", "tls", "tls_passthrough"] = "tcp"
     tls: ListenerTls | None = None
     tls_handshake_timeout_seconds: float = Field(10.0, gt=0, le=120)
+    # Behind another load balancer: read a PROXY v1/v2 header first and use its source address.
+    accept_proxy_protocol: bool = False
+    proxy_protocol_timeout_seconds: float = Field(5.0, gt=0, le=120)
     # Passthrough: the ClientHello must arrive within these bounds (Envoy's tls_inspector: 64 KiB).
     client_hello_timeout_seconds: float = Field(5.0, gt=0, le=120)
     max_client_hello_bytes: int = Field(64 * 1024, ge=1024, le=1 * MiB)

@@ -11,7 +11,7 @@ from typing import Any
 
 from wsproxy.address import Address
 from wsproxy.config import ListenerConfig
-from wsproxy.errors import NoRoute, TlsConfigError
+from wsproxy.errors import NoRoute, TlsConfigError, WireError
 from wsproxy.flows.base import Flow
 from wsproxy.flows.passthrough import PassthroughFlow
 from wsproxy.flows.tcp import TcpFlow
@@ -22,6 +22,7 @@ from wsproxy.relay import Endpoint
 from wsproxy.routing import Router, Rule, SniRouter
 from wsproxy.tls import ServerTls, classify_handshake_failure
 from wsproxy.upstream import Upstream
+from wsproxy.wire.proxyproto import ProxyHeader, ProxyHeaderReader
 from wsproxy.ws_relay import WebSocketRelay
 
 log = logging.getLogger(__name__)
@@ -125,6 +126,19 @@ class Listener:
             peer = connection.getpeername()
         except OSError:
             peer = ("", 0)
+        if self.config.accept_proxy_protocol:
+            # Exact reads on the bare socket: not one byte of the ClientHello may be consumed.
+            try:
+                flow.proxied = await self._read_proxy_header(connection)
+            except (WireError, TimeoutError, OSError) as exc:
+                connection.close()
+                reason = exc.reason if isinstance(exc, WireError) else "proxy_protocol_timeout"
+                if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
+                    reason = "client_closed"
+                self._handshake_failed(reason, str(exc) or reason, peer, loop.time() - started)
+                return
+            if flow.proxied.source is not None:
+                peer = flow.proxied.source
         try:
             await loop.connect_accepted_socket(
                 lambda: flow.client,
@@ -141,6 +155,18 @@ class Listener:
             self._handshake_failed(reason, detail, peer, loop.time() - started)
             return
         self.stats.tls_handshakes["ok"] += 1
+
+    async def _read_proxy_header(self, connection: socket.socket) -> ProxyHeader:
+        loop = asyncio.get_running_loop()
+        reader = ProxyHeaderReader()
+        async with asyncio.timeout(self.config.proxy_protocol_timeout_seconds):
+            while True:
+                data = await loop.sock_recv(connection, reader.needed())
+                if not data:
+                    raise ConnectionResetError("closed before the PROXY header ended")
+                result = reader.feed(data)
+                if result is not None:
+                    return result[0]
 
     async def _watch_crl(self, path: str) -> None:
         """Reload the CRL when its file changes; close live sessions whose certificate it revokes.

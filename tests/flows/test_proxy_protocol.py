@@ -13,7 +13,8 @@ from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.helpers.pki import Pki, make_pki
 from tests.helpers.servers import RawServer
 from tests.helpers.wsraw import upgrade_request
-from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, ProxyHeader, ProxyHeaderReader
+from wsproxy.demo import EchoTarget
+from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, ProxyHeader, ProxyHeaderReader, encode_v2
 
 RawServers = Callable[..., Awaitable[RawServer]]
 
@@ -144,3 +145,69 @@ async def test_passthrough_sends_the_sni_as_authority(make_proxy: ProxyFactory, 
     await server
     listening.close()
     assert seen[0].tlvs[PP2_TYPE_AUTHORITY] == b"edge.internal"
+
+
+async def test_accepting_proxy_v1_on_a_websocket_listener(
+    make_proxy: ProxyFactory, echo_targets: list[EchoTarget]
+) -> None:
+    proxy = await make_proxy(
+        f"""
+[listeners.edge]
+address = "127.0.0.1:0"
+websocket = true
+accept_proxy_protocol = true
+default_target_group = "echo"
+[target_groups.echo]
+targets = [{{ address = "{echo_targets[0].address}" }}]
+"""
+    )
+    address = listener_address(proxy)
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(b"PROXY TCP4 203.0.113.7 198.51.100.1 40000 443\r\n" + upgrade_request())
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    writer.close()
+    headers = echo_targets[0].last_headers
+    assert headers is not None and headers["x-forwarded-for"] == ["203.0.113.7"]
+    # Without a header the connection is refused, counted, and nothing reaches the target.
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    writer.write(upgrade_request())
+    assert await asyncio.wait_for(reader.read(), 5) == b""
+    writer.close()
+    stats = proxy.listeners["edge"].stats
+    await wait_for(lambda: stats.rejected["proxy_protocol_error"] == 1)
+    assert echo_targets[0].sessions == 1
+
+
+async def test_proxy_v2_before_tls_is_read_with_exact_reads_and_passed_on(
+    make_proxy: ProxyFactory, raw_servers: RawServers, pki: Pki
+) -> None:
+    seen: list[ProxyHeader] = []
+    server = await raw_servers(header_then_echo(seen))
+    cert, key = pki.files("edge")
+    proxy = await make_proxy(
+        config(
+            server.address,
+            listener=(
+                'protocol = "tls"\naccept_proxy_protocol = true\n'
+                "proxy_protocol_timeout_seconds = 0.5\n"
+                f'[listeners.edge.tls]\ncertificates = [{{ cert = "{cert}", key = "{key}" }}]'
+            ),
+        )
+    )
+    address = listener_address(proxy)
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    # The header and the ClientHello leave in one burst: the proxy must not over-read.
+    writer.write(encode_v2(("203.0.113.9", 41000), ("198.51.100.1", 443)))
+    await writer.start_tls(
+        ssl.create_default_context(cafile=pki.ca_file), server_hostname="edge.internal"
+    )
+    writer.write(b"after TLS")
+    assert await asyncio.wait_for(reader.readexactly(9), 5) == b"after TLS"
+    writer.close()
+    assert seen[0].source == ("203.0.113.9", 41000)  # the original client, passed on
+    silent_reader, silent = await asyncio.open_connection(address.host, address.port)
+    assert await asyncio.wait_for(silent_reader.read(), 5) == b""
+    silent.close()
+    stats = proxy.listeners["edge"].stats
+    await wait_for(lambda: stats.rejected["proxy_protocol_timeout"] == 1)

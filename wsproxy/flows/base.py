@@ -7,12 +7,12 @@ import logging
 from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
-from wsproxy.errors import ClientCertRejected, ClientClosed, HttpError, WsproxyError
+from wsproxy.errors import ClientCertRejected, ClientClosed, HttpError, WireError, WsproxyError
 from wsproxy.logs import CONNECTION_FIELDS
 from wsproxy.relay import Endpoint, Relay
 from wsproxy.target_group import Target
 from wsproxy.tls import ClientCertificate
-from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, encode_v2
+from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, ProxyHeader, ProxyHeaderReader, encode_v2
 
 if TYPE_CHECKING:
     from wsproxy.listener import Listener
@@ -52,6 +52,7 @@ class Flow:
         self.handshake_bytes_in = 0
         self.handshake_bytes_out = 0
         self.client_cert: ClientCertificate | None = None
+        self.proxied: ProxyHeader | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -59,9 +60,58 @@ class Flow:
         self.client_ip, self.client_port = self.client.peer_address
         self.listener.flow_started(self)
         self.client.on_lost = self._client_lost_early
+        if self.proxied is not None:  # read before the TLS handshake by the listener
+            self._use_proxy_header(self.proxied)
         if self.listener.tls is not None and not self._check_tls():
             return
+        if self.listener.config.accept_proxy_protocol and self.proxied is None:
+            self._read_proxy_header()
+            return
         self.begin()
+
+    def _use_proxy_header(self, header: ProxyHeader) -> None:
+        self.proxied = header
+        if header.command == "PROXY" and header.source is not None:
+            self.client_ip, self.client_port = header.source
+
+    def _read_proxy_header(self) -> None:
+        """Plain listeners behind another load balancer: the PROXY header comes first."""
+        reader = ProxyHeaderReader()
+        client = self.client
+        timeout = self.listener.config.proxy_protocol_timeout_seconds
+
+        def expire() -> None:
+            self._proxy_failed("proxy_protocol_timeout", f"no PROXY header within {timeout:g} s")
+
+        deadline = self.loop.call_later(timeout, expire)
+
+        def on_data(data: bytes) -> None:
+            self.handshake_bytes_in += len(data)
+            try:
+                result = reader.feed(data)
+            except WireError as exc:
+                deadline.cancel()
+                self._proxy_failed(exc.reason, str(exc))
+                return
+            if result is None:
+                return
+            deadline.cancel()
+            header, rest = result
+            self._use_proxy_header(header)
+            self.handshake_bytes_in -= len(rest)
+            client.on_data = client.hold
+            client.held = rest + client.held
+            self.begin()
+
+        client.on_data = on_data
+        held = client.take_held()
+        if held:
+            on_data(held)
+
+    def _proxy_failed(self, reason: str, detail: str) -> None:
+        log.info("listener '%s': %s: %s", self.listener.name, self.client_ip, detail)
+        self.client.abort()
+        self.finish(reason)
 
     def _check_tls(self) -> bool:
         """Record the TLS facts of this connection; refuse a client certificate OpenSSL let by."""
