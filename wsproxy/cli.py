@@ -44,6 +44,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--listen", default="127.0.0.1:8080", help="proxy address (port 0: any)")
     demo.add_argument("--admin", default="127.0.0.1:9900", help="admin address (port 0: any)")
     demo.add_argument("--duration", type=float, default=0, help="stop after N seconds (0: never)")
+    demo.add_argument(
+        "--dir", help="keep the demo CA and certificates here (default: a temporary folder)"
+    )
 
     connect = commands.add_parser("connect", help="an interactive WebSocket client")
     connect.add_argument("url")
@@ -139,7 +142,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     async def demo(stop: asyncio.Event) -> int:
         try:
-            await run_demo(listen, admin, args.duration, stop)
+            await run_demo(listen, admin, args.duration, stop, args.dir)
         except OSError as exc:
             log.error("demo: %s (choose other ports with --listen/--admin)", exc.strerror or exc)
             return 1

@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
 
 from wsproxy.address import Address
+from wsproxy.ca.authority import CertificateAuthority
 from wsproxy.config import parse_config
 from wsproxy.proxy import Proxy
 
@@ -105,17 +108,65 @@ default_target_group = "echo"
 path_prefix = "/v2/"
 target_group = "echo-v2"
 
+# wss:// with client certificates from the demo CA (mTLS), revocations honoured.
+[listeners.demo-mtls]
+address = "{listen_tls}"
+protocol = "tls"
+websocket = true
+default_target_group = "echo"
+
+[listeners.demo-mtls.tls]
+certificates = [{{ cert = "{ca}/issued/demo-edge.pem", key = "{ca}/issued/demo-edge.key" }}]
+client_auth = "required"
+client_ca = "{ca}/ca/ca.pem"
+crl = "{ca}/ca/crl.pem"
+
+# TLS passthrough: the proxy routes on SNI and never decrypts; TLS ends at the target.
+[listeners.demo-passthrough]
+address = "{listen_passthrough}"
+protocol = "tls_passthrough"
+default_target_group = "echo-tls"
+
 [target_groups.echo]
 algorithm = "round_robin"
 targets = [{{ address = "{echo1}" }}, {{ address = "{echo2}" }}]
 
 [target_groups.echo-v2]
 targets = [{{ address = "{echo2}" }}]
+
+[target_groups.echo-tls]
+targets = [{{ address = "{echo_tls}" }}]
 """
 
+DEMO_CERTIFICATES = {
+    "demo-edge": "server",
+    "demo-target": "server",
+    "demo-client": "client",
+}
 
-async def _self_check(url: str) -> str:
-    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+
+def prepare_ca(directory: Path) -> CertificateAuthority:
+    """A CA with the demo's certificates in ``directory``, reusing what is already there."""
+    authority = CertificateAuthority(str(directory))
+    if not authority.store.exists():
+        authority.init("wsproxy demo CA")
+    valid = {row.name for row in authority.list() if row.status == "valid"}
+    for name, kind in DEMO_CERTIFICATES.items():
+        if name in valid:
+            continue
+        if kind == "server":
+            authority.issue_server(name, ["localhost"], ["127.0.0.1", "::1"])
+        else:
+            authority.issue_client(name)
+    return authority
+
+
+async def _self_check(url: str, context: ssl.SSLContext | None = None) -> str:
+    connector = aiohttp.TCPConnector(ssl=context) if context else None
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.ws_connect(url) as ws,
+    ):
         greeting = await ws.receive_str(timeout=5)
         await ws.send_str("ping")
         echo = await ws.receive_str(timeout=5)
@@ -124,40 +175,91 @@ async def _self_check(url: str) -> str:
         return greeting
 
 
-async def run_demo(listen: Address, admin: Address, duration: float, stop: asyncio.Event) -> None:
-    targets = [EchoTarget("echo-1"), EchoTarget("echo-2")]
+def _demo_ca(
+    ca_dir: str | None,
+) -> tuple[tempfile.TemporaryDirectory[str] | None, Path, CertificateAuthority]:
+    temporary = None if ca_dir else tempfile.TemporaryDirectory(prefix="wsproxy-demo-")
+    directory = Path(ca_dir or (temporary.name if temporary else ".")).resolve()
+    return temporary, directory, prepare_ca(directory)
+
+
+def _with_port(address: Address, offset: int) -> Address:
+    return Address(address.host, address.port + offset if address.port else 0)
+
+
+async def run_demo(
+    listen: Address,
+    admin: Address,
+    duration: float,
+    stop: asyncio.Event,
+    ca_dir: str | None = None,
+) -> None:
+    """Run the demo until ``stop`` is set (or ``duration`` seconds pass)."""
+    temporary, directory, authority = _demo_ca(ca_dir)
+    store = authority.store
+    target_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    target_tls.load_cert_chain(store.leaf_cert("demo-target"), store.leaf_key("demo-target"))
+    targets = [
+        EchoTarget("echo-1"),
+        EchoTarget("echo-2"),
+        EchoTarget("echo-tls", ssl_context=target_tls),
+    ]
     addresses = [await target.start() for target in targets]
     config = parse_config(
         DEMO_CONFIG.format(
             grace=2,
             admin=admin,
             listen=listen,
+            listen_tls=_with_port(listen, 363),  # 8080 -> 8443
+            listen_passthrough=_with_port(listen, 364),
+            ca=directory.as_posix(),
             echo1=addresses[0],
             echo2=addresses[1],
+            echo_tls=addresses[2],
         ),
         "<demo>",
     )
     proxy = Proxy(config)
     try:
         await proxy.start()
-        listener = proxy.listeners["demo"]
-        base = f"ws://{listener.address}"
-        greeting = await _self_check(f"{base}/chat")
+        base = f"ws://{proxy.listeners['demo'].address}"
+        mtls = f"wss://{proxy.listeners['demo-mtls'].address}"
+        passthrough = f"wss://{proxy.listeners['demo-passthrough'].address}"
+        ca_file = store.ca_cert
+        client = ssl.create_default_context(cafile=ca_file)
+        client.load_cert_chain(store.leaf_cert("demo-client"), store.leaf_key("demo-client"))
+        checks = [
+            await _self_check(f"{base}/chat"),
+            await _self_check(f"{mtls}/chat", client),
+            await _self_check(f"{passthrough}/chat", ssl.create_default_context(cafile=ca_file)),
+        ]
         admin_url = f"http://{proxy.admin.address}" if proxy.admin else "(admin disabled)"
+        tls_flags = f"--cacert {ca_file}"
+        mtls_flags = (
+            f"{tls_flags} --cert {store.leaf_cert('demo-client')} "
+            f"--key {store.leaf_key('demo-client')}"
+        )
+        checked = "\n  ".join(checks)
         print(
             f"""wsproxy demo is running.
 
-  listener 'demo'   {base}/          -> target group 'echo' (round_robin over
-                                        echo-1 {addresses[0]} and echo-2 {addresses[1]})
-  rule              {base}/v2/...    -> target group 'echo-v2' (echo-2 only)
-  admin             {admin_url}/metrics  /healthz  /readyz  /v1/target-groups
+  listener 'demo'              {base}/        -> 'echo' (round_robin: echo-1, echo-2)
+  rule                         {base}/v2/...  -> 'echo-v2' (echo-2 only)
+  listener 'demo-mtls'         {mtls}/       -> 'echo', client certificate required
+  listener 'demo-passthrough'  {passthrough}/       -> 'echo-tls', TLS ends at the target
+  admin                        {admin_url}/metrics  /healthz  /readyz  /v1/target-groups
+  CA and certificates          {directory}
 
-Self-check passed: {greeting}
+Self-check passed:
+  {checked}
 
 Try it (type lines, each comes back; Ctrl-D to quit):
   wsproxy connect {base}/chat
   wsproxy connect {base}/v2/chat
+  wsproxy connect {mtls}/chat {mtls_flags}
+  wsproxy connect {passthrough}/chat {tls_flags}
 
+Revoke the demo client and watch its session end: wsproxy ca revoke demo-client --dir {directory}
 Stop with Ctrl-C.""",
             flush=True,
         )
@@ -173,3 +275,5 @@ Stop with Ctrl-C.""",
         await proxy.shutdown()
         for target in targets:
             await target.stop()
+        if temporary is not None:
+            temporary.cleanup()
