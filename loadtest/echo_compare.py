@@ -123,10 +123,10 @@ targets = [{{ address = "127.0.0.1:{echo_port}" }}]
     # Ports are read back from the proxy's own log at info level; warning hides them, so ask
     # the kernel instead: the two listening sockets of this process, in /proc/net/tcp.
     ports: list[int] = []
-    async with asyncio.timeout(15):
-        while len(ports) < 2:
-            await asyncio.sleep(0.1)
-            ports = listening_ports(process.pid)
+    for _ in range(150):  # up to 15 s for the proxy to bind both listeners
+        await asyncio.sleep(0.1)
+        if len(ports := listening_ports(process.pid)) >= 2:
+            break
     return process, ports[0], ports[1]
 
 
