@@ -64,13 +64,14 @@ async def test_openssl_client_with_a_client_certificate(
     assert proxy.listeners["edge"].stats.client_certs["ok"] == 1
 
 
-async def test_tls_1_0_client_is_refused_on_the_intermediate_policy(
-    make_proxy: ProxyFactory, raw_servers: RawServers, pki: Pki
+@pytest.mark.parametrize("version", ["-tls1", "-tls1_1"])
+async def test_old_tls_clients_are_refused_on_the_intermediate_policy(
+    make_proxy: ProxyFactory, raw_servers: RawServers, pki: Pki, version: str
 ) -> None:
     server = await raw_servers(tcp_echo)
     proxy = await make_proxy(tls_config(pki, server.address, websocket=False))
     _, output = await s_client(
-        listener_address(proxy), "-tls1", "-cipher", "DEFAULT@SECLEVEL=0",
+        listener_address(proxy), version, "-cipher", "DEFAULT@SECLEVEL=0",
         "-servername", "edge.internal",
     )  # fmt: skip
     assert "echo" not in output
