@@ -55,13 +55,27 @@ class AdminServer:
 
     def _describe(self, name: str) -> dict[str, object]:
         upstream = self._proxy.upstreams[name]
+        targets = []
+        for target in upstream.group.targets:
+            record = upstream.records.get(id(target))
+            history = list(record.history) if record else []
+            targets.append(
+                {
+                    "address": str(target.address),
+                    "weight": target.weight,
+                    "state": target.state.value,
+                    "reason": target.reason,
+                    "active_connections": target.active,
+                    "health_checks": [
+                        {"ok": result.ok, "detail": result.detail} for result in history
+                    ],
+                }
+            )
         return {
             "name": name,
             "algorithm": upstream.config.algorithm.value,
-            "targets": [
-                {"address": address, "state": state, "active_connections": active}
-                for address, state, active in upstream.target_rows()
-            ],
+            "failing_open": upstream.failing_open,
+            "targets": targets,
         }
 
     async def _target_groups(self, request: web.Request) -> web.Response:

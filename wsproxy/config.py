@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -89,8 +90,53 @@ class TargetTls(_Section):
         return self
 
 
+def _parse_matcher(text: str) -> str:
+    """``"200"``, ``"200,204"``, ``"200-399"`` (AWS's Matcher.HttpCode syntax)."""
+    for part in text.split(","):
+        low, _, high = part.strip().partition("-")
+        codes = [low, high] if high else [low]
+        if not all(code.isdigit() and 100 <= int(code) <= 599 for code in codes):
+            raise ValueError(f"matcher must look like '200', '200,204' or '200-399', got {text!r}")
+        if high and int(high) < int(low):
+            raise ValueError(f"matcher range {part.strip()!r} runs backwards")
+    return text
+
+
+class HealthCheckConfig(_Section):
+    """``[target_groups.NAME.health_check]``: active probes and their thresholds."""
+
+    protocol: Literal["tcp", "http", "https", "websocket"] = "tcp"
+    path: Annotated[str, StringConstraints(pattern=r"^/[\x21-\x7e]*$")] = "/"
+    matcher: Annotated[str, AfterValidator(_parse_matcher)] = "200-399"
+    send: str | None = None  # websocket: a text message to send after the upgrade
+    expect: str | None = None  # websocket: the reply it must get
+    # 0.5 s minimum: sub-second intervals are for fast failover and tests (AWS allows 5 s).
+    interval_seconds: float = Field(10.0, ge=0.5, le=300)
+    timeout_seconds: float = Field(5.0, ge=0.1, le=120)
+    healthy_threshold: int = Field(3, ge=1, le=10)
+    unhealthy_threshold: int = Field(2, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HealthCheckConfig:
+        if self.timeout_seconds >= self.interval_seconds:
+            raise ValueError(
+                f"timeout_seconds ({self.timeout_seconds:g}) must be < interval_seconds "
+                f"({self.interval_seconds:g})"
+            )
+        if (self.send is None) != (self.expect is None):
+            raise ValueError("send and expect go together")
+        if self.send is not None and self.protocol != "websocket":
+            raise ValueError("send/expect are for protocol = 'websocket'")
+        return self
+
+
 class TargetGroupConfig(_Section):
     protocol: Literal["tcp", "tls"] = "tcp"
+    health_check: HealthCheckConfig | None = None
+    # Passive check: this many consecutive failed dials mark a target unhealthy at once.
+    unhealthy_after_connect_failures: int = Field(3, ge=1, le=100)
+    # No healthy target: balance over all (as NLB does) or refuse (503 / close).
+    when_all_unhealthy: Literal["fail_open", "reject"] = "fail_open"
     tls: TargetTls | None = None
     algorithm: Algorithm = Algorithm.LEAST_CONNECTIONS
     connect_timeout_seconds: float = Field(5.0, gt=0, le=300)

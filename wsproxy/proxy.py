@@ -9,6 +9,7 @@ import random
 from wsproxy.admin import AdminServer
 from wsproxy.balancer import make_balancer
 from wsproxy.config import Config
+from wsproxy.health_checker import HealthChecker
 from wsproxy.listener import Listener
 from wsproxy.metrics import Metrics, ProxyCollector
 from wsproxy.target_group import Target, TargetGroup
@@ -42,6 +43,11 @@ class Proxy:
             )
         )
         self.admin = AdminServer(self, config.admin.address) if config.admin.enabled else None
+        self.health_checkers = [
+            HealthChecker(upstream, upstream.config.health_check, rng)
+            for upstream in self.upstreams.values()
+            if upstream.config.health_check is not None
+        ]
         self._stopped = asyncio.Event()
 
     async def start(self) -> None:
@@ -51,6 +57,8 @@ class Proxy:
                 await listener.start()
             if self.admin is not None:
                 await self.admin.start()
+            for checker in self.health_checkers:
+                checker.start()
         except BaseException:
             for listener in self.listeners.values():
                 listener.stop_accepting()
@@ -74,6 +82,8 @@ class Proxy:
         await asyncio.gather(
             *(listener.drain(grace, grace / 2) for listener in self.listeners.values())
         )
+        for checker in self.health_checkers:
+            await checker.stop()
         if self.admin is not None:
             await self.admin.stop()
         self._stopped.set()

@@ -53,16 +53,18 @@ class TargetGroup:
     name: str
     targets: list[Target] = field(default_factory=list)
 
-    def candidates(self) -> list[Target]:
-        """Targets that may take a new connection.
+    def candidates(self, *, fail_open: bool = True) -> tuple[list[Target], bool]:
+        """Targets that may take a new connection, and whether the group is failing open.
 
         Healthy and initial targets first; when none is, the group fails open to every target that
-        is not draining or unused, as an AWS NLB does, so a health-check outage is not an outage.
+        is not draining or unused, as an AWS NLB does, so a health-check outage is not an outage
+        (unless ``fail_open`` is off: then there is no candidate).
         """
         routable = [t for t in self.targets if t.state in ROUTABLE_STATES]
-        if routable:
-            return routable
-        return [t for t in self.targets if t.state is TargetState.UNHEALTHY]
+        if routable or not fail_open:
+            return routable, False
+        unhealthy = [t for t in self.targets if t.state is TargetState.UNHEALTHY]
+        return unhealthy, bool(unhealthy)
 
     def find(self, address: Address) -> Target | None:
         for target in self.targets:

@@ -20,6 +20,7 @@ from wsproxy.errors import (
     TargetRefused,
     TargetTlsFailed,
 )
+from wsproxy.health import HealthRecord, record_connect_failure
 from wsproxy.relay import Endpoint
 from wsproxy.target_group import Target, TargetGroup
 from wsproxy.tls import target_context
@@ -45,6 +46,8 @@ class Upstream:
         self.group = group
         self.balancer = balancer
         self.connect_errors: dict[str, int] = {}
+        self.records: dict[int, HealthRecord] = {}
+        self.failing_open = False
         self.ssl_context: ssl.SSLContext | None = None
         if config.protocol == "tls":
             self.ssl_context = target_context(group.name, config.tls or TargetTls(), alpn=alpn)
@@ -53,13 +56,30 @@ class Upstream:
     def name(self) -> str:
         return self.group.name
 
+    def health_record(self, target: Target) -> HealthRecord:
+        record = self.records.get(id(target))
+        if record is None:
+            record = self.records[id(target)] = HealthRecord()
+        return record
+
     def pick(self, client_ip: str, avoid: Target | None = None) -> Target | None:
         """A target for a new connection, or None when only ``avoid`` is left.
 
         Raises ``NoTargets`` when the group has no target that may take connections.
         """
-        candidates = self.group.candidates()
+        fail_open = self.config.when_all_unhealthy == "fail_open"
+        candidates, opened = self.group.candidates(fail_open=fail_open)
+        if opened != self.failing_open:
+            self.failing_open = opened
+            if opened:
+                log.warning(
+                    "target group '%s': no healthy target; failing open to all %d",
+                    self.name,
+                    len(candidates),
+                )
         if not candidates:
+            if self.group.targets and not fail_open:
+                raise NoTargets(f"target group '{self.name}' has no healthy target")
             raise NoTargets(f"target group '{self.name}' has no registered targets")
         if avoid is not None:
             candidates = [t for t in candidates if t is not avoid]
@@ -124,6 +144,14 @@ class Upstream:
     def _failed(self, target: Target, reason: str) -> None:
         target.connect_failures += 1
         self.connect_errors[reason] = self.connect_errors.get(reason, 0) + 1
+        limit = self.config.unhealthy_after_connect_failures
+        if record_connect_failure(target, self.health_record(target), limit):
+            log.warning(
+                "target group '%s': target %s unhealthy after %d failed connects",
+                self.name,
+                target.address,
+                target.connect_failures,
+            )
 
     async def dial(
         self, client_ip: str, make_endpoint: Callable[[], Endpoint], proxy_header: bytes = b""
