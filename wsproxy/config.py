@@ -211,6 +211,9 @@ class ListenerConfig(_Section):
     websocket_only: bool = False
     default_target_group: Name | None = None
     idle_timeout_seconds: float = Field(350.0, gt=0, le=7 * 24 * 3600)
+    # Websocket mode: ping a client silent this long (0: never); no pong in time ends the session.
+    ping_interval_seconds: float = Field(30.0, ge=0, le=3600)
+    ping_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     max_frame_bytes: int = Field(16 * MiB, ge=125, le=2**40)
     max_request_head_bytes: int = Field(16 * 1024, ge=1024, le=1 * MiB)
     request_head_timeout_seconds: float = Field(10.0, gt=0, le=600)

@@ -18,11 +18,16 @@ from wsproxy.relay import Endpoint, Relay
 from wsproxy.wire.wsframe import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
+    OP_PING,
     STOP_FRAME,
     STOP_MESSAGE,
     STOP_NONE,
+    STOP_PONG,
     FrameTracker,
     encode_close,
+    encode_frame,
+    parse_header,
+    unmask,
 )
 
 # How long the proxy waits for both sides to answer its Close before it closes the sockets
@@ -59,9 +64,18 @@ class WebSocketRelay(Relay):
         idle_timeout: float,
         max_frame_bytes: int,
         on_done: Callable[[Relay], None],
+        ping_interval: float = 0.0,
+        ping_timeout: float = 30.0,
         mask_key: Callable[[], bytes] = lambda: os.urandom(4),
     ) -> None:
         super().__init__(client, target, idle_timeout=idle_timeout, on_done=on_done)
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._ping_payload: bytes | None = None  # our ping that awaits its pong
+        self._ping_mark = -1
+        self._ping_handle: asyncio.TimerHandle | None = None
+        self._pong_buf = b""  # a Pong frame split across reads, while pongs are filtered
+        self.pings_sent = 0
         # client → target frames must be masked; target → client frames must not be.
         self.upstream = _Direction(FrameTracker(masked=True, max_frame_bytes=max_frame_bytes))
         self.downstream = _Direction(FrameTracker(masked=False, max_frame_bytes=max_frame_bytes))
@@ -75,8 +89,16 @@ class WebSocketRelay(Relay):
 
     # --- hot path -------------------------------------------------------------------------------
 
+    def start(self, to_target: bytes = b"", to_client: bytes = b"") -> None:
+        super().start(to_target, to_client)
+        if self._ping_interval > 0 and not self.done:
+            self._schedule_ping(self._ping_interval)
+
     def from_client(self, data: bytes) -> None:
         self.bytes_in += len(data)
+        if self._ping_payload is not None or self._pong_buf:
+            self._from_client_filtering_pongs(data)
+            return
         self._forward(self.upstream, self.target, data)
 
     def from_target(self, data: bytes) -> None:
@@ -107,6 +129,94 @@ class WebSocketRelay(Relay):
             if taken < len(data):
                 self._watch(direction, data[taken:])
         self._check_close_handshake()
+
+    def _from_client_filtering_pongs(self, data: bytes) -> None:
+        """While our ping is outstanding: forward everything but the Pong that answers it."""
+        direction = self.upstream
+        tracker = direction.tracker
+        data = self._pong_buf + data
+        self._pong_buf = b""
+        while data:
+            if direction.sent or direction.stop:
+                self._forward(direction, self.target, data)
+                return
+            closes = tracker.closes
+            try:
+                taken = tracker.feed(data, STOP_PONG)
+            except FrameError as exc:
+                if exc.offset > 0:
+                    self.target.write(data[: exc.offset])
+                self._violation(direction, exc)
+                return
+            if taken:
+                self.target.write(data[:taken] if taken < len(data) else data)
+            if tracker.closes != closes:
+                self._note_peer_close(direction)
+            if taken == len(data):
+                break
+            rest = data[taken:]  # a Pong frame starts here
+            parsed = parse_header(rest)
+            if parsed is None or len(rest) < parsed[0] + parsed[4]:
+                self._pong_buf = rest  # at most 14 + 125 bytes: wait for the rest of it
+                return
+            header_len, payload_len, mask = parsed[0], parsed[4], parsed[5]
+            frame = rest[: header_len + payload_len]
+            tracker.feed(frame)
+            if unmask(frame[header_len:], mask) == self._ping_payload:
+                self._pong_received()
+            else:
+                self.target.write(frame)  # not ours: the target may be waiting for it
+            data = rest[len(frame) :]
+        self._check_close_handshake()
+
+    # --- keepalive (RFC 6455 §5.5.2) ------------------------------------------------------------
+
+    def _schedule_ping(self, delay: float) -> None:
+        if self._ping_handle is not None:
+            self._ping_handle.cancel()
+        self._ping_handle = asyncio.get_running_loop().call_later(delay, self._ping_tick)
+
+    def _ping_tick(self) -> None:
+        """Every interval: if the client sent nothing since the last tick, ping it."""
+        self._ping_handle = None
+        if self.done or self._close_deadline is not None:
+            return
+        if self.bytes_in != self._ping_mark:
+            self._ping_mark = self.bytes_in
+            self._schedule_ping(self._ping_interval)
+            return
+        downstream = self.downstream
+        if downstream.sent or not downstream.tracker.at_frame_boundary:
+            self._schedule_ping(self._ping_interval)  # mid-frame toward the client: next time
+            return
+        self._ping_payload = b"wsproxy:" + os.urandom(8).hex().encode()
+        self.client.write(encode_frame(OP_PING, self._ping_payload))
+        self.pings_sent += 1
+        self._ping_handle = asyncio.get_running_loop().call_later(
+            self._ping_timeout, self._ping_expired
+        )
+
+    def _pong_received(self) -> None:
+        self._ping_payload = None
+        self._ping_mark = self.bytes_in
+        self._schedule_ping(self._ping_interval)
+
+    def _ping_expired(self) -> None:
+        """No pong in time: the client is gone. Tell the target (1001) and cut the client."""
+        self._ping_handle = None
+        if self._ping_payload is None or self.done:
+            return
+        self.set_reason("ping_timeout")
+        if self.close_initiator is None:
+            self.close_initiator = "proxy"
+            self.close_code = 1006
+        upstream = self.upstream
+        if not upstream.sent and upstream.tracker.at_frame_boundary:
+            why = "client did not answer ping"
+            self.target.write(encode_close(CLOSE_GOING_AWAY, why, mask=self._mask_key()))
+            upstream.sent = True
+        self.client.abort()
+        self.target.close()
 
     def _watch(self, direction: _Direction, data: bytes) -> None:
         """Follow frames a peer sends after the proxy closed that direction, for its Close reply."""
@@ -224,9 +334,13 @@ class WebSocketRelay(Relay):
         self._check_close_handshake()
 
     def _maybe_done(self) -> None:
-        if self._close_deadline is not None and self.client.lost and self.target.lost:
-            self._close_deadline.cancel()
-            self._close_deadline = None
+        if self.client.lost and self.target.lost:
+            if self._close_deadline is not None:
+                self._close_deadline.cancel()
+                self._close_deadline = None
+            if self._ping_handle is not None:
+                self._ping_handle.cancel()
+                self._ping_handle = None
         super()._maybe_done()
 
     def _handshake_complete(self) -> bool:

@@ -459,6 +459,8 @@ class WebSocketFlow(Flow):
             idle_timeout=config.idle_timeout_seconds,
             max_frame_bytes=config.max_frame_bytes,
             on_done=self.relay_done,
+            ping_interval=config.ping_interval_seconds,
+            ping_timeout=config.ping_timeout_seconds,
         )
         self.relay = relay
         if client_rest or self.client.held:

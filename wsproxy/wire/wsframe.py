@@ -30,6 +30,9 @@ MAX_HEADER = 14
 STOP_NONE = 0
 STOP_FRAME = 1
 STOP_MESSAGE = 2
+# Stop before any Pong frame (header complete in this chunk), so the proxy can take out the
+# answers to its own pings.
+STOP_PONG = 3
 
 # Close codes (RFC 6455 §7.4.1, IANA registry).
 CLOSE_NORMAL = 1000
@@ -39,6 +42,19 @@ CLOSE_POLICY_VIOLATION = 1008
 CLOSE_TOO_BIG = 1009
 CLOSE_INTERNAL_ERROR = 1011
 CLOSE_BAD_GATEWAY = 1014
+
+
+_PONG_AHEAD = -2
+
+
+def parse_header(buf: bytes, pos: int = 0) -> tuple[int, int, int, bool, int, bytes] | None:
+    """(header_len, fin, opcode, masked, payload_len, mask_key), or None if ``buf`` is short."""
+    return _parse_header(buf, pos)
+
+
+def unmask(payload: bytes, mask: bytes) -> bytes:
+    """Unmask a (small, control-frame) payload."""
+    return bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if mask else payload
 
 
 def _parse_header(buf: bytes, pos: int) -> tuple[int, int, int, bool, int, bytes] | None:
@@ -142,6 +158,7 @@ class FrameTracker:
                 self._end_frame()
             if (
                 stop
+                and stop != STOP_PONG
                 and self._opcode < 0
                 and not self._header
                 and (stop == STOP_FRAME or not self._in_message)
@@ -149,12 +166,16 @@ class FrameTracker:
                 return pos
             if pos >= size:
                 return size
-            pos = self._start_frame(data, pos)
-            if pos < 0:
+            start = self._start_frame(data, pos, stop == STOP_PONG)
+            if start == _PONG_AHEAD:
+                return pos
+            if start < 0:
                 return size
+            pos = start
 
-    def _start_frame(self, data: bytes, pos: int) -> int:
-        """Parse the header at ``pos``; return where its payload starts, or -1 if incomplete."""
+    def _start_frame(self, data: bytes, pos: int, stop_at_pong: bool = False) -> int:
+        """Parse the header at ``pos``; return where its payload starts, -1 if incomplete, or
+        ``_PONG_AHEAD`` (nothing consumed) for a Pong when ``stop_at_pong``."""
         pending = self._header
         if pending:
             parsed = _parse_header(pending + data[pos : pos + MAX_HEADER], 0)
@@ -167,6 +188,8 @@ class FrameTracker:
             return -1
         header_len, fin, opcode, masked, length, mask_key = parsed
         self._check(start, fin, opcode, masked, length)
+        if stop_at_pong and opcode == OP_PONG and not pending:
+            return _PONG_AHEAD
         self._header = b""
         self.frames += 1
         if opcode < OP_CLOSE:

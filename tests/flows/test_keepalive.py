@@ -1,0 +1,126 @@
+"""Keepalive: silent clients get pings, the pongs that answer are dropped, dead sessions end."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Awaitable, Callable
+
+from tests.conftest import ProxyFactory, listener_address, wait_for
+from tests.helpers.servers import RawServer
+from tests.helpers.wsraw import RawWebSocket
+from wsproxy.address import Address
+from wsproxy.wire.http1 import parse_request_head
+from wsproxy.wire.upgrade import accept_key
+from wsproxy.wire.wsframe import (
+    OP_CLOSE,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    encode_frame,
+    parse_header,
+    unmask,
+)
+from wsproxy.ws_relay import WebSocketRelay
+
+RawServers = Callable[..., Awaitable[RawServer]]
+
+
+def frames_of(data: bytes) -> list[tuple[int, bytes]]:
+    out = []
+    while data:
+        parsed = parse_header(data)
+        assert parsed is not None
+        header_len, _fin, opcode, _masked, length, mask = parsed
+        out.append((opcode, unmask(data[header_len : header_len + length], mask)))
+        data = data[header_len + length :]
+    return out
+
+
+def recording_target(
+    received: list[bytes],
+) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = parse_request_head(await reader.readuntil(b"\r\n\r\n"))
+        accept = accept_key(head.get("sec-websocket-key") or "")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode()
+        )
+        while data := await reader.read(65536):
+            received.append(data)
+
+    return handler
+
+
+def config(target: Address, ping: str) -> str:
+    return f"""
+[listeners.edge]
+address = "127.0.0.1:0"
+websocket = true
+default_target_group = "t"
+{ping}
+[target_groups.t]
+targets = [{{ address = "{target}" }}]
+"""
+
+
+async def test_silent_client_is_pinged_and_its_pong_is_not_forwarded(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    received: list[bytes] = []
+    server = await raw_servers(recording_target(received))
+    proxy = await make_proxy(
+        config(server.address, "ping_interval_seconds = 0.3\nping_timeout_seconds = 2")
+    )
+    ws = await RawWebSocket.connect(listener_address(proxy))
+    for _ in range(2):  # pings keep coming while the client stays silent
+        opcode, payload = await ws.recv(timeout=3)
+        assert opcode == OP_PING and payload.startswith(b"wsproxy:")
+        ws.send(OP_PONG, payload)
+    ws.send(OP_PONG, b"unsolicited")  # not an answer to us: the target gets it
+    ws.send(OP_TEXT, b"data")
+    await wait_for(lambda: any(op == OP_TEXT for op, _ in frames_of(b"".join(received))))
+    frames = frames_of(b"".join(received))
+    assert frames == [(OP_PONG, b"unsolicited"), (OP_TEXT, b"data")]
+    relay = next(iter(proxy.listeners["edge"].flows)).relay
+    assert isinstance(relay, WebSocketRelay) and relay.pings_sent >= 2
+    ws.abort()
+
+
+async def test_a_client_that_never_answers_is_cut_and_the_target_told(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    received: list[bytes] = []
+    server = await raw_servers(recording_target(received))
+    proxy = await make_proxy(
+        config(server.address, "ping_interval_seconds = 0.2\nping_timeout_seconds = 0.3")
+    )
+    ws = await RawWebSocket.connect(listener_address(proxy))
+    opcode, _ = await ws.recv(timeout=3)
+    assert opcode == OP_PING  # and we do not answer
+    with contextlib.suppress(ConnectionError):  # an abort is what a dead peer gets
+        await asyncio.wait_for(ws.reader.read(), 3)
+    await wait_for(lambda: OP_CLOSE in [op for op, _ in frames_of(b"".join(received))])
+    close = next(payload for op, payload in frames_of(b"".join(received)) if op == OP_CLOSE)
+    assert int.from_bytes(close[:2], "big") == 1001
+    await wait_for(lambda: proxy.listeners["edge"].stats.active == 0)
+
+
+async def test_active_clients_and_disabled_pings_get_none(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    received: list[bytes] = []
+    server = await raw_servers(recording_target(received))
+    proxy = await make_proxy(config(server.address, "ping_interval_seconds = 0"))
+    ws = await RawWebSocket.connect(listener_address(proxy))
+    await asyncio.sleep(0.5)
+    ws.writer.write(encode_frame(OP_TEXT, b"still no ping", mask=os.urandom(4)))
+    await wait_for(lambda: bool(received))
+    try:
+        frame = await ws.recv(timeout=0.3)
+    except TimeoutError:
+        frame = None
+    assert frame is None
+    ws.abort()
