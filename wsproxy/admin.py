@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from wsproxy.address import Address
+from wsproxy.address import Address, parse_address
+from wsproxy.errors import TargetExists
 
 if TYPE_CHECKING:
     from wsproxy.proxy import Proxy
 
 log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 class AdminServer:
@@ -21,14 +31,19 @@ class AdminServer:
         self._requested = address
         self.address: Address | None = None
         self._runner: web.AppRunner | None = None
+        token_file = proxy.config.admin.token_file
+        self._token = Path(token_file).read_text(encoding="utf-8").strip() if token_file else None
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[self._auth])
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/v1/target-groups", self._target_groups)
         app.router.add_get("/v1/target-groups/{name}", self._target_group)
+        app.router.add_post("/v1/target-groups/{name}/targets", self._register)
+        app.router.add_delete("/v1/target-groups/{name}/targets/{address}", self._deregister)
+        app.router.add_post("/v1/drain", self._drain)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._requested.host, self._requested.port)
@@ -40,6 +55,67 @@ class AdminServer:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # Probes from orchestrators must work without the token; everything else needs it.
+        if self._token is None or request.path in ("/healthz", "/readyz"):
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        expected = f"Bearer {self._token}"
+        if not hmac.compare_digest(header.encode(), expected.encode()):
+            return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    async def _register(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self._proxy.upstreams:
+            return _error(404, f"no target group {name!r}")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, 'body is not JSON; send {"address": "host:port", "weight": 1}')
+        if not isinstance(body, dict) or set(body) - {"address", "weight"}:
+            return _error(422, "expected an object with 'address' and optional 'weight'")
+        try:
+            address = parse_address(str(body.get("address", "")))
+        except ValueError as exc:
+            return _error(422, f"address: {exc}")
+        weight = body.get("weight", 1)
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
+            return _error(422, f"weight: must be an integer 1-1000, got {weight!r}")
+        try:
+            target = self._proxy.register(name, address, weight)
+        except TargetExists as exc:
+            return _error(409, str(exc))
+        return web.json_response(
+            {"address": str(target.address), "weight": target.weight, "state": target.state.value},
+            status=201,
+        )
+
+    async def _deregister(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self._proxy.upstreams:
+            return _error(404, f"no target group {name!r}")
+        try:
+            address = parse_address(request.match_info["address"])
+        except ValueError as exc:
+            return _error(422, f"address: {exc}")
+        try:
+            target = self._proxy.deregister(name, address)
+        except KeyError:
+            return _error(404, f"no target {address} in target group {name!r}")
+        except TargetExists as exc:
+            return _error(409, str(exc))
+        delay = self._proxy.upstreams[name].config.deregistration_delay_seconds
+        return web.json_response(
+            {"address": str(address), "state": target.state.value, "delay_seconds": delay},
+            status=202,
+        )
+
+    async def _drain(self, request: web.Request) -> web.Response:
+        self._proxy.start_drain()
+        return web.json_response({"draining": True}, status=202)
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
@@ -86,5 +162,5 @@ class AdminServer:
     async def _target_group(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
         if name not in self._proxy.upstreams:
-            return web.json_response({"error": f"no target group {name!r}"}, status=404)
+            return _error(404, f"no target group {name!r}")
         return web.json_response(self._describe(name))

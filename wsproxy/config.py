@@ -67,6 +67,8 @@ class ProxySection(_Section):
 class AdminSection(_Section):
     enabled: bool = True
     address: ListenAddress = Address("127.0.0.1", 9900)
+    # A file holding a bearer token; when set, every endpoint but /healthz and /readyz needs it.
+    token_file: str | None = None
 
 
 class TargetConfig(_Section):
@@ -135,6 +137,8 @@ class TargetGroupConfig(_Section):
     health_check: HealthCheckConfig | None = None
     # Passive check: this many consecutive failed dials mark a target unhealthy at once.
     unhealthy_after_connect_failures: int = Field(3, ge=1, le=100)
+    # Deregistered targets: their sessions are closed spread over this window (AWS: 300 s).
+    deregistration_delay_seconds: float = Field(30.0, ge=0, le=3600)
     # No healthy target: balance over all (as NLB does) or refuse (503 / close).
     when_all_unhealthy: Literal["fail_open", "reject"] = "fail_open"
     tls: TargetTls | None = None
@@ -379,13 +383,27 @@ def _resolve_files(config: Config, base_dir: Path) -> Config:
                 }
             )
         groups[name] = group
-    return config.model_copy(update={"listeners": listeners, "target_groups": groups})
+    admin = config.admin
+    if admin.token_file is not None:
+        admin = admin.model_copy(update={"token_file": resolve(admin.token_file)})
+    return config.model_copy(
+        update={"listeners": listeners, "target_groups": groups, "admin": admin}
+    )
 
 
 def _tls_file_issues(config: Config) -> list[ConfigIssue]:
     from wsproxy.tls import check_listener_files, check_target_group_files  # reads files only
 
     issues: list[ConfigIssue] = []
+    token_file = config.admin.token_file
+    if token_file is not None:
+        try:
+            if not Path(token_file).read_text(encoding="utf-8").strip():
+                issues.append(ConfigIssue("admin.token_file", f"{token_file} is empty"))
+        except OSError as exc:
+            issues.append(
+                ConfigIssue("admin.token_file", f"cannot read {token_file}: {exc.strerror}")
+            )
     for name, listener in config.listeners.items():
         if listener.tls is not None:
             issues += check_listener_files(name, listener.tls)

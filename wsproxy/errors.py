@@ -244,3 +244,9 @@ class NoRoute(WsproxyError):
 
 class MalformedProxyHeader(WireError):
     reason = "proxy_protocol_error"
+
+
+class TargetExists(WsproxyError):
+    """A registration or deregistration that conflicts with the target's current state."""
+
+    reason = "conflict"
