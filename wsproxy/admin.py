@@ -44,6 +44,7 @@ class AdminServer:
         app.router.add_post("/v1/target-groups/{name}/targets", self._register)
         app.router.add_delete("/v1/target-groups/{name}/targets/{address}", self._deregister)
         app.router.add_post("/v1/drain", self._drain)
+        app.router.add_post("/v1/reload", self._reload)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._requested.host, self._requested.port)
@@ -112,6 +113,12 @@ class AdminServer:
             {"address": str(address), "state": target.state.value, "delay_seconds": delay},
             status=202,
         )
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        errors = await self._proxy.reload()
+        if errors:
+            return web.json_response({"reloaded": False, "errors": errors}, status=422)
+        return web.json_response({"reloaded": True})
 
     async def _drain(self, request: web.Request) -> web.Response:
         self._proxy.start_drain()

@@ -117,13 +117,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     async def serve(stop: asyncio.Event) -> int:
         from wsproxy.proxy import Proxy
 
-        proxy = Proxy(config)
+        proxy = Proxy(config, path=args.config)
         try:
             await proxy.start()
         except OSError as exc:
             log.error("%s", exc.strerror or exc)
             return 1
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[list[str]]] = set()
+
+        def on_hangup() -> None:
+            task = loop.create_task(proxy.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
         await stop.wait()
+        loop.remove_signal_handler(signal.SIGHUP)
+        await asyncio.gather(*reloads, return_exceptions=True)
         await proxy.shutdown()
         return 0
 

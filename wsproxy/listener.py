@@ -84,12 +84,21 @@ class Listener:
         try:
             if self.tls is None:
                 self._server = await loop.create_server(
-                    self._accept, host, port, reuse_address=True, backlog=1024
+                    # SO_REUSEPORT lets a reload bind a changed listener before the old socket
+                    # closes, so no connection is refused in between.
+                    self._accept,
+                    host,
+                    port,
+                    reuse_address=True,
+                    reuse_port=True,
+                    backlog=1024,
                 )
                 bound = self._server.sockets[0].getsockname()
             else:
                 family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                self._socket = socket.create_server((host, port), family=family, backlog=1024)
+                self._socket = socket.create_server(
+                    (host, port), family=family, backlog=1024, reuse_port=True
+                )
                 self._socket.setblocking(False)
                 bound = self._socket.getsockname()
                 self._accept_task = self.spawn(self._accept_tls(self._socket))

@@ -70,10 +70,12 @@ class ProxyCollector(Collector):
         listeners: Callable[[], Iterable[StatsSource]],
         upstreams: Callable[[], Iterable[TargetSource]],
         draining: Callable[[], bool],
+        reloads: Callable[[], tuple[dict[str, int], bool, float]] | None = None,
     ) -> None:
         self._listeners = listeners
         self._upstreams = upstreams
         self._draining = draining
+        self._reloads = reloads
 
     def collect(self) -> Iterator[Metric]:
         info = GaugeMetricFamily(
@@ -171,6 +173,24 @@ class ProxyCollector(Collector):
         draining = GaugeMetricFamily("wsproxy_draining", "1 while the proxy is shutting down")
         draining.add_metric([], 1 if self._draining() else 0)
         yield draining
+        if self._reloads is not None:
+            counts, ok, when = self._reloads()
+            reloads = CounterMetricFamily(
+                "wsproxy_config_reloads", "Config reloads by result", labels=["result"]
+            )
+            for result, count in sorted(counts.items()):
+                reloads.add_metric([result], count)
+            yield reloads
+            yield GaugeMetricFamily(
+                "wsproxy_config_last_reload_successful",
+                "1 if the last reload succeeded",
+                value=1 if ok else 0,
+            )
+            yield GaugeMetricFamily(
+                "wsproxy_config_last_reload_success_timestamp_seconds",
+                "When the configuration last loaded successfully",
+                value=when,
+            )
 
 
 class Metrics:

@@ -5,16 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import ssl
+import time
+from collections.abc import Coroutine
+from typing import Any
 
 from wsproxy.address import Address
 from wsproxy.admin import AdminServer
 from wsproxy.balancer import make_balancer
-from wsproxy.config import Config
-from wsproxy.errors import TargetExists
+from wsproxy.config import Config, TargetGroupConfig, TargetTls, load_config
+from wsproxy.errors import ConfigError, TargetExists, WsproxyError
 from wsproxy.health_checker import HealthChecker
 from wsproxy.listener import Listener
 from wsproxy.metrics import Metrics, ProxyCollector
 from wsproxy.target_group import Target, TargetGroup, TargetState
+from wsproxy.tls import ServerTls, target_context
 from wsproxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -23,15 +28,16 @@ log = logging.getLogger(__name__)
 class Proxy:
     """Owns everything one config generation needs; ``start``, then ``shutdown``."""
 
-    def __init__(self, config: Config, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: Config, *, rng: random.Random | None = None, path: str | None = None
+    ) -> None:
         self.config = config
-        rng = rng or random.Random()  # noqa: S311  # balancing, not cryptography
-        self.upstreams: dict[str, Upstream] = {}
-        for name, group_config in config.target_groups.items():
-            group = TargetGroup(name, [Target(t.address, t.weight) for t in group_config.targets])
-            self.upstreams[name] = Upstream(
-                group_config, group, make_balancer(group_config.algorithm, rng)
-            )
+        self.path = path  # the file reloads read again
+        self._rng = rng = rng or random.Random()  # noqa: S311  # balancing, not cryptography
+        self.upstreams: dict[str, Upstream] = {
+            name: self._build_upstream(name, group_config)
+            for name, group_config in config.target_groups.items()
+        }
         self.listeners = {
             name: Listener(name, listener_config, self.upstreams)
             for name, listener_config in config.listeners.items()
@@ -42,6 +48,7 @@ class Proxy:
                 lambda: self.listeners.values(),
                 lambda: self.upstreams.values(),
                 lambda: self.draining,
+                lambda: (self.reloads, self.last_reload_ok, self.last_reload_success_time),
             )
         )
         self.admin = AdminServer(self, config.admin.address) if config.admin.enabled else None
@@ -50,9 +57,18 @@ class Proxy:
             for upstream in self.upstreams.values()
             if upstream.config.health_check is not None
         ]
+        self.retired: list[Listener] = []  # replaced by a reload; their sessions still run
+        self.reloads: dict[str, int] = {"success": 0, "error": 0}
+        self.last_reload_ok = True
+        self.last_reload_success_time = time.time()
+        self._reload_lock = asyncio.Lock()
         self._stopped = asyncio.Event()
         self._drained = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+
+    def _build_upstream(self, name: str, config: TargetGroupConfig) -> Upstream:
+        group = TargetGroup(name, [Target(t.address, t.weight) for t in config.targets])
+        return Upstream(config, group, make_balancer(config.algorithm, self._rng))
 
     async def start(self) -> None:
         """Bind every listener (and the admin listener); on failure, nothing stays bound."""
@@ -84,17 +100,14 @@ class Proxy:
         log.info("draining %d connection(s) within %g s", active, grace)
         for listener in self.listeners.values():
             listener.stop_accepting()
-        await asyncio.gather(
-            *(listener.drain(grace, grace / 2) for listener in self.listeners.values())
-        )
+        everyone = [*self.listeners.values(), *self.retired]
+        await asyncio.gather(*(listener.drain(grace, grace / 2) for listener in everyone))
         self._drained.set()
 
     def start_drain(self) -> None:
         """``POST /v1/drain``: drain in the background; the process keeps running."""
         if not self.draining:
-            task = asyncio.get_running_loop().create_task(self.drain())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self.drain())
 
     async def shutdown(self, grace: float | None = None) -> None:
         """Drain, then stop health checks, background tasks and the admin listener."""
@@ -110,6 +123,147 @@ class Proxy:
             await self.admin.stop()
         self._stopped.set()
         log.info("stopped")
+
+    # --- reload (SIGHUP, POST /v1/reload) -------------------------------------------------------
+
+    async def reload(self, path: str | None = None) -> list[str]:
+        """Apply the config file again; ``[]`` on success, else every error (old config kept).
+
+        Unchanged listeners keep their sockets and sessions; changed ones are bound anew (before
+        the old socket closes) while their sessions keep flowing; removed ones stop accepting and
+        drain. Target groups change in place: new targets start ``initial``, removed ones drain.
+        TLS files are read again for new handshakes. Runtime registrations survive unless the
+        file changes that target group. The admin address is not reloaded (restart for that).
+        """
+        source = path or self.path
+        if source is None:
+            return ["this proxy was not started from a file; nothing to reload"]
+        async with self._reload_lock:
+            if self.draining:
+                return ["the proxy is draining; reload refused"]
+            try:
+                new = load_config(source)
+                await self._apply(new)
+            except ConfigError as exc:
+                return self._reload_failed([str(issue) for issue in exc.issues])
+            except (OSError, WsproxyError) as exc:
+                return self._reload_failed([str(exc)])
+            self.config = new
+            self.reloads["success"] += 1
+            self.last_reload_ok = True
+            self.last_reload_success_time = time.time()
+            log.info("reloaded %s", source)
+            return []
+
+    def _reload_failed(self, errors: list[str]) -> list[str]:
+        self.reloads["error"] += 1
+        self.last_reload_ok = False
+        log.error("reload failed, keeping the running configuration:\n  %s", "\n  ".join(errors))
+        return errors
+
+    async def _apply(self, new: Config) -> None:
+        # 1. Prepare everything that can fail, with no effect on traffic yet.
+        added_groups = {
+            name: self._build_upstream(name, group_config)
+            for name, group_config in new.target_groups.items()
+            if name not in self.upstreams
+        }
+        refreshed_tls = {
+            name: ServerTls(name, listener.config.tls, alpn=listener.tls.alpn)
+            for name, listener in self.listeners.items()
+            if listener.tls is not None
+            and listener.config.tls is not None
+            and new.listeners.get(name) == listener.config
+        }
+        fresh_contexts = {
+            name: target_context(name, group_config.tls or TargetTls())
+            for name, group_config in new.target_groups.items()
+            if group_config.protocol == "tls" and name in self.upstreams
+        }
+        self.upstreams.update(added_groups)
+        started: list[Listener] = []
+        replaced = {
+            name: Listener(name, config, self.upstreams)
+            for name, config in new.listeners.items()
+            if name not in self.listeners or self.listeners[name].config != config
+        }
+        try:
+            for listener in replaced.values():
+                await listener.start()
+                started.append(listener)
+        except BaseException:
+            for listener in started:
+                listener.stop_accepting()
+            for name in added_groups:
+                del self.upstreams[name]
+            raise
+        # 2. Commit: nothing below fails.
+        for name, tls in refreshed_tls.items():
+            self.listeners[name].tls = tls
+        listeners = {}
+        for name in new.listeners:
+            listeners[name] = replaced.get(name) or self.listeners[name]
+        for name, old in self.listeners.items():
+            if listeners.get(name) is old:
+                continue
+            old.stop_accepting()
+            self.retired.append(old)
+            if name not in new.listeners:
+                grace = new.proxy.shutdown_grace_seconds
+                self._spawn(old.drain(grace, grace / 2))
+        self.listeners = listeners
+        for name, group_config in new.target_groups.items():
+            if name not in added_groups:
+                self._update_group(self.upstreams[name], group_config, fresh_contexts.get(name))
+        for name in [n for n in self.upstreams if n not in new.target_groups]:
+            upstream = self.upstreams[name]
+            for target in list(upstream.group.targets):
+                if target.state not in (TargetState.DRAINING, TargetState.UNUSED):
+                    self.deregister(name, target.address)
+        for name in added_groups:
+            self._start_checker(self.upstreams[name])
+
+    def _update_group(
+        self, upstream: Upstream, config: TargetGroupConfig, context: ssl.SSLContext | None
+    ) -> None:
+        if context is not None:
+            upstream.ssl_context = context  # new TLS material for new dials only
+        if config == upstream.config:
+            return
+        old = upstream.config
+        upstream.config = config
+        if config.algorithm != old.algorithm:
+            upstream.balancer = make_balancer(config.algorithm, self._rng)
+        wanted = {t.address: t.weight for t in config.targets}
+        for target in list(upstream.group.targets):
+            if target.address in wanted:
+                target.weight = wanted.pop(target.address)
+            elif target.state not in (TargetState.DRAINING, TargetState.UNUSED):
+                self.deregister(upstream.name, target.address)
+        for address, weight in wanted.items():
+            upstream.group.targets.append(Target(address, weight))
+        if config.health_check != old.health_check:
+            for checker in [c for c in self.health_checkers if c.upstream is upstream]:
+                self.health_checkers.remove(checker)
+                self._spawn(checker.stop())
+            self._start_checker(upstream)
+        else:
+            for checker in self.health_checkers:
+                if checker.upstream is upstream:
+                    for target in upstream.group.targets:
+                        checker.watch(target)
+
+    def _start_checker(self, upstream: Upstream) -> None:
+        if upstream.config.health_check is None:
+            return
+        checker = HealthChecker(upstream, upstream.config.health_check, self._rng)
+        self.health_checkers.append(checker)
+        checker.start()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- targets at run time (admin API) --------------------------------------------------------
 
@@ -137,9 +291,7 @@ class Proxy:
             raise TargetExists(f"target {address} is already {target.state.value}")
         target.state = TargetState.DRAINING
         target.reason = "Target.DeregistrationInProgress"
-        task = asyncio.get_running_loop().create_task(self._drain_target(upstream, target))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._drain_target(upstream, target))
         return target
 
     async def _drain_target(self, upstream: Upstream, target: Target) -> None:
