@@ -110,3 +110,24 @@ def test_source_ip_is_sticky_and_weighted() -> None:
     assert first == [balancer.pick(pool, c) for c in population]
     share = sum(1 for t in first if t is pool[1]) / len(population)
     assert 0.70 < share < 0.80
+
+
+def test_slow_start_grows_a_new_targets_share_linearly() -> None:
+    from wsproxy.health import update_ramps
+    from wsproxy.target_group import TargetState
+
+    old, new = targets([1, 1])
+    old.state = new.state = TargetState.HEALTHY
+    old.healthy_since, new.healthy_since = -1000.0, 0.0
+    for now, expected_share in ((2.5, 0.2), (5.0, 1 / 3), (10.0, 0.5), (20.0, 0.5)):
+        update_ramps([old, new], now, slow_start=10.0)
+        balancer = RoundRobin()
+        picks = Counter(balancer.pick([old, new], "c") is new for _ in range(600))
+        assert abs(picks[True] / 600 - expected_share) < 0.02, (now, picks)
+    # least_connections: a ramping target is filled in proportion to its current share.
+    update_ramps([old, new], 2.5, slow_start=10.0)
+    old.active = new.active = 0
+    least = LeastConnections(random.Random(1))
+    for _ in range(500):
+        least.pick([old, new], "c").acquire()
+    assert abs(new.active / 500 - 0.2) < 0.02

@@ -27,20 +27,22 @@ class Balancer(Protocol):
 
 class RoundRobin:
     """Smooth weighted round robin (nginx): over a cycle of sum(weights) picks each target gets
-    exactly its weight, interleaved rather than in bursts."""
+    exactly its weight, interleaved rather than in bursts. Weights are effective weights, so a
+    target in slow start gets its growing share."""
 
     def __init__(self) -> None:
-        self._current: dict[Address, int] = {}
+        self._current: dict[Address, float] = {}
 
     def pick(self, candidates: Sequence[Target], client_ip: str) -> Target:
-        total = 0
+        total = 0.0
         best: Target | None = None
-        best_weight = 0
+        best_weight = 0.0
         current = self._current
         for target in candidates:
-            weight = current.get(target.address, 0) + target.weight
+            effective = target.effective_weight
+            weight = current.get(target.address, 0.0) + effective
             current[target.address] = weight
-            total += target.weight
+            total += effective
             if best is None or weight > best_weight:
                 best, best_weight = target, weight
         if best is None:
@@ -55,7 +57,8 @@ class RoundRobin:
 
 
 def _load(target: Target) -> Fraction:
-    return Fraction(target.active, target.weight)
+    # Exact arithmetic, so equal loads tie exactly and ties are broken at random.
+    return Fraction(target.active) / Fraction(max(target.effective_weight, 1e-3))
 
 
 class LeastConnections:

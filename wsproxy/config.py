@@ -137,6 +137,9 @@ class TargetGroupConfig(_Section):
     health_check: HealthCheckConfig | None = None
     # Passive check: this many consecutive failed dials mark a target unhealthy at once.
     unhealthy_after_connect_failures: int = Field(3, ge=1, le=100)
+    # A target that becomes healthy gets a linearly growing share of new connections over this
+    # window (round_robin and least_connections; AWS's slow_start.duration_seconds). 0: off.
+    slow_start_seconds: float = Field(0.0, ge=0, le=900)
     # Deregistered targets: their sessions are closed spread over this window (AWS: 300 s).
     deregistration_delay_seconds: float = Field(30.0, ge=0, le=3600)
     # No healthy target: balance over all (as NLB does) or refuse (503 / close).

@@ -73,6 +73,7 @@ def record_check(
     if new_state is TargetState.HEALTHY:
         target.reason = REASON_HEALTHY
         target.connect_failures = 0
+        target.healthy_since = result.at
     else:
         target.reason = REASON_TIMEOUT if timed_out else REASON_FAILED
     record.transitions += 1
@@ -99,3 +100,17 @@ def status_matches(matcher: str, status: int) -> bool:
         if int(low) <= status <= int(high or low):
             return True
     return False
+
+
+# A target just out of slow start's first instant still gets a sliver of traffic.
+MIN_RAMP = 0.01
+
+
+def update_ramps(targets: list[Target], now: float, slow_start: float) -> None:
+    """Slow start: a target healthy for ``t`` seconds gets ``t / slow_start`` of its weight."""
+    for target in targets:
+        since = target.healthy_since
+        if since is None or target.state is not TargetState.HEALTHY:
+            target.ramp = 1.0
+        else:
+            target.ramp = min(1.0, max(MIN_RAMP, (now - since) / slow_start))

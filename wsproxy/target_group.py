@@ -35,6 +35,12 @@ class Target:
     reason: str = "Elb.RegistrationInProgress"
     active: int = 0
     connect_failures: int = 0
+    healthy_since: float | None = None  # loop time of the last move to healthy (slow start)
+    ramp: float = 1.0  # slow start: the share of its weight the target gets now, 0-1
+
+    @property
+    def effective_weight(self) -> float:
+        return self.weight * self.ramp
 
     def acquire(self) -> None:
         self.active += 1

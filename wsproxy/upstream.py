@@ -12,7 +12,7 @@ import ssl
 from collections.abc import Callable
 
 from wsproxy.balancer import Balancer
-from wsproxy.config import TargetGroupConfig, TargetTls
+from wsproxy.config import Algorithm, TargetGroupConfig, TargetTls
 from wsproxy.errors import (
     NoTargets,
     TargetConnectTimeout,
@@ -20,7 +20,7 @@ from wsproxy.errors import (
     TargetRefused,
     TargetTlsFailed,
 )
-from wsproxy.health import HealthRecord, record_connect_failure
+from wsproxy.health import HealthRecord, record_connect_failure, update_ramps
 from wsproxy.relay import Endpoint
 from wsproxy.target_group import Target, TargetGroup
 from wsproxy.tls import target_context
@@ -85,6 +85,10 @@ class Upstream:
             candidates = [t for t in candidates if t is not avoid]
             if not candidates:
                 return None
+        slow_start = self.config.slow_start_seconds
+        if slow_start > 0 and self.config.algorithm in (Algorithm.ROUND_ROBIN,
+                                                        Algorithm.LEAST_CONNECTIONS):  # fmt: skip
+            update_ramps(candidates, asyncio.get_running_loop().time(), slow_start)
         return self.balancer.pick(candidates, client_ip)
 
     async def connect(self, target: Target, endpoint: Endpoint, proxy_header: bytes = b"") -> None:
