@@ -236,16 +236,16 @@ targets = [{{ address = "{echo_targets[0].address}" }}]
     assert process.stderr is not None
     try:
         async with asyncio.timeout(15):
-            while b"listening on" not in await process.stderr.readline():
-                pass
+            while b"listening on" not in (line := await process.stderr.readline()):
+                assert line, "wsproxy exited"
         path.write_text(
             base
             + f'[listeners.added]\naddress = "127.0.0.1:{port}"\ndefault_target_group = "chat"\n'
         )
         os.kill(process.pid, signal.SIGHUP)
         async with asyncio.timeout(15):
-            while b"reloaded" not in await process.stderr.readline():
-                pass
+            while b"reloaded" not in (line := await process.stderr.readline()):
+                assert line, "wsproxy exited"
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
     finally:

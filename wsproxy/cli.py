@@ -118,11 +118,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         from wsproxy.proxy import Proxy
 
         proxy = Proxy(config, path=args.config)
-        try:
-            await proxy.start()
-        except OSError as exc:
-            log.error("%s", exc.strerror or exc)
-            return 1
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[list[str]]] = set()
 
@@ -131,7 +126,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
+        # Installed before anything binds: a SIGHUP must never kill a starting proxy.
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
+        try:
+            await proxy.start()
+        except OSError as exc:
+            log.error("%s", exc.strerror or exc)
+            return 1
         await stop.wait()
         loop.remove_signal_handler(signal.SIGHUP)
         await asyncio.gather(*reloads, return_exceptions=True)

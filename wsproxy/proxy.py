@@ -62,6 +62,7 @@ class Proxy:
         self.last_reload_ok = True
         self.last_reload_success_time = time.time()
         self._reload_lock = asyncio.Lock()
+        self._started = asyncio.Event()
         self._stopped = asyncio.Event()
         self._drained = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -79,6 +80,7 @@ class Proxy:
                 await self.admin.start()
             for checker in self.health_checkers:
                 checker.start()
+            self._started.set()
         except BaseException:
             for listener in self.listeners.values():
                 listener.stop_accepting()
@@ -138,6 +140,7 @@ class Proxy:
         source = path or self.path
         if source is None:
             return ["this proxy was not started from a file; nothing to reload"]
+        await self._started.wait()  # a reload during start waits for it
         async with self._reload_lock:
             if self.draining:
                 return ["the proxy is draining; reload refused"]

@@ -56,7 +56,9 @@ targets = [{{ address = "{server.address}" }}]
         port = 0
         async with asyncio.timeout(15):
             while not port:
-                line = (await process.stderr.readline()).decode()
+                raw = await process.stderr.readline()
+                assert raw, "wsproxy exited before listening"
+                line = raw.decode()
                 found = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
                 port = int(found.group(1)) if found else 0
         baseline = rss_bytes(process.pid)
