@@ -251,3 +251,57 @@ targets = [{{ address = "{echo_targets[0].address}" }}]
     finally:
         process.terminate()
         assert await process.wait() == 0
+
+
+async def test_reload_reads_renewed_certificates_for_new_handshakes(
+    tmp_path: Path, echo_targets: list[EchoTarget]
+) -> None:
+    import shutil
+    import ssl
+
+    from tests.helpers.pki import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    cert, key = tmp_path / "edge.pem", tmp_path / "edge.key"
+    for source, dest in zip(pki.files("edge"), (cert, key), strict=True):
+        shutil.copy(source, dest)
+    path = tmp_path / "tls.toml"
+    path.write_text(
+        f"""
+[admin]
+enabled = false
+[listeners.edge]
+address = "127.0.0.1:0"
+protocol = "tls"
+default_target_group = "chat"
+[listeners.edge.tls]
+certificates = [{{ cert = "{cert}", key = "{key}" }}]
+[target_groups.chat]
+targets = [{{ address = "{echo_targets[0].address}" }}]
+"""
+    )
+    proxy = Proxy(load_config(path), path=str(path))
+    await proxy.start()
+    address = listener_address(proxy)
+    context = ssl.create_default_context(cafile=pki.ca_file)
+
+    async def served_serial() -> int:
+        _, writer = await asyncio.open_connection(
+            address.host, address.port, ssl=context, server_hostname="edge.internal"
+        )
+        der = writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+        writer.close()
+        from cryptography import x509
+
+        return x509.load_der_x509_certificate(der).serial_number
+
+    try:
+        before = await served_serial()
+        pki.ca.revoke("edge")
+        renewed = pki.ca.issue_server("edge", ["edge.internal"])
+        shutil.copy(renewed.cert_path, cert)
+        shutil.copy(renewed.key_path, key)
+        assert await proxy.reload() == []
+        assert await served_serial() == renewed.serial != before
+    finally:
+        await proxy.shutdown(grace=1)
