@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from wsproxy.errors import ClientCertRejected, ClientClosed, HttpError, WireError, WsproxyError
 from wsproxy.logs import CONNECTION_FIELDS
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from wsproxy.listener import Listener
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Flow:
@@ -140,6 +141,40 @@ class Flow:
     def begin(self) -> None:
         """Start the flow (runs inside ``connection_made``)."""
         raise NotImplementedError
+
+    def read_prelude(self, feed: Callable[[bytes], T | None], what: str) -> asyncio.Future[T]:
+        """Feed client bytes to a sans-I/O reader until it returns a value (request head,
+        ClientHello): the future gets it, or the reader's ``WireError``, or ``ClientClosed``.
+        Reading pauses once it is done; bytes that still arrive are held, in order."""
+        done: asyncio.Future[T] = self.loop.create_future()
+        client = self.client
+
+        def on_data(data: bytes) -> None:
+            self.handshake_bytes_in += len(data)
+            if done.done():
+                client.hold(data)  # arrived before the pause took effect: keep it, in order
+                return
+            try:
+                result = feed(data)
+            except WireError as exc:
+                client.pause_reading()
+                done.set_exception(exc)
+                return
+            if result is not None:
+                client.pause_reading()
+                done.set_result(result)
+
+        def on_eof() -> bool:
+            if not done.done():
+                done.set_exception(ClientClosed(f"client closed before its {what} ended"))
+            return True
+
+        client.on_data = on_data
+        client.on_eof = on_eof
+        held = client.take_held()
+        if held:
+            on_data(held)
+        return done
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         self.task = self.listener.spawn(coro)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from wsproxy.errors import ClientClosed, ClientHelloTimeout, WireError
+from wsproxy.errors import ClientHelloTimeout
 from wsproxy.flows.base import Flow
 from wsproxy.relay import Endpoint, Relay
 from wsproxy.wire.clienthello import ClientHello, ClientHelloReader
@@ -18,35 +18,9 @@ class PassthroughFlow(Flow):
     def begin(self) -> None:
         config = self.listener.config
         self._reader = ClientHelloReader(config.max_client_hello_bytes)
-        self._hello: asyncio.Future[ClientHello] = self.loop.create_future()
-        client = self.client
-        hello = self._hello
-
-        def on_data(data: bytes) -> None:
-            self.handshake_bytes_in += len(data)
-            if hello.done():
-                client.hold(data)
-                return
-            try:
-                result = self._reader.feed(data)
-            except WireError as exc:
-                client.pause_reading()
-                hello.set_exception(exc)
-                return
-            if result is not None:
-                client.pause_reading()
-                hello.set_result(result)
-
-        def on_eof() -> bool:
-            if not hello.done():
-                hello.set_exception(ClientClosed("client closed before its ClientHello ended"))
-            return True
-
-        client.on_data = on_data
-        client.on_eof = on_eof
-        held = client.take_held()
-        if held:
-            on_data(held)
+        self._hello: asyncio.Future[ClientHello] = self.read_prelude(
+            self._reader.feed, "ClientHello"
+        )
         self.spawn(self.guarded(self._run()))
 
     async def _run(self) -> None:

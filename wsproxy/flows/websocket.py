@@ -19,7 +19,6 @@ from typing import Any
 from wsproxy.errors import (
     BadRequest,
     BadTargetResponse,
-    ClientClosed,
     HeadTooLarge,
     HttpError,
     MalformedBody,
@@ -179,38 +178,8 @@ class WebSocketFlow(Flow):
     # --- 1. request head ------------------------------------------------------------------------
 
     def _start_head_reader(self) -> asyncio.Future[tuple[bytes, bytes]]:
-        config = self.listener.config
-        buffer = HeadBuffer(config.max_request_head_bytes)
-        done: asyncio.Future[tuple[bytes, bytes]] = self.loop.create_future()
-        client = self.client
-        self._head_buffer = buffer
-
-        def on_data(data: bytes) -> None:
-            self.handshake_bytes_in += len(data)
-            if done.done():
-                client.hold(data)  # arrived before the pause took effect: keep it, in order
-                return
-            try:
-                result = buffer.feed(data)
-            except WireError as exc:
-                client.pause_reading()
-                done.set_exception(exc)
-                return
-            if result is not None:
-                client.pause_reading()
-                done.set_result(result)
-
-        def on_eof() -> bool:
-            if not done.done():
-                done.set_exception(ClientClosed("client closed before the request head ended"))
-            return True
-
-        client.on_data = on_data
-        client.on_eof = on_eof
-        held = client.take_held()
-        if held:
-            on_data(held)
-        return done
+        self._head_buffer = HeadBuffer(self.listener.config.max_request_head_bytes)
+        return self.read_prelude(self._head_buffer.feed, "request head")
 
     async def _read_request_head(self) -> tuple[bytes, bytes]:
         config = self.listener.config
