@@ -6,12 +6,12 @@ promptly; no new connection is refused while listeners and target groups change.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import aiohttp
 
 from tests.conftest import listener_address
+from tests.helpers.knock import Knocker
 from wsproxy.config import load_config
 from wsproxy.demo import EchoTarget
 from wsproxy.proxy import Proxy
@@ -47,22 +47,11 @@ async def test_200_sessions_through_reloads_api_changes_and_a_killed_target(
     address = listener_address(proxy)
     assert proxy.admin is not None and proxy.admin.address is not None
     api = f"http://{proxy.admin.address}/v1/target-groups/chat/targets"
-    refused = 0
-    stop = asyncio.Event()
-
-    async def knock() -> None:
-        nonlocal refused
-        while not stop.is_set():
-            try:
-                _, writer = await asyncio.open_connection(address.host, address.port)
-                writer.close()
-            except ConnectionRefusedError:
-                refused += 1
-            await asyncio.sleep(0.005)
+    knocker = Knocker(address)
 
     # aiohttp's default connector holds 100 connections; these 200 sessions need more.
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    knocker = asyncio.create_task(knock())
+    knocker.start()
     try:
         sockets = [await session.ws_connect(f"ws://{address}/s{i}") for i in range(200)]
         on_b = set(range(1, 200, 2))  # round robin: odd sessions went to b
@@ -99,14 +88,11 @@ async def test_200_sessions_through_reloads_api_changes_and_a_killed_target(
                 alive = [i for i in alive if i not in on_b]
             await exchange(alive)
         assert len(alive) == 100
-        stop.set()
-        await knocker
-        assert refused == 0
+        assert await knocker.stop() == 0
         # The surviving sessions live on listeners that reloads replaced (retired), still open.
         everyone = [*proxy.listeners.values(), *proxy.retired]
         assert sum(len(listener.flows) for listener in everyone) == 100
     finally:
-        stop.set()
-        await knocker
+        await knocker.stop()
         await session.close()
         await proxy.shutdown(grace=1)

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import listener_address, wait_for
+from tests.helpers.knock import Knocker
 from wsproxy.config import load_config
 from wsproxy.demo import EchoTarget
 from wsproxy.proxy import Proxy
@@ -166,33 +167,20 @@ async def test_changed_listener_is_rebound_without_refusing_connections(
     address = listener_address(proxy)
     url = f"ws://{address}/"
     live = Sessions()
-    refused = 0
-    stop = asyncio.Event()
-
-    async def knock() -> None:
-        nonlocal refused
-        while not stop.is_set():
-            try:
-                _, writer = await asyncio.open_connection(address.host, address.port)
-                writer.close()
-            except ConnectionRefusedError:
-                refused += 1
-            await asyncio.sleep(0.002)
-
+    knocker = Knocker(address, pause=0.002)
     try:
         await live.open(url, 5)
-        knocker = asyncio.create_task(knock())
+        knocker.start()
         old = proxy.listeners["edge"]
         for timeout in (300, 200, 100):
             pinned(path, proxy, [echo_targets[0]], listener=f"idle_timeout_seconds = {timeout}")
             assert await proxy.reload() == []
             await live.check()  # sessions accepted by the old socket keep flowing
-        stop.set()
-        await knocker
-        assert refused == 0
+        assert await knocker.stop() == 0
         assert proxy.listeners["edge"] is not old
         assert proxy.listeners["edge"].config.idle_timeout_seconds == 100
     finally:
+        await knocker.stop()
         await live.close()
 
 

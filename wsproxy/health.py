@@ -18,7 +18,6 @@ from wsproxy.target_group import Target, TargetState
 
 HISTORY = 10
 
-REASON_INITIAL = "Elb.InitialHealthChecking"
 REASON_FAILED = "Target.FailedHealthChecks"
 REASON_TIMEOUT = "Target.Timeout"
 REASON_PASSIVE = "Target.ConnectFailures"

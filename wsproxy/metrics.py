@@ -37,11 +37,6 @@ class ListenerStats:
     client_certs: Counter[str] = field(default_factory=Counter)  # ok | missing | untrusted | ...
 
 
-class LiveCounters(Protocol):
-    bytes_in: int
-    bytes_out: int
-
-
 class StatsSource(Protocol):
     """What the collector needs from a listener."""
 

@@ -38,7 +38,7 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 class _Direction:
     """One direction of the session: its tracker and the Close the proxy wants to inject into it."""
 
-    __slots__ = ("close_frame", "closes_at_send", "reason", "sent", "stop", "tracker")
+    __slots__ = ("close_frame", "closes_at_send", "sent", "stop", "tracker")
 
     def __init__(self, tracker: FrameTracker) -> None:
         self.tracker = tracker
@@ -46,7 +46,6 @@ class _Direction:
         self.stop = STOP_NONE  # set while a Close waits for a boundary
         self.sent = False  # a Close (ours or the sender's own) has gone out in this direction
         self.closes_at_send = 0
-        self.reason = ""
 
     def at(self, stop: int) -> bool:
         tracker = self.tracker
@@ -263,7 +262,6 @@ class WebSocketRelay(Relay):
                 code, reason.replace("_", " "), mask=self._mask_key() if mask else b""
             )
             direction.stop = stop
-            direction.reason = reason
             if direction.at(stop):
                 self._inject(direction, sink)
         if self._close_deadline is None and not self.done:

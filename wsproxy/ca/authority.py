@@ -65,6 +65,22 @@ def _key_pem(key: PrivateKey) -> bytes:
     )
 
 
+def _key_usage(**granted: bool) -> x509.KeyUsage:
+    """A KeyUsage with only the named bits set (the constructor wants all nine spelled out)."""
+    bits = [
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    ]
+    return x509.KeyUsage(**{bit: granted.get(bit, False) for bit in bits})
+
+
 def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -115,17 +131,7 @@ class CertificateAuthority:
             .not_valid_after(now + dt.timedelta(days=CA_DAYS))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=False,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                _key_usage(key_cert_sign=True, crl_sign=True),
                 critical=True,
             )
             .add_extension(ski, critical=False)
@@ -232,16 +238,8 @@ class CertificateAuthority:
             .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=isinstance(key, rsa.RSAPrivateKey),
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
+                _key_usage(
+                    digital_signature=True, key_encipherment=isinstance(key, rsa.RSAPrivateKey)
                 ),
                 critical=True,
             )
