@@ -5,19 +5,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import re
 import signal
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
+from tests.helpers.process import WSPROXY, start_proxy
 from wsproxy.demo import EchoTarget
-
-WSPROXY = [sys.executable, "-m", "wsproxy"]
 
 
 def run_cli(
@@ -95,46 +92,12 @@ def test_run_on_a_busy_port_exits_1(tmp_path: Path) -> None:
     assert f"listener 'edge': cannot bind 127.0.0.1:{port}" in result.stderr
 
 
-class RunningProxy:
-    def __init__(self, process: asyncio.subprocess.Process, port: int, admin: int) -> None:
-        self.process = process
-        self.port = port
-        self.admin = admin
-        self.stderr_lines: list[str] = []
-
-    async def collect_stderr(self) -> None:
-        assert self.process.stderr is not None
-        async for line in self.process.stderr:
-            self.stderr_lines.append(line.decode())
-
-
 @pytest.fixture
 async def echo() -> AsyncIterator[EchoTarget]:
     target = EchoTarget("echo", greeting=False)
     await target.start()
     yield target
     await target.stop()
-
-
-async def start_proxy(config: Path, *extra: str) -> RunningProxy:
-    process = await asyncio.create_subprocess_exec(
-        *WSPROXY, *extra, "run", "-c", str(config), stderr=asyncio.subprocess.PIPE
-    )
-    assert process.stderr is not None
-    ports: dict[str, int] = {}
-    lines: list[str] = []
-    async with asyncio.timeout(15):
-        while len(ports) < 2:
-            line = (await process.stderr.readline()).decode()
-            assert line, "".join(lines)
-            lines.append(line)
-            if found := re.search(r"listener 'edge' listening on 127\.0\.0\.1:(\d+)", line):
-                ports["edge"] = int(found.group(1))
-            if found := re.search(r"admin listening on http://127\.0\.0\.1:(\d+)", line):
-                ports["admin"] = int(found.group(1))
-    running = RunningProxy(process, ports["edge"], ports["admin"])
-    running.stderr_lines = lines
-    return running
 
 
 def proxy_config(tmp_path: Path, echo: EchoTarget, grace: float) -> Path:

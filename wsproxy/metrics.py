@@ -8,16 +8,56 @@ from __future__ import annotations
 
 import platform
 import ssl
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from wsproxy import __version__
+
+
+class Histogram:
+    """A histogram in plain integers: ``observe`` is a bisect and two additions, and the
+    Prometheus family is built only at scrape time."""
+
+    __slots__ = ("bounds", "counts", "total")
+
+    def __init__(self, bounds: Iterable[float]) -> None:
+        self.bounds = tuple(sorted(bounds))
+        self.counts = [0] * (len(self.bounds) + 1)  # the last one is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound belongs to that bucket (``le`` is inclusive).
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """``(le, count)`` pairs as Prometheus wants them, cumulative, ending with ``+Inf``."""
+        rows: list[tuple[str, float]] = []
+        running = 0
+        labels = [*map(_float_label, self.bounds), "+Inf"]
+        for bound, count in zip(labels, self.counts, strict=True):
+            running += count
+            rows.append((bound, running))
+        return rows
+
+    def add_to(self, family: HistogramMetricFamily, labels: list[str]) -> None:
+        family.add_metric(labels, self.cumulative(), self.total)
+
+
+def _float_label(value: float) -> str:
+    return repr(float(value))
 
 
 @dataclass(slots=True)
@@ -66,7 +106,9 @@ class ProxyCollector(Collector):
         upstreams: Callable[[], Iterable[TargetSource]],
         draining: Callable[[], bool],
         reloads: Callable[[], tuple[dict[str, int], bool, float]] | None = None,
+        loop_lag: Histogram | None = None,
     ) -> None:
+        self._loop_lag = loop_lag
         self._listeners = listeners
         self._upstreams = upstreams
         self._draining = draining
@@ -168,6 +210,14 @@ class ProxyCollector(Collector):
         draining = GaugeMetricFamily("wsproxy_draining", "1 while the proxy is shutting down")
         draining.add_metric([], 1 if self._draining() else 0)
         yield draining
+        if self._loop_lag is not None:
+            lag = HistogramMetricFamily(
+                "wsproxy_event_loop_lag_seconds",
+                "How late the event loop ran a periodic timer (every session shares the loop)",
+                labels=[],
+            )
+            self._loop_lag.add_to(lag, [])
+            yield lag
         if self._reloads is not None:
             counts, ok, when = self._reloads()
             reloads = CounterMetricFamily(

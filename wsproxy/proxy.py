@@ -17,6 +17,7 @@ from wsproxy.config import Config, TargetGroupConfig, TargetTls, load_config
 from wsproxy.errors import ConfigError, TargetExists, WsproxyError
 from wsproxy.health_checker import HealthChecker
 from wsproxy.listener import Listener
+from wsproxy.loop_lag import LoopLagMonitor
 from wsproxy.metrics import Metrics, ProxyCollector
 from wsproxy.target_group import Target, TargetGroup, TargetState
 from wsproxy.tls import ServerTls, target_context
@@ -43,12 +44,14 @@ class Proxy:
             for name, listener_config in config.listeners.items()
         }
         self.draining = False
+        self.loop_lag = LoopLagMonitor()
         self.metrics = Metrics(
             ProxyCollector(
                 lambda: self.listeners.values(),
                 lambda: self.upstreams.values(),
                 lambda: self.draining,
                 lambda: (self.reloads, self.last_reload_ok, self.last_reload_success_time),
+                self.loop_lag.histogram,
             )
         )
         self.admin = AdminServer(self, config.admin.address) if config.admin.enabled else None
@@ -80,6 +83,7 @@ class Proxy:
                 await self.admin.start()
             for checker in self.health_checkers:
                 checker.start()
+            self.loop_lag.start()
             self._started.set()
         except BaseException:
             for listener in self.listeners.values():
@@ -118,6 +122,7 @@ class Proxy:
             return
         for checker in self.health_checkers:
             await checker.stop()
+        self.loop_lag.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
