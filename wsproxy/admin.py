@@ -12,6 +12,7 @@ from aiohttp import web
 
 from wsproxy.address import Address, parse_address
 from wsproxy.errors import TargetExists
+from wsproxy.logs import log_event
 
 if TYPE_CHECKING:
     from wsproxy.proxy import Proxy
@@ -51,7 +52,8 @@ class AdminServer:
         await site.start()
         bound = self._runner.addresses[0]
         self.address = Address(str(bound[0]), int(bound[1]))
-        log.info("admin listening on http://%s/", self.address)
+        log_event(log, "admin_up", "admin listening on http://%s/", self.address,
+                  address=str(self.address))  # fmt: skip
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except KeyboardInterrupt:
         return 1
+    finally:
+        logs.flush()
 
 
 __all__ = ["Config", "main"]

@@ -217,6 +217,10 @@ class ListenerConfig(_Section):
     websocket: bool = False
     websocket_only: bool = False
     default_target_group: Name | None = None
+    # Connections open at once (TLS handshakes in progress included); more are closed at
+    # accept and counted as rejected with reason "limit" (HAProxy's maxconn, Envoy's
+    # max_connections). The proxy's descriptor limit must be above the sum over listeners.
+    max_connections: int = Field(10_000, ge=1, le=1_000_000)
     idle_timeout_seconds: float = Field(350.0, gt=0, le=7 * 24 * 3600)
     # Websocket mode: ping a client silent this long (0: never); no pong in time ends the session.
     ping_interval_seconds: float = Field(30.0, ge=0, le=3600)

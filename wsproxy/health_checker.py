@@ -9,7 +9,7 @@ import random
 from wsproxy.config import HealthCheckConfig
 from wsproxy.health import CheckResult, record_check
 from wsproxy.probe import run_probe
-from wsproxy.target_group import Target, TargetState
+from wsproxy.target_group import Target, TargetState, log_target_state
 from wsproxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -26,7 +26,6 @@ class HealthChecker:
         self.check = check
         self._rng = rng
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        self.checks_total: dict[str, int] = {"ok": 0, "failed": 0, "timeout": 0}
 
     def start(self) -> None:
         for target in self.upstream.group.targets:
@@ -57,7 +56,11 @@ class HealthChecker:
                 server_name=tls_config.server_name if tls_config else None,
                 proxy_v2=upstream.config.proxy_protocol_v2,
             )
-            self.checks_total["ok" if ok else "timeout" if timed_out else "failed"] += 1
+            address = str(target.address)
+            stats = upstream.stats
+            stats.health_checks[
+                (address, "ok" if ok else "timeout" if timed_out else "failed")
+            ] += 1
             record = upstream.health_record(target)
             before = target.state
             if record_check(
@@ -68,13 +71,8 @@ class HealthChecker:
                 unhealthy_threshold=check.unhealthy_threshold,
                 timed_out=timed_out,
             ):
-                log.info(
-                    "target group '%s': target %s %s -> %s (%s)",
-                    upstream.name,
-                    target.address,
-                    before.value,
-                    target.state.value,
-                    detail,
-                )
+                if TargetState.UNHEALTHY in (before, target.state):
+                    stats.transitions[address] += 1
+                log_target_state(upstream.name, target, before, detail)
             jitter = 1 + self._rng.uniform(-JITTER, JITTER)
             await asyncio.sleep(check.interval_seconds * jitter)

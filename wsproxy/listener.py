@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any
 
@@ -16,10 +17,11 @@ from wsproxy.flows.base import Flow
 from wsproxy.flows.passthrough import PassthroughFlow
 from wsproxy.flows.tcp import TcpFlow
 from wsproxy.flows.websocket import WebSocketFlow
-from wsproxy.logs import CONNECTION_FIELDS, log_connection
-from wsproxy.metrics import ListenerStats
+from wsproxy.logs import CONNECTION_FIELDS, log_connection, log_event
+from wsproxy.metrics import ListenerStats, LiveCounts, close_code_label
 from wsproxy.relay import Endpoint
 from wsproxy.routing import Router, Rule, SniRouter
+from wsproxy.termination import PHASE_ACCEPT, PHASE_PROXY_HEADER, PHASE_TLS, termination
 from wsproxy.tls import ServerTls, classify_handshake_failure
 from wsproxy.upstream import Upstream
 from wsproxy.wire.proxyproto import ProxyHeader, ProxyHeaderReader
@@ -46,7 +48,11 @@ class Listener:
     """Binds ``config.address`` and runs a flow for every connection it accepts."""
 
     def __init__(
-        self, name: str, config: ListenerConfig, upstreams: Mapping[str, Upstream]
+        self,
+        name: str,
+        config: ListenerConfig,
+        upstreams: Mapping[str, Upstream],
+        stats: ListenerStats | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -61,7 +67,7 @@ class Listener:
             [(rule.sni, rule.target_group) for rule in config.rules if rule.sni is not None],
             config.default_target_group,
         )
-        self.stats = ListenerStats()
+        self.stats = stats if stats is not None else ListenerStats()
         self.flows: set[Flow] = set()
         self.address: Address | None = None
         self._upstreams = upstreams
@@ -70,6 +76,7 @@ class Listener:
         self._all_closed = asyncio.Event()
         self._socket: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
+        self._handshakes = 0  # TLS handshakes in progress (they count toward max_connections)
         self.tls: ServerTls | None = None
         if config.tls is not None:
             # ALPN http/1.1 in websocket mode: the only protocol the flow speaks.
@@ -110,7 +117,8 @@ class Listener:
                 f"listener '{self.name}': cannot bind {self.config.address}: {exc.strerror}",
             ) from None
         self.address = Address(str(bound[0]), int(bound[1]))
-        log.info("listener '%s' listening on %s", self.name, self.address)
+        log_event(log, "listener_up", "listener '%s' listening on %s", self.name, self.address,
+                  listener=self.name, address=str(self.address))  # fmt: skip
 
     async def _accept_tls(self, listening: socket.socket) -> None:
         """Accept, then run each TLS handshake in its own task so its failure can be classified
@@ -124,13 +132,34 @@ class Listener:
                 await asyncio.sleep(0.1)
                 continue
             # The current contexts: a new CRL swaps them for new connections.
-            if self.tls is not None:
+            if self.at_limit():
+                self._refuse_over_limit(connection)
+            elif self.tls is not None:
                 self.spawn(self._handshake(connection, self.tls))
 
+    def at_limit(self) -> bool:
+        return self.stats.active + self._handshakes >= self.config.max_connections
+
+    def _refuse_over_limit(self, connection: socket.socket) -> None:
+        try:
+            peer = connection.getpeername()
+        except OSError:
+            peer = ("", 0)
+        connection.close()
+        detail = f"over max_connections ({self.config.max_connections})"
+        self._handshake_failed("limit", detail, peer, 0.0, PHASE_ACCEPT)
+
     async def _handshake(self, connection: socket.socket, tls: ServerTls) -> None:
+        self._handshakes += 1
+        try:
+            await self._run_handshake(connection, tls)
+        finally:
+            self._handshakes -= 1
+
+    async def _run_handshake(self, connection: socket.socket, tls: ServerTls) -> None:
         loop = asyncio.get_running_loop()
         flow = self._new_flow()
-        started = loop.time()
+        started = time.perf_counter()  # loop.time() ticks in whole ms under uvloop
         try:
             peer = connection.getpeername()
         except OSError:
@@ -144,7 +173,9 @@ class Listener:
                 reason = exc.reason if isinstance(exc, WireError) else "proxy_protocol_timeout"
                 if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
                     reason = "client_closed"
-                self._handshake_failed(reason, str(exc) or reason, peer, loop.time() - started)
+                elapsed = time.perf_counter() - started
+                detail = str(exc) or reason
+                self._handshake_failed(reason, detail, peer, elapsed, PHASE_PROXY_HEADER)
                 return
             if flow.proxied.source is not None:
                 peer = flow.proxied.source
@@ -161,9 +192,10 @@ class Listener:
         except Exception as exc:  # noqa: BLE001  # connection boundary: every failed handshake is classified, counted and logged once
             connection.close()
             reason, detail = classify_handshake_failure(exc)
-            self._handshake_failed(reason, detail, peer, loop.time() - started)
+            self._handshake_failed(reason, detail, peer, time.perf_counter() - started)
             return
         self.stats.tls_handshakes["ok"] += 1
+        self.stats.handshake_seconds.observe(time.perf_counter() - started)
 
     async def _read_proxy_header(self, connection: socket.socket) -> ProxyHeader:
         loop = asyncio.get_running_loop()
@@ -213,11 +245,17 @@ class Listener:
             )
 
     def _handshake_failed(
-        self, reason: str, detail: str, peer: tuple[str, int], duration: float
+        self,
+        reason: str,
+        detail: str,
+        peer: tuple[str, int],
+        duration: float,
+        phase: str = PHASE_TLS,
     ) -> None:
         stats = self.stats
         stats.connections += 1
-        stats.tls_handshakes[reason] += 1
+        if phase != PHASE_ACCEPT:
+            stats.tls_handshakes[reason] += 1
         if reason.startswith("client_cert_"):
             stats.client_certs[reason.removeprefix("client_cert_")] += 1
         if reason != "client_closed":
@@ -231,6 +269,7 @@ class Listener:
             bytes_out=0,
             duration_seconds=round(duration, 6),
             reason=reason,
+            termination=termination(reason, phase),
         )
         log_connection(entry)
 
@@ -298,6 +337,13 @@ class Listener:
         self.stats.connections += 1
         self.stats.active += 1
 
+    def flow_refused(self, flow: Flow) -> None:
+        """Over ``max_connections``: counted and logged, never tracked as a live flow."""
+        self.stats.connections += 1
+        self.stats.active += 1  # flow_finished takes it back
+        self.flows.add(flow)
+        flow.finish("limit")
+
     def flow_finished(self, flow: Flow, reason: str, bytes_in: int, bytes_out: int) -> None:
         self.flows.discard(flow)
         if not self.flows:
@@ -306,8 +352,11 @@ class Listener:
         stats.active -= 1
         stats.bytes_in += bytes_in
         stats.bytes_out += bytes_out
-        if flow.relay is None and reason not in _NOT_REJECTED:
-            stats.rejected[reason] += 1
+        if flow.relay is None:
+            if reason not in _NOT_REJECTED:
+                stats.rejected[reason] += 1
+        else:
+            stats.session_seconds.observe(flow.loop.time() - flow.started)
         log_connection(flow.log)
 
     def count_upgrade(self, target_group: str, result: str) -> None:
@@ -315,11 +364,23 @@ class Listener:
 
     def count_session(self, relay: WebSocketRelay) -> None:
         stats = self.stats
-        stats.messages_in += relay.upstream.tracker.messages
-        stats.messages_out += relay.downstream.tracker.messages
+        inbound, outbound = relay.upstream.tracker, relay.downstream.tracker
+        stats.messages_in += inbound.messages
+        stats.messages_out += outbound.messages
+        stats.frames_in += inbound.frames
+        stats.frames_out += outbound.frames
         code = relay.close_code if relay.close_code is not None else 1006
-        stats.closes[(relay.close_initiator or "none", code)] += 1
+        stats.closes[(relay.close_initiator or "none", close_code_label(code))] += 1
 
-    def live_byte_counts(self) -> Iterator[tuple[int, int]]:
+    # --- metrics (read at scrape time) ----------------------------------------------------------
+
+    def live_counts(self) -> Iterator[LiveCounts]:
         for flow in self.flows:
-            yield flow.live_bytes
+            yield flow.live_counts()
+
+    @property
+    def connection_limit(self) -> int:
+        return self.config.max_connections
+
+    def tls_expiries(self) -> dict[str, float]:
+        return self.tls.expiries if self.tls is not None else {}

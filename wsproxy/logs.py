@@ -1,12 +1,20 @@
-"""Logging setup (text or JSON on stderr) and the one line per finished connection."""
+"""Logging setup (text or JSON on stderr), the one line per finished connection, lifecycle events.
+
+Lines are formatted on the event loop but written by a thread of their own through a bounded
+queue: when stderr is slow or blocked (a full pipe, a stalled journald), lines are dropped and
+counted (``wsproxy_log_lines_dropped_total``) instead of stalling every session on a write.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import queue
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, TextIO
 
 ACCESS_LOGGER = "wsproxy.access"
 
@@ -27,6 +35,7 @@ CONNECTION_FIELDS = (
     "duration_seconds",
     "close_code",
     "reason",
+    "termination",
 )
 
 
@@ -45,6 +54,10 @@ class JsonFormatter(logging.Formatter):
             entry["event"] = "connection"
             entry.update(connection)
         else:
+            event = getattr(record, "event", None)
+            if isinstance(event, str):
+                entry["event"] = event
+                entry.update(getattr(record, "fields", {}))
             entry["message"] = record.getMessage()
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -65,15 +78,105 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
-def configure(level: str = "info", fmt: str = "text") -> None:
+class NonBlockingHandler(logging.Handler):
+    """Formats on the caller's thread, writes on its own; drops (and counts) when the queue is
+    full rather than blocking the event loop."""
+
+    def __init__(self, stream: TextIO, capacity: int = 10_000) -> None:
+        super().__init__()
+        self.stream = stream
+        self._queue: queue.Queue[str | None] = queue.Queue(maxsize=capacity)
+        self.dropped_full = 0  # counted by emitters
+        self.dropped_failed = 0  # counted by the writer thread (stderr closed or broken)
+        self._writer = threading.Thread(target=self._write, name="wsproxy-log", daemon=True)
+        self._writer.start()
+
+    @property
+    def dropped(self) -> int:
+        return self.dropped_full + self.dropped_failed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:  # noqa: BLE001  # logging must never raise into the data path
+            self.handleError(record)
+            return
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped_full += 1
+
+    def _write(self) -> None:
+        while True:
+            line = self._queue.get()
+            if line is None:
+                return
+            batch = [line]
+            while len(batch) < 256:  # one write for a burst of lines
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._flush(batch)
+                    return
+                batch.append(more)
+            self._flush(batch)
+
+    def _flush(self, batch: list[str]) -> None:
+        try:
+            self.stream.write("".join(batch))
+            self.stream.flush()
+        except (OSError, ValueError):
+            self.dropped_failed += len(batch)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued, waiting at most ``timeout`` seconds for a blocked stderr."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put(None, timeout=timeout)
+        self._writer.join(timeout)
+        super().close()
+
+
+_handler: NonBlockingHandler | None = None
+
+
+def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Send every wsproxy log to stderr; called once, by the CLI."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    global _handler  # one handler per process, replaced by a new configure()
+    if _handler is not None:
+        _handler.close()
+    _handler = NonBlockingHandler(stream or sys.stderr)
+    _handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_handler]
     root.setLevel(level.upper())
     # aiohttp's own access log would duplicate ours for the admin listener.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def flush() -> None:
+    """At exit: write out what is queued (bounded wait)."""
+    if _handler is not None:
+        _handler.close()
+
+
+def lines_dropped() -> int:
+    """Log lines dropped so far because stderr could not keep up."""
+    return _handler.dropped if _handler is not None else 0
+
+
+def log_event(
+    logger: logging.Logger,
+    event: str,
+    message: str,
+    *args: object,
+    level: int = logging.INFO,
+    **fields: Any,
+) -> None:
+    """A lifecycle event (listener up, target state, reload, drain): a readable message in text
+    logs; in JSON, ``event`` plus ``fields`` at top level so they can be queried."""
+    logger.log(level, message, *args, extra={"event": event, "fields": fields})
 
 
 def log_connection(fields: dict[str, Any]) -> None:

@@ -10,11 +10,11 @@ import platform
 import ssl
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -60,25 +60,65 @@ def _float_label(value: float) -> str:
     return repr(float(value))
 
 
+# Buckets: TLS handshakes and target connects take milliseconds; sessions last seconds to days.
+HANDSHAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SESSION_BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0, 12 * 3600.0, 86400.0)
+
+# Close codes a client may send are 1000-4999; only the registered ones become label values, the
+# application ranges are folded so a client cannot mint new time series (RFC 6455 §7.4).
+_REGISTERED_CLOSE_CODES = frozenset((*range(1000, 1004), *range(1005, 1016)))
+
+
+def close_code_label(code: int) -> str:
+    if code in _REGISTERED_CLOSE_CODES:
+        return str(code)
+    if 3000 <= code <= 3999:
+        return "3xxx"
+    if 4000 <= code <= 4999:
+        return "4xxx"
+    return "other"
+
+
 @dataclass(slots=True)
 class ListenerStats:
-    """What happened on one listener since start; updated in place, read at scrape time."""
+    """What happened on one listener name since start; updated in place, read at scrape time.
+
+    Kept per name by the proxy, so a listener rebound by a reload continues the same counts.
+    Byte, message and frame totals cover finished connections; live ones are added at scrape.
+    """
 
     connections: int = 0
     active: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     upgrades: Counter[tuple[str, str]] = field(default_factory=Counter)  # (target_group, result)
-    closes: Counter[tuple[str, int]] = field(default_factory=Counter)  # (initiator, code)
-    bytes_in: int = 0  # finished connections only; live ones are added at scrape time
+    closes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (initiator, code label)
+    bytes_in: int = 0
     bytes_out: int = 0
     messages_in: int = 0
     messages_out: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
     tls_handshakes: Counter[str] = field(default_factory=Counter)  # result
     client_certs: Counter[str] = field(default_factory=Counter)  # ok | missing | untrusted | ...
+    handshake_seconds: Histogram = field(default_factory=lambda: Histogram(HANDSHAKE_BUCKETS))
+    session_seconds: Histogram = field(default_factory=lambda: Histogram(SESSION_BUCKETS))
 
 
-class StatsSource(Protocol):
-    """What the collector needs from a listener."""
+@dataclass(slots=True)
+class LiveCounts:
+    """One open connection's counts so far (``target_group`` is None until it has a session)."""
+
+    target_group: str | None
+    bytes_in: int
+    bytes_out: int
+    messages_in: int = 0
+    messages_out: int = 0
+    frames_in: int = 0
+    frames_out: int = 0
+
+
+class ListenerView(Protocol):
+    """What the collector reads from a listener (current, or retired by a reload)."""
 
     @property
     def name(self) -> str: ...
@@ -86,164 +126,326 @@ class StatsSource(Protocol):
     @property
     def stats(self) -> ListenerStats: ...
 
-    def live_byte_counts(self) -> Iterable[tuple[int, int]]: ...
+    @property
+    def connection_limit(self) -> int: ...
+
+    def live_counts(self) -> Iterable[LiveCounts]: ...
+
+    def tls_expiries(self) -> dict[str, float]: ...
 
 
-class TargetSource(Protocol):
+@dataclass(slots=True)
+class TargetGroupStats:
+    """Counts of one target group, by target address; kept on its ``Upstream``."""
+
+    connect_errors: Counter[tuple[str, str]] = field(default_factory=Counter)  # (target, reason)
+    health_checks: Counter[tuple[str, str]] = field(default_factory=Counter)  # (target, result)
+    transitions: Counter[str] = field(default_factory=Counter)  # target
+    connect_seconds: Histogram = field(default_factory=lambda: Histogram(HANDSHAKE_BUCKETS))
+
+    def connect_errors_by_reason(self) -> Counter[str]:
+        totals: Counter[str] = Counter()
+        for (_target, reason), count in self.connect_errors.items():
+            totals[reason] += count
+        return totals
+
+
+class TargetGroupView(Protocol):
     @property
     def name(self) -> str: ...
 
     @property
-    def connect_errors(self) -> dict[str, int]: ...
+    def stats(self) -> TargetGroupStats: ...
 
     def target_rows(self) -> Iterable[tuple[str, str, int]]: ...  # (address, state, active)
 
 
+TARGET_STATES = ("initial", "healthy", "unhealthy", "draining", "unused")
+
+
+class ProxyView(Protocol):
+    """What the collector reads from the proxy as a whole."""
+
+    @property
+    def draining(self) -> bool: ...
+
+    def metric_listeners(self) -> Iterable[ListenerView]: ...
+
+    def metric_target_groups(self) -> Iterable[TargetGroupView]: ...
+
+    def reload_status(self) -> tuple[dict[str, int], bool, float]: ...
+
+    @property
+    def loop_lag(self) -> Histogram: ...
+
+    @property
+    def log_lines_dropped(self) -> int: ...
+
+
+def _counter(name: str, doc: str, *labels: str) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, labels=list(labels))
+
+
+def _gauge(name: str, doc: str, *labels: str) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, labels=list(labels))
+
+
+def _histogram(name: str, doc: str, *labels: str) -> HistogramMetricFamily:
+    return HistogramMetricFamily(name, doc, labels=list(labels))
+
+
 class ProxyCollector(Collector):
-    def __init__(
-        self,
-        listeners: Callable[[], Iterable[StatsSource]],
-        upstreams: Callable[[], Iterable[TargetSource]],
-        draining: Callable[[], bool],
-        reloads: Callable[[], tuple[dict[str, int], bool, float]] | None = None,
-        loop_lag: Histogram | None = None,
-    ) -> None:
-        self._loop_lag = loop_lag
-        self._listeners = listeners
-        self._upstreams = upstreams
-        self._draining = draining
-        self._reloads = reloads
+    """Builds every wsproxy metric family from plain counters when ``/metrics`` is scraped."""
+
+    def __init__(self, proxy: ProxyView) -> None:
+        self._proxy = proxy
 
     def collect(self) -> Iterator[Metric]:
-        info = GaugeMetricFamily(
+        info = _gauge(
             "wsproxy_build_info",
             "wsproxy build and runtime versions",
-            labels=["version", "python", "loop", "openssl"],
+            "version",
+            "python",
+            "loop",
+            "openssl",
         )
         info.add_metric([__version__, platform.python_version(), "uvloop", ssl.OPENSSL_VERSION], 1)
         yield info
-        conns = CounterMetricFamily(
-            "wsproxy_listener_connections", "Connections accepted", labels=["listener"]
+        yield from self._listener_metrics()
+        yield from self._target_metrics()
+        yield from self._process_state()
+
+    def _listener_metrics(self) -> Iterator[Metric]:
+        conns = _counter("wsproxy_listener_connections", "Connections accepted", "listener")
+        active = _gauge("wsproxy_listener_connections_active", "Connections open now", "listener")
+        limit = _gauge(
+            "wsproxy_listener_connections_limit",
+            "max_connections of the listener (alert before active reaches it)",
+            "listener",
         )
-        active = GaugeMetricFamily(
-            "wsproxy_listener_connections_active", "Connections open now", labels=["listener"]
-        )
-        rejected = CounterMetricFamily(
+        rejected = _counter(
             "wsproxy_listener_connections_rejected",
             "Connections ended by the proxy before reaching a target, by reason",
-            labels=["listener", "reason"],
+            "listener",
+            "reason",
         )
-        upgrades = CounterMetricFamily(
-            "wsproxy_websocket_upgrades",
-            "WebSocket upgrade attempts by result",
-            labels=["listener", "target_group", "result"],
+        handshakes = _counter(
+            "wsproxy_tls_handshakes", "TLS handshakes by result", "listener", "result"
         )
-        closes = CounterMetricFamily(
-            "wsproxy_websocket_closes",
-            "WebSocket sessions closed, by who started the close and the code",
-            labels=["listener", "initiator", "code"],
+        handshake_seconds = _histogram(
+            "wsproxy_tls_handshake_duration_seconds",
+            "Time from accept to a completed TLS handshake",
+            "listener",
         )
-        messages = CounterMetricFamily(
-            "wsproxy_websocket_messages",
-            "WebSocket messages relayed (counted by finished sessions)",
-            labels=["listener", "direction"],
-        )
-        byte_total = CounterMetricFamily(
-            "wsproxy_bytes", "Bytes relayed", labels=["listener", "direction"]
-        )
-        handshakes = CounterMetricFamily(
-            "wsproxy_tls_handshakes", "TLS handshakes by result", labels=["listener", "result"]
-        )
-        client_certs = CounterMetricFamily(
+        client_certs = _counter(
             "wsproxy_client_cert_verifications",
             "Client certificate checks by result",
-            labels=["listener", "result"],
+            "listener",
+            "result",
         )
-        for listener in self._listeners():
-            stats = listener.stats
+        upgrades = _counter(
+            "wsproxy_websocket_upgrades",
+            "WebSocket upgrade attempts by result",
+            "listener",
+            "target_group",
+            "result",
+        )
+        messages = _counter(
+            "wsproxy_websocket_messages", "WebSocket messages relayed", "listener", "direction"
+        )
+        frames = _counter(
+            "wsproxy_websocket_frames", "WebSocket frames relayed", "listener", "direction"
+        )
+        closes = _counter(
+            "wsproxy_websocket_closes",
+            "WebSocket sessions closed, by who started the close and the close code",
+            "listener",
+            "initiator",
+            "code",
+        )
+        sessions = _gauge(
+            "wsproxy_sessions_active",
+            "Client connections relayed to a target now",
+            "listener",
+            "target_group",
+        )
+        session_seconds = _histogram(
+            "wsproxy_session_duration_seconds", "How long finished sessions lasted", "listener"
+        )
+        byte_total = _counter("wsproxy_bytes", "Bytes relayed", "listener", "direction")
+        not_after = _gauge(
+            "wsproxy_certificate_not_after_timestamp_seconds",
+            "When TLS material runs out: server certificates and client CA (earliest not-after),"
+            " CRL (next update)",
+            "listener",
+            "role",
+        )
+        seen: dict[str, tuple[ListenerStats, LiveCounts, Counter[str]]] = {}
+        expiries: dict[str, dict[str, float]] = {}
+        limits: dict[str, int] = {}
+        for listener in self._proxy.metric_listeners():
             name = listener.name
+            if name not in seen:
+                seen[name] = (listener.stats, LiveCounts(None, 0, 0), Counter())
+                # The current listener comes first: its settings are the ones in force.
+                expiries[name] = listener.tls_expiries()
+                limits[name] = listener.connection_limit
+            _stats, live, per_group = seen[name]
+            for counts in listener.live_counts():
+                live.bytes_in += counts.bytes_in
+                live.bytes_out += counts.bytes_out
+                live.messages_in += counts.messages_in
+                live.messages_out += counts.messages_out
+                live.frames_in += counts.frames_in
+                live.frames_out += counts.frames_out
+                if counts.target_group is not None:
+                    per_group[counts.target_group] += 1
+        for name, (stats, live, per_group) in seen.items():
             conns.add_metric([name], stats.connections)
             active.add_metric([name], stats.active)
+            limit.add_metric([name], limits[name])
             for reason, count in sorted(stats.rejected.items()):
                 rejected.add_metric([name, reason], count)
-            for (group, result), count in sorted(stats.upgrades.items()):
-                upgrades.add_metric([name, group, result], count)
-            for (initiator, code), count in sorted(stats.closes.items()):
-                closes.add_metric([name, initiator, str(code)], count)
             for result, count in sorted(stats.tls_handshakes.items()):
                 handshakes.add_metric([name, result], count)
             for result, count in sorted(stats.client_certs.items()):
                 client_certs.add_metric([name, result], count)
-            messages.add_metric([name, "client_to_target"], stats.messages_in)
-            messages.add_metric([name, "target_to_client"], stats.messages_out)
-            live_in = live_out = 0
-            for b_in, b_out in listener.live_byte_counts():
-                live_in += b_in
-                live_out += b_out
-            byte_total.add_metric([name, "client_to_target"], stats.bytes_in + live_in)
-            byte_total.add_metric([name, "target_to_client"], stats.bytes_out + live_out)
-        yield from (conns, active, rejected, upgrades, closes, messages, byte_total)
-        yield from (handshakes, client_certs)
+            for (group, result), count in sorted(stats.upgrades.items()):
+                upgrades.add_metric([name, group, result], count)
+            for (initiator, code), count in sorted(stats.closes.items()):
+                closes.add_metric([name, initiator, code], count)
+            for group, count in sorted(per_group.items()):
+                sessions.add_metric([name, group], count)
+            _directions(messages, name, stats.messages_in + live.messages_in,
+                        stats.messages_out + live.messages_out)  # fmt: skip
+            _directions(frames, name, stats.frames_in + live.frames_in,
+                        stats.frames_out + live.frames_out)  # fmt: skip
+            _directions(byte_total, name, stats.bytes_in + live.bytes_in,
+                        stats.bytes_out + live.bytes_out)  # fmt: skip
+            if stats.tls_handshakes:
+                stats.handshake_seconds.add_to(handshake_seconds, [name])
+            stats.session_seconds.add_to(session_seconds, [name])
+            for role, when in sorted(expiries[name].items()):
+                not_after.add_metric([name, role], when)
+        yield from (conns, active, limit, rejected, handshakes, handshake_seconds, client_certs)
+        yield from (upgrades, messages, frames, closes, sessions, session_seconds, byte_total)
+        yield not_after
 
-        target_active = GaugeMetricFamily(
+    def _target_metrics(self) -> Iterator[Metric]:
+        target_active = _gauge(
             "wsproxy_target_connections_active",
             "Client connections assigned to a target",
-            labels=["target_group", "target"],
+            "target_group",
+            "target",
         )
-        target_state = GaugeMetricFamily(
+        target_state = _gauge(
             "wsproxy_target_state",
-            "1 for the target's current state",
-            labels=["target_group", "target", "state"],
+            "1 for the target's current state, 0 for the others",
+            "target_group",
+            "target",
+            "state",
         )
-        connect_errors = CounterMetricFamily(
+        healthy = _gauge(
+            "wsproxy_target_group_healthy_targets", "Targets in state healthy", "target_group"
+        )
+        unhealthy = _gauge(
+            "wsproxy_target_group_unhealthy_targets",
+            "Targets in state unhealthy",
+            "target_group",
+        )
+        connect_errors = _counter(
             "wsproxy_target_connect_errors",
             "Failed connects to targets, by reason",
-            labels=["target_group", "reason"],
+            "target_group",
+            "target",
+            "reason",
         )
-        for upstream in self._upstreams():
-            for address, state, count in upstream.target_rows():
-                target_active.add_metric([upstream.name, address], count)
-                target_state.add_metric([upstream.name, address, state], 1)
-            for reason, count in sorted(upstream.connect_errors.items()):
-                connect_errors.add_metric([upstream.name, reason], count)
-        yield from (target_active, target_state, connect_errors)
-        draining = GaugeMetricFamily("wsproxy_draining", "1 while the proxy is shutting down")
-        draining.add_metric([], 1 if self._draining() else 0)
+        connect_seconds = _histogram(
+            "wsproxy_target_connect_duration_seconds",
+            "Time to connect to a target (TLS handshake included)",
+            "target_group",
+        )
+        checks = _counter(
+            "wsproxy_health_checks",
+            "Active health checks by result",
+            "target_group",
+            "target",
+            "result",
+        )
+        transitions = _counter(
+            "wsproxy_target_health_transitions",
+            "Changes between healthy and unhealthy (active and passive checks)",
+            "target_group",
+            "target",
+        )
+        for group in self._proxy.metric_target_groups():
+            name = group.name
+            states: Counter[str] = Counter()
+            for address, state, count in group.target_rows():
+                states[state] += 1
+                target_active.add_metric([name, address], count)
+                for candidate in TARGET_STATES:
+                    target_state.add_metric([name, address, candidate], int(candidate == state))
+            healthy.add_metric([name], states["healthy"])
+            unhealthy.add_metric([name], states["unhealthy"])
+            stats = group.stats
+            for (address, reason), count in sorted(stats.connect_errors.items()):
+                connect_errors.add_metric([name, address, reason], count)
+            for (address, result), count in sorted(stats.health_checks.items()):
+                checks.add_metric([name, address, result], count)
+            for address, count in sorted(stats.transitions.items()):
+                transitions.add_metric([name, address], count)
+            stats.connect_seconds.add_to(connect_seconds, [name])
+        yield from (target_active, target_state, healthy, unhealthy)
+        yield from (connect_errors, connect_seconds, checks, transitions)
+
+    def _process_state(self) -> Iterator[Metric]:
+        proxy = self._proxy
+        draining = _gauge("wsproxy_draining", "1 while the proxy drains its connections")
+        draining.add_metric([], 1 if proxy.draining else 0)
         yield draining
-        if self._loop_lag is not None:
-            lag = HistogramMetricFamily(
-                "wsproxy_event_loop_lag_seconds",
-                "How late the event loop ran a periodic timer (every session shares the loop)",
-                labels=[],
-            )
-            self._loop_lag.add_to(lag, [])
-            yield lag
-        if self._reloads is not None:
-            counts, ok, when = self._reloads()
-            reloads = CounterMetricFamily(
-                "wsproxy_config_reloads", "Config reloads by result", labels=["result"]
-            )
-            for result, count in sorted(counts.items()):
-                reloads.add_metric([result], count)
-            yield reloads
-            yield GaugeMetricFamily(
-                "wsproxy_config_last_reload_successful",
-                "1 if the last reload succeeded",
-                value=1 if ok else 0,
-            )
-            yield GaugeMetricFamily(
-                "wsproxy_config_last_reload_success_timestamp_seconds",
-                "When the configuration last loaded successfully",
-                value=when,
-            )
+        counts, ok, when = proxy.reload_status()
+        reloads = _counter("wsproxy_config_reloads", "Config reloads by result", "result")
+        for result, count in sorted(counts.items()):
+            reloads.add_metric([result], count)
+        yield reloads
+        yield GaugeMetricFamily(
+            "wsproxy_config_last_reload_successful",
+            "1 if the last reload succeeded (or none was tried)",
+            value=1 if ok else 0,
+        )
+        yield GaugeMetricFamily(
+            "wsproxy_config_last_reload_success_timestamp_seconds",
+            "When the configuration last loaded successfully",
+            value=when,
+        )
+        lag = _histogram(
+            "wsproxy_event_loop_lag_seconds",
+            "How late the event loop ran a periodic timer (every session shares the loop)",
+        )
+        proxy.loop_lag.add_to(lag, [])
+        yield lag
+        dropped = _counter(
+            "wsproxy_log_lines_dropped",
+            "Log lines dropped because stderr could not keep up (logging never blocks sessions)",
+        )
+        dropped.add_metric([], proxy.log_lines_dropped)
+        yield dropped
+
+
+def _directions(family: CounterMetricFamily, listener: str, inbound: int, outbound: int) -> None:
+    family.add_metric([listener, "client_to_target"], inbound)
+    family.add_metric([listener, "target_to_client"], outbound)
 
 
 class Metrics:
-    """The proxy's own registry (never the global one, so two proxies fit in one process)."""
+    """The proxy's own registry (never the global one, so two proxies fit in one process), with
+    the standard process metrics beside wsproxy's."""
 
     def __init__(self, collector: ProxyCollector) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
+        ProcessCollector(registry=self.registry)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,16 +10,18 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
+from wsproxy import logs
 from wsproxy.address import Address
 from wsproxy.admin import AdminServer
 from wsproxy.balancer import make_balancer
-from wsproxy.config import Config, TargetGroupConfig, TargetTls, load_config
+from wsproxy.config import Config, ListenerConfig, TargetGroupConfig, TargetTls, load_config
 from wsproxy.errors import ConfigError, TargetExists, WsproxyError
 from wsproxy.health_checker import HealthChecker
 from wsproxy.listener import Listener
+from wsproxy.logs import log_event
 from wsproxy.loop_lag import LoopLagMonitor
-from wsproxy.metrics import Metrics, ProxyCollector
-from wsproxy.target_group import Target, TargetGroup, TargetState
+from wsproxy.metrics import Histogram, ListenerStats, Metrics, ProxyCollector
+from wsproxy.target_group import Target, TargetGroup, TargetState, log_target_state
 from wsproxy.tls import ServerTls, target_context
 from wsproxy.upstream import Upstream
 
@@ -39,21 +41,15 @@ class Proxy:
             name: self._build_upstream(name, group_config)
             for name, group_config in config.target_groups.items()
         }
+        # Per listener name, so a listener rebound by a reload keeps counting where it was.
+        self.listener_stats: dict[str, ListenerStats] = {}
         self.listeners = {
-            name: Listener(name, listener_config, self.upstreams)
+            name: self._build_listener(name, listener_config)
             for name, listener_config in config.listeners.items()
         }
         self.draining = False
-        self.loop_lag = LoopLagMonitor()
-        self.metrics = Metrics(
-            ProxyCollector(
-                lambda: self.listeners.values(),
-                lambda: self.upstreams.values(),
-                lambda: self.draining,
-                lambda: (self.reloads, self.last_reload_ok, self.last_reload_success_time),
-                self.loop_lag.histogram,
-            )
-        )
+        self._loop_lag = LoopLagMonitor()
+        self.metrics = Metrics(ProxyCollector(self))
         self.admin = AdminServer(self, config.admin.address) if config.admin.enabled else None
         self.health_checkers = [
             HealthChecker(upstream, upstream.config.health_check, rng)
@@ -70,6 +66,10 @@ class Proxy:
         self._drained = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
+    def _build_listener(self, name: str, config: ListenerConfig) -> Listener:
+        stats = self.listener_stats.setdefault(name, ListenerStats())
+        return Listener(name, config, self.upstreams, stats)
+
     def _build_upstream(self, name: str, config: TargetGroupConfig) -> Upstream:
         group = TargetGroup(name, [Target(t.address, t.weight) for t in config.targets])
         return Upstream(config, group, make_balancer(config.algorithm, self._rng))
@@ -83,7 +83,7 @@ class Proxy:
                 await self.admin.start()
             for checker in self.health_checkers:
                 checker.start()
-            self.loop_lag.start()
+            self._loop_lag.start()
             self._started.set()
         except BaseException:
             for listener in self.listeners.values():
@@ -103,11 +103,13 @@ class Proxy:
         self.draining = True
         grace = self.config.proxy.shutdown_grace_seconds if grace is None else grace
         active = sum(len(listener.flows) for listener in self.listeners.values())
-        log.info("draining %d connection(s) within %g s", active, grace)
+        log_event(log, "drain", "draining %d connection(s) within %g s", active, grace,
+                  phase="start", connections=active, grace_seconds=grace)  # fmt: skip
         for listener in self.listeners.values():
             listener.stop_accepting()
         everyone = [*self.listeners.values(), *self.retired]
         await asyncio.gather(*(listener.drain(grace, grace / 2) for listener in everyone))
+        log_event(log, "drain", "drained", phase="done")
         self._drained.set()
 
     def start_drain(self) -> None:
@@ -122,7 +124,7 @@ class Proxy:
             return
         for checker in self.health_checkers:
             await checker.stop()
-        self.loop_lag.stop()
+        self._loop_lag.stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -130,6 +132,27 @@ class Proxy:
             await self.admin.stop()
         self._stopped.set()
         log.info("stopped")
+
+    # --- what /metrics reads (ProxyView) ---------------------------------------------------------
+
+    def metric_listeners(self) -> list[Listener]:
+        """Current listeners, then retired ones that still carry sessions."""
+        self.retired = [listener for listener in self.retired if listener.flows]
+        return [*self.listeners.values(), *self.retired]
+
+    def metric_target_groups(self) -> list[Upstream]:
+        return list(self.upstreams.values())
+
+    def reload_status(self) -> tuple[dict[str, int], bool, float]:
+        return self.reloads, self.last_reload_ok, self.last_reload_success_time
+
+    @property
+    def loop_lag(self) -> Histogram:
+        return self._loop_lag.histogram
+
+    @property
+    def log_lines_dropped(self) -> int:
+        return logs.lines_dropped()
 
     # --- reload (SIGHUP, POST /v1/reload) -------------------------------------------------------
 
@@ -160,13 +183,21 @@ class Proxy:
             self.reloads["success"] += 1
             self.last_reload_ok = True
             self.last_reload_success_time = time.time()
-            log.info("reloaded %s", source)
+            log_event(log, "reload", "reloaded %s", source, result="success", file=str(source))
             return []
 
     def _reload_failed(self, errors: list[str]) -> list[str]:
         self.reloads["error"] += 1
         self.last_reload_ok = False
-        log.error("reload failed, keeping the running configuration:\n  %s", "\n  ".join(errors))
+        log_event(
+            log,
+            "reload",
+            "reload failed, keeping the running configuration:\n  %s",
+            "\n  ".join(errors),
+            level=logging.ERROR,
+            result="error",
+            errors=errors,
+        )
         return errors
 
     async def _apply(self, new: Config) -> None:
@@ -191,7 +222,7 @@ class Proxy:
         self.upstreams.update(added_groups)
         started: list[Listener] = []
         replaced = {
-            name: Listener(name, config, self.upstreams)
+            name: self._build_listener(name, config)
             for name, config in new.listeners.items()
             if name not in self.listeners or self.listeners[name].config != config
         }
@@ -297,8 +328,10 @@ class Proxy:
             raise KeyError(address)
         if target.state in (TargetState.DRAINING, TargetState.UNUSED):
             raise TargetExists(f"target {address} is already {target.state.value}")
+        before = target.state
         target.state = TargetState.DRAINING
         target.reason = "Target.DeregistrationInProgress"
+        log_target_state(group_name, target, before, "deregistered")
         self._spawn(self._drain_target(upstream, target))
         return target
 
@@ -307,7 +340,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         flows = [
             flow
-            for listener in self.listeners.values()
+            for listener in self.metric_listeners()  # retired listeners' sessions too
             for flow in listener.flows
             if flow.target is target
         ]
@@ -323,11 +356,11 @@ class Proxy:
             at = delay * index / len(flows)
             loop.call_later(at, flow.drain, max(0.0, delay - at))
         await asyncio.sleep(delay)
-        for flow in [f for listener in self.listeners.values() for f in listener.flows]:
+        for flow in [f for listener in self.metric_listeners() for f in listener.flows]:
             if flow.target is target:
                 flow.abort()
         target.state = TargetState.UNUSED
         target.reason = "Target.NotRegistered"
         if target in upstream.group.targets:
             upstream.group.targets.remove(target)
-        log.info("target group '%s': %s deregistered", upstream.name, target.address)
+        log_target_state(upstream.name, target, TargetState.DRAINING, "deregistration done")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 from wsproxy.address import Address
+from wsproxy.logs import log_event
+
+log = logging.getLogger(__name__)
 
 
 class TargetState(StrEnum):
@@ -77,3 +81,24 @@ class TargetGroup:
             if target.address == address:
                 return target
         return None
+
+
+def log_target_state(group: str, target: Target, before: TargetState, detail: str) -> None:
+    """The lifecycle event of a target changing state (health checks, passive checks, API)."""
+    log_event(
+        log,
+        "target_state",
+        "target group '%s': target %s %s -> %s (%s)",
+        group,
+        target.address,
+        before.value,
+        target.state.value,
+        f"{target.reason}: {detail}" if target.reason else detail,
+        level=logging.WARNING if target.state is TargetState.UNHEALTHY else logging.INFO,
+        target_group=group,
+        target=str(target.address),
+        previous_state=before.value,
+        state=target.state.value,
+        state_reason=target.reason,
+        detail=detail,
+    )

@@ -96,6 +96,7 @@ class ServerTls:
         ]
         for certificate in self.certificates:
             certificate.context.sni_callback = self._on_sni
+        self.expiries = self._expiries()
 
     @property
     def context(self) -> ssl.SSLContext:
@@ -174,6 +175,23 @@ class ServerTls:
         except x509.ExtensionNotFound:
             names = ()
         return ServerCertificate(context, names, leaf.not_valid_after_utc, cert_path)
+
+    def _expiries(self) -> dict[str, float]:
+        """Unix times when this listener's TLS material runs out, by role: the earliest server
+        certificate, the earliest client CA certificate, the CRL's next update (for alerts)."""
+        found = {"server": min(c.not_after.timestamp() for c in self.certificates)}
+        config = self.config
+        try:
+            if config.client_ca:
+                cas = x509.load_pem_x509_certificates(Path(config.client_ca).read_bytes())
+                found["client_ca"] = min(ca.not_valid_after_utc.timestamp() for ca in cas)
+            if config.crl:
+                crl = x509.load_pem_x509_crl(Path(config.crl).read_bytes())
+                if crl.next_update_utc is not None:
+                    found["crl"] = crl.next_update_utc.timestamp()
+        except (OSError, ValueError):
+            pass  # OpenSSL accepted these files; what cryptography cannot read goes unreported
+        return found
 
     def revoked_serials(self) -> set[str]:
         """Serials (lower-case hex) listed by the CRL, after checking its signature."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 
 from wsproxy.balancer import Balancer
@@ -21,8 +22,9 @@ from wsproxy.errors import (
     TargetTlsFailed,
 )
 from wsproxy.health import HealthRecord, record_connect_failure, update_ramps
+from wsproxy.metrics import TargetGroupStats
 from wsproxy.relay import Endpoint
-from wsproxy.target_group import Target, TargetGroup
+from wsproxy.target_group import Target, TargetGroup, log_target_state
 from wsproxy.tls import target_context
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ class Upstream:
         self.config = config
         self.group = group
         self.balancer = balancer
-        self.connect_errors: dict[str, int] = {}
+        self.stats = TargetGroupStats()
         self.records: dict[int, HealthRecord] = {}
         self.failing_open = False
         self.ssl_context: ssl.SSLContext | None = None
@@ -104,6 +106,7 @@ class Upstream:
         if tls is not None:
             server_name = (self.config.tls and self.config.tls.server_name) or address.host
         header = proxy_header if self.config.proxy_protocol_v2 else b""
+        started = time.perf_counter()  # loop.time() ticks in whole ms under uvloop
         try:
             async with asyncio.timeout(self.config.connect_timeout_seconds):
                 if not header:
@@ -144,17 +147,17 @@ class Upstream:
                 f"target {address} of '{self.name}': {exc.strerror or exc}"
             ) from None
         target.connect_failures = 0
+        self.stats.connect_seconds.observe(time.perf_counter() - started)
 
     def _failed(self, target: Target, reason: str) -> None:
         target.connect_failures += 1
-        self.connect_errors[reason] = self.connect_errors.get(reason, 0) + 1
+        self.stats.connect_errors[(str(target.address), reason)] += 1
         limit = self.config.unhealthy_after_connect_failures
+        before = target.state
         if record_connect_failure(target, self.health_record(target), limit):
-            log.warning(
-                "target group '%s': target %s unhealthy after %d failed connects",
-                self.name,
-                target.address,
-                target.connect_failures,
+            self.stats.transitions[str(target.address)] += 1
+            log_target_state(
+                self.name, target, before, f"{target.connect_failures} failed connects"
             )
 
     async def dial(

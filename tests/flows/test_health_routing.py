@@ -96,7 +96,8 @@ async def test_passive_checks_mark_a_refusing_target_at_once(
     for _ in range(8):
         await echo_once(address)
     assert upstream.group.targets[0].state is TargetState.UNHEALTHY
-    assert upstream.connect_errors["refused"] == 3  # then it was no longer tried
+    # then it was no longer tried
+    assert upstream.stats.connect_errors_by_reason() == {"refused": 3}
 
 
 async def test_all_unhealthy_rejects_or_fails_open(make_proxy: ProxyFactory) -> None:

@@ -9,8 +9,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from wsproxy.errors import ClientCertRejected, ClientClosed, HttpError, WireError, WsproxyError
 from wsproxy.logs import CONNECTION_FIELDS
+from wsproxy.metrics import LiveCounts
 from wsproxy.relay import Endpoint, Relay
 from wsproxy.target_group import Target
+from wsproxy.termination import PHASE_ACCEPT, PHASE_PROXY_HEADER, PHASE_REQUEST, termination
 from wsproxy.tls import ClientCertificate
 from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, ProxyHeader, ProxyHeaderReader, encode_v2
 
@@ -54,11 +56,18 @@ class Flow:
         self.handshake_bytes_out = 0
         self.client_cert: ClientCertificate | None = None
         self.proxied: ProxyHeader | None = None
+        self.phase = PHASE_REQUEST  # how far the connection got, for its termination code
 
     # --- lifecycle ------------------------------------------------------------------------------
 
     def _accepted(self) -> None:
         self.client_ip, self.client_port = self.client.peer_address
+        if self.listener.tls is None and self.listener.at_limit():
+            # TLS listeners check before the handshake; plain ones here, before any byte is read.
+            self.phase = PHASE_ACCEPT
+            self.client.abort()
+            self.listener.flow_refused(self)
+            return
         self.listener.flow_started(self)
         self.client.on_lost = self._client_lost_early
         if self.proxied is not None:  # read before the TLS handshake by the listener
@@ -79,6 +88,7 @@ class Flow:
         """Plain listeners behind another load balancer: the PROXY header comes first."""
         reader = ProxyHeaderReader()
         client = self.client
+        self.phase = PHASE_PROXY_HEADER
         timeout = self.listener.config.proxy_protocol_timeout_seconds
 
         def expire() -> None:
@@ -98,6 +108,7 @@ class Flow:
                 return
             deadline.cancel()
             header, rest = result
+            self.phase = PHASE_REQUEST
             self._use_proxy_header(header)
             self.handshake_bytes_in -= len(rest)
             client.on_data = client.hold
@@ -240,6 +251,7 @@ class Flow:
             bytes_out=bytes_out,
             duration_seconds=round(self.loop.time() - self.started, 6),
             reason=reason,
+            termination=termination(reason, self.phase),
         )
         self.log = {key: self.log.get(key) for key in CONNECTION_FIELDS}
         self.listener.flow_finished(self, reason, bytes_in, bytes_out)
@@ -255,12 +267,15 @@ class Flow:
 
     # --- operations -----------------------------------------------------------------------------
 
-    @property
-    def live_bytes(self) -> tuple[int, int]:
+    def live_counts(self) -> LiveCounts:
         relay = self.relay
         if relay is None:
-            return self.handshake_bytes_in, self.handshake_bytes_out
-        return self.handshake_bytes_in + relay.bytes_in, self.handshake_bytes_out + relay.bytes_out
+            return LiveCounts(None, self.handshake_bytes_in, self.handshake_bytes_out)
+        return LiveCounts(
+            self.log["target_group"],
+            self.handshake_bytes_in + relay.bytes_in,
+            self.handshake_bytes_out + relay.bytes_out,
+        )
 
     def drain(self, timeout: float) -> None:
         """Close this connection as cleanly as its flow allows within ``timeout`` seconds.

@@ -11,6 +11,7 @@ import asyncio
 from wsproxy.errors import ClientHelloTimeout
 from wsproxy.flows.base import Flow
 from wsproxy.relay import Endpoint, Relay
+from wsproxy.termination import PHASE_CONNECT, PHASE_DATA
 from wsproxy.wire.clienthello import ClientHello, ClientHelloReader
 
 
@@ -35,12 +36,14 @@ class PassthroughFlow(Flow):
         self.log["sni"] = hello.server_name
         upstream = self.listener.upstream(self.listener.sni_router.route(hello.server_name))
         self.log["target_group"] = upstream.name
+        self.phase = PHASE_CONNECT
         self.target, self.target_endpoint = await upstream.dial(
             self.client_ip, Endpoint, self.proxy_header(hello.server_name)
         )
         self.log["target"] = str(self.target.address)
         replay = bytes(self._reader.buffered) + self.client.take_held()
         self.handshake_bytes_in -= len(replay)  # the relay counts them
+        self.phase = PHASE_DATA
         self.relay = Relay(
             self.client,
             self.target_endpoint,

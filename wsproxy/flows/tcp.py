@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from wsproxy.flows.base import Flow
 from wsproxy.relay import Endpoint, Relay
+from wsproxy.termination import PHASE_CONNECT, PHASE_DATA
 
 
 class TcpFlow(Flow):
     def begin(self) -> None:
+        self.phase = PHASE_CONNECT
         self.client.pause_reading()
         self.spawn(self.guarded(self._run()))
 
@@ -22,6 +24,7 @@ class TcpFlow(Flow):
             self.client_ip, Endpoint, self.proxy_header(self.log.get("sni"))
         )
         self.log["target"] = str(self.target.address)
+        self.phase = PHASE_DATA
         self.relay = Relay(
             self.client,
             self.target_endpoint,

@@ -32,8 +32,10 @@ from wsproxy.errors import (
     WireError,
 )
 from wsproxy.flows.base import Flow
+from wsproxy.metrics import LiveCounts
 from wsproxy.relay import Endpoint, Relay
 from wsproxy.target_group import Target
+from wsproxy.termination import PHASE_CONNECT, PHASE_DATA, PHASE_UPGRADE
 from wsproxy.upstream import MAX_ATTEMPTS, Upstream
 from wsproxy.wire.http1 import (
     BodyKind,
@@ -263,6 +265,7 @@ class WebSocketFlow(Flow):
             endpoint = Endpoint()
             self.target_endpoint = endpoint
             exchange = _Exchange(self.loop, endpoint)
+            self.phase = PHASE_CONNECT
             try:
                 await upstream.connect(target, endpoint, self.proxy_header(self.log.get("sni")))
             except TargetError as exc:
@@ -271,6 +274,7 @@ class WebSocketFlow(Flow):
             target.acquire()
             self.target = target
             self.log["target"] = str(target.address)
+            self.phase = PHASE_UPGRADE
             endpoint.write(forwarded)
             if not key:
                 self._stream_request_body(BodyTracker(kind, length), rest, endpoint)
@@ -432,6 +436,7 @@ class WebSocketFlow(Flow):
             ping_timeout=config.ping_timeout_seconds,
         )
         self.relay = relay
+        self.phase = PHASE_DATA
         if client_rest or self.client.held:
             # The relay counts these bytes again.
             self.handshake_bytes_in -= len(client_rest) + len(self.client.held)
@@ -455,6 +460,15 @@ class WebSocketFlow(Flow):
             )
         else:
             super().revoke()
+
+    def live_counts(self) -> LiveCounts:
+        counts = super().live_counts()
+        relay = self.relay
+        if isinstance(relay, WebSocketRelay):
+            inbound, outbound = relay.upstream.tracker, relay.downstream.tracker
+            counts.messages_in, counts.messages_out = inbound.messages, outbound.messages
+            counts.frames_in, counts.frames_out = inbound.frames, outbound.frames
+        return counts
 
     def relay_done(self, relay: Relay) -> None:
         if isinstance(relay, WebSocketRelay):
