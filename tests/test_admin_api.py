@@ -124,9 +124,21 @@ async def test_token_and_drain(echo_targets: list[EchoTarget], tmp_path: Path) -
                 assert r.status == 401
             async with session.get(f"{base}/healthz") as r:
                 assert r.status == 200
+            async with session.get(f"{base}/v1/listeners") as r:
+                assert r.status == 401
+            async with session.get(f"{base}/status") as r:  # the page holds no data
+                assert r.status == 200 and r.content_type == "text/html"
+                assert "connect-src 'self'" in r.headers["Content-Security-Policy"]
+                page = await r.text()
+            assert "<script>" in page and "src=" not in page  # no external assets
             headers = {"Authorization": "Bearer s3cret"}
             async with session.get(f"{base}/metrics", headers=headers) as r:
                 assert r.status == 200
+            async with session.get(f"{base}/v1/listeners", headers=headers) as r:
+                listeners = (await r.json())["listeners"]
+            assert [(entry["name"], entry["mode"]) for entry in listeners] == [
+                ("edge", "plain websocket")
+            ]
             ws = await session.ws_connect(f"ws://{listener_address(tokened)}/")
             async with session.post(f"{base}/v1/drain", headers=headers) as r:
                 assert r.status == 202

@@ -5,19 +5,37 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from wsproxy import __version__
 from wsproxy.address import Address, parse_address
 from wsproxy.errors import TargetExists
 from wsproxy.logs import log_event
+from wsproxy.metrics import snapshot_listeners
 
 if TYPE_CHECKING:
     from wsproxy.proxy import Proxy
 
 log = logging.getLogger(__name__)
+
+# The status page is one self-contained file: no external assets, so it works offline.
+_STATUS_PAGE = resources.files("wsproxy").joinpath("status.html").read_text(encoding="utf-8")
+# Its inline script and style only, and fetches to this origin only.
+_STATUS_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _mode(protocol: str, websocket: bool) -> str:
+    if protocol == "tls_passthrough":
+        return "tls passthrough"
+    return f"{'tls' if protocol == 'tls' else 'plain'} {'websocket' if websocket else 'stream'}"
+
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -40,6 +58,8 @@ class AdminServer:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/status", self._status_page)
+        app.router.add_get("/v1/listeners", self._listeners)
         app.router.add_get("/v1/target-groups", self._target_groups)
         app.router.add_get("/v1/target-groups/{name}", self._target_group)
         app.router.add_post("/v1/target-groups/{name}/targets", self._register)
@@ -61,8 +81,9 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        # Probes from orchestrators must work without the token; everything else needs it.
-        if self._token is None or request.path in ("/healthz", "/readyz"):
+        # Probes from orchestrators must work without the token, and so must the status page's
+        # static HTML (it holds no data and asks for the token); everything else needs it.
+        if self._token is None or request.path in ("/healthz", "/readyz", "/status"):
             return await handler(request)
         header = request.headers.get("Authorization", "")
         expected = f"Bearer {self._token}"
@@ -137,6 +158,40 @@ class AdminServer:
     async def _metrics(self, request: web.Request) -> web.Response:
         body = self._proxy.metrics.render()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def _status_page(self, request: web.Request) -> web.Response:
+        return web.Response(
+            text=_STATUS_PAGE,
+            content_type="text/html",
+            headers={"Cache-Control": "no-store", "Content-Security-Policy": _STATUS_CSP},
+        )
+
+    async def _listeners(self, request: web.Request) -> web.Response:
+        proxy = self._proxy
+        snapshots = snapshot_listeners(proxy.metric_listeners())
+        listeners = []
+        for name, listener in sorted(proxy.listeners.items()):
+            snapshot = snapshots[name]
+            config = listener.config
+            listeners.append(
+                {
+                    "name": name,
+                    "address": str(listener.address) if listener.address else None,
+                    "mode": _mode(config.protocol, config.websocket),
+                    "connections_active": snapshot.stats.active,
+                    "connections_total": snapshot.stats.connections,
+                    "max_connections": snapshot.limit,
+                    "sessions": dict(snapshot.sessions),
+                    "messages_in": snapshot.messages_in,
+                    "messages_out": snapshot.messages_out,
+                    "bytes_in": snapshot.bytes_in,
+                    "bytes_out": snapshot.bytes_out,
+                    "certificate_not_after": snapshot.expiries,
+                }
+            )
+        return web.json_response(
+            {"version": __version__, "draining": proxy.draining, "listeners": listeners}
+        )
 
     def _describe(self, name: str) -> dict[str, object]:
         upstream = self._proxy.upstreams[name]

@@ -117,6 +117,69 @@ class LiveCounts:
     frames_out: int = 0
 
 
+@dataclass(slots=True)
+class ListenerSnapshot:
+    """One listener name at this instant: its counters, its live connections summed, its
+    sessions per target group, and the settings of the listener in force."""
+
+    stats: ListenerStats
+    live: LiveCounts
+    sessions: Counter[str]
+    expiries: dict[str, float]
+    limit: int
+
+    @property
+    def bytes_in(self) -> int:
+        return self.stats.bytes_in + self.live.bytes_in
+
+    @property
+    def bytes_out(self) -> int:
+        return self.stats.bytes_out + self.live.bytes_out
+
+    @property
+    def messages_in(self) -> int:
+        return self.stats.messages_in + self.live.messages_in
+
+    @property
+    def messages_out(self) -> int:
+        return self.stats.messages_out + self.live.messages_out
+
+    @property
+    def frames_in(self) -> int:
+        return self.stats.frames_in + self.live.frames_in
+
+    @property
+    def frames_out(self) -> int:
+        return self.stats.frames_out + self.live.frames_out
+
+
+def snapshot_listeners(listeners: Iterable[ListenerView]) -> dict[str, ListenerSnapshot]:
+    """Per listener name; listeners retired by a reload share their name's counters, and the
+    first listener seen for a name (the current one) gives the settings."""
+    found: dict[str, ListenerSnapshot] = {}
+    for listener in listeners:
+        snapshot = found.get(listener.name)
+        if snapshot is None:
+            snapshot = found[listener.name] = ListenerSnapshot(
+                listener.stats,
+                LiveCounts(None, 0, 0),
+                Counter(),
+                listener.tls_expiries(),
+                listener.connection_limit,
+            )
+        live = snapshot.live
+        for counts in listener.live_counts():
+            live.bytes_in += counts.bytes_in
+            live.bytes_out += counts.bytes_out
+            live.messages_in += counts.messages_in
+            live.messages_out += counts.messages_out
+            live.frames_in += counts.frames_in
+            live.frames_out += counts.frames_out
+            if counts.target_group is not None:
+                snapshot.sessions[counts.target_group] += 1
+    return found
+
+
 class ListenerView(Protocol):
     """What the collector reads from a listener (current, or retired by a reload)."""
 
@@ -280,30 +343,11 @@ class ProxyCollector(Collector):
             "listener",
             "role",
         )
-        seen: dict[str, tuple[ListenerStats, LiveCounts, Counter[str]]] = {}
-        expiries: dict[str, dict[str, float]] = {}
-        limits: dict[str, int] = {}
-        for listener in self._proxy.metric_listeners():
-            name = listener.name
-            if name not in seen:
-                seen[name] = (listener.stats, LiveCounts(None, 0, 0), Counter())
-                # The current listener comes first: its settings are the ones in force.
-                expiries[name] = listener.tls_expiries()
-                limits[name] = listener.connection_limit
-            _stats, live, per_group = seen[name]
-            for counts in listener.live_counts():
-                live.bytes_in += counts.bytes_in
-                live.bytes_out += counts.bytes_out
-                live.messages_in += counts.messages_in
-                live.messages_out += counts.messages_out
-                live.frames_in += counts.frames_in
-                live.frames_out += counts.frames_out
-                if counts.target_group is not None:
-                    per_group[counts.target_group] += 1
-        for name, (stats, live, per_group) in seen.items():
+        for name, snapshot in snapshot_listeners(self._proxy.metric_listeners()).items():
+            stats = snapshot.stats
             conns.add_metric([name], stats.connections)
             active.add_metric([name], stats.active)
-            limit.add_metric([name], limits[name])
+            limit.add_metric([name], snapshot.limit)
             for reason, count in sorted(stats.rejected.items()):
                 rejected.add_metric([name, reason], count)
             for result, count in sorted(stats.tls_handshakes.items()):
@@ -314,18 +358,15 @@ class ProxyCollector(Collector):
                 upgrades.add_metric([name, group, result], count)
             for (initiator, code), count in sorted(stats.closes.items()):
                 closes.add_metric([name, initiator, code], count)
-            for group, count in sorted(per_group.items()):
+            for group, count in sorted(snapshot.sessions.items()):
                 sessions.add_metric([name, group], count)
-            _directions(messages, name, stats.messages_in + live.messages_in,
-                        stats.messages_out + live.messages_out)  # fmt: skip
-            _directions(frames, name, stats.frames_in + live.frames_in,
-                        stats.frames_out + live.frames_out)  # fmt: skip
-            _directions(byte_total, name, stats.bytes_in + live.bytes_in,
-                        stats.bytes_out + live.bytes_out)  # fmt: skip
+            _directions(messages, name, snapshot.messages_in, snapshot.messages_out)
+            _directions(frames, name, snapshot.frames_in, snapshot.frames_out)
+            _directions(byte_total, name, snapshot.bytes_in, snapshot.bytes_out)
             if stats.tls_handshakes:
                 stats.handshake_seconds.add_to(handshake_seconds, [name])
             stats.session_seconds.add_to(session_seconds, [name])
-            for role, when in sorted(expiries[name].items()):
+            for role, when in sorted(snapshot.expiries.items()):
                 not_after.add_metric([name, role], when)
         yield from (conns, active, limit, rejected, handshakes, handshake_seconds, client_certs)
         yield from (upgrades, messages, frames, closes, sessions, session_seconds, byte_total)
