@@ -16,7 +16,7 @@ from typing import Any
 
 import uvloop
 
-from wsproxy import __version__, logs
+from wsproxy import __version__, logs, systemd
 from wsproxy.address import parse_address
 from wsproxy.config import Config, load_config
 from wsproxy.errors import ConfigError
@@ -133,7 +133,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         except OSError as exc:
             log.error("%s", exc.strerror or exc)
             return 1
+        systemd.ready(proxy.status_line())
         await stop.wait()
+        systemd.stopping()
         loop.remove_signal_handler(signal.SIGHUP)
         await asyncio.gather(*reloads, return_exceptions=True)
         await proxy.shutdown()

@@ -62,6 +62,9 @@ class _Section(BaseModel):
 
 class ProxySection(_Section):
     shutdown_grace_seconds: float = Field(30.0, ge=0, le=3600)
+    # Poll the config file once a second and reload when its content changes. Follows symlinks,
+    # so a Kubernetes ConfigMap update (an atomic swap of the ..data symlink) is picked up.
+    watch_config: bool = False
 
 
 class AdminSection(_Section):

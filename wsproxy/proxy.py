@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import random
 import ssl
@@ -10,7 +11,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from wsproxy import logs
+from wsproxy import logs, systemd
 from wsproxy.address import Address
 from wsproxy.admin import AdminServer
 from wsproxy.balancer import make_balancer
@@ -26,6 +27,16 @@ from wsproxy.tls import ServerTls, target_context
 from wsproxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
+
+CONFIG_POLL_SECONDS = 1.0
+
+
+def _digest(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as file:
+            return hashlib.sha256(file.read()).digest()
+    except OSError:
+        return None
 
 
 class Proxy:
@@ -84,6 +95,8 @@ class Proxy:
             for checker in self.health_checkers:
                 checker.start()
             self._loop_lag.start()
+            if self.config.proxy.watch_config and self.path is not None:
+                self._spawn(self._watch_config(self.path))
             self._started.set()
         except BaseException:
             for listener in self.listeners.values():
@@ -133,6 +146,14 @@ class Proxy:
         self._stopped.set()
         log.info("stopped")
 
+    def status_line(self) -> str:
+        """One line for ``systemctl status``."""
+        connections = sum(len(listener.flows) for listener in self.metric_listeners())
+        return (
+            f"{len(self.listeners)} listener(s), {connections} connection(s), "
+            f"{len(self.upstreams)} target group(s)"
+        )
+
     # --- what /metrics reads (ProxyView) ---------------------------------------------------------
 
     def metric_listeners(self) -> list[Listener]:
@@ -172,19 +193,39 @@ class Proxy:
         async with self._reload_lock:
             if self.draining:
                 return ["the proxy is draining; reload refused"]
+            systemd.reloading()
             try:
-                new = load_config(source)
-                await self._apply(new)
-            except ConfigError as exc:
-                return self._reload_failed([str(issue) for issue in exc.issues])
-            except (OSError, WsproxyError) as exc:
-                return self._reload_failed([str(exc)])
-            self.config = new
-            self.reloads["success"] += 1
-            self.last_reload_ok = True
-            self.last_reload_success_time = time.time()
-            log_event(log, "reload", "reloaded %s", source, result="success", file=str(source))
-            return []
+                return await self._reload_from(source)
+            finally:
+                systemd.ready(self.status_line())
+
+    async def _reload_from(self, source: str) -> list[str]:
+        try:
+            new = load_config(source)
+            await self._apply(new)
+        except ConfigError as exc:
+            return self._reload_failed([str(issue) for issue in exc.issues])
+        except (OSError, WsproxyError) as exc:
+            return self._reload_failed([str(exc)])
+        self.config = new
+        self.reloads["success"] += 1
+        self.last_reload_ok = True
+        self.last_reload_success_time = time.time()
+        log_event(log, "reload", "reloaded %s", source, result="success", file=str(source))
+        return []
+
+    async def _watch_config(self, path: str) -> None:
+        """Reload when the file's content changes (polled: no inotify dependency, and a
+        ConfigMap's symlink swap changes no watched inode of the path itself)."""
+        last = _digest(path)
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            current = _digest(path)
+            if current is None or current == last:
+                continue  # unreadable mid-swap, or unchanged: look again next time
+            last = current
+            log.info("config file %s changed; reloading", path)
+            await self.reload()
 
     def _reload_failed(self, errors: list[str]) -> list[str]:
         self.reloads["error"] += 1
