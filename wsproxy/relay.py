@@ -277,11 +277,11 @@ class Relay:
     # --- hot path -------------------------------------------------------------------------------
 
     def from_client(self, data: bytes) -> None:
-        self.bytes_in += len(data)
+        self.bytes_in += len(data)  # hot-path count
         self.target.write(data)
 
     def from_target(self, data: bytes) -> None:
-        self.bytes_out += len(data)
+        self.bytes_out += len(data)  # hot-path count
         self.client.write(data)
 
     # --- half-close and loss ----------------------------------------------------------------------

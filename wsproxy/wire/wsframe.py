@@ -191,11 +191,11 @@ class FrameTracker:
         if stop_at_pong and opcode == OP_PONG and not pending:
             return _PONG_AHEAD
         self._header = b""
-        self.frames += 1
+        self.frames += 1  # hot-path count
         if opcode < OP_CLOSE:
             self._in_message = not fin
             if fin:
-                self.messages += 1
+                self.messages += 1  # hot-path count
         elif opcode == OP_CLOSE:
             self.closes += 1
         if opcode == OP_CLOSE and self.close_code is None:

@@ -1,0 +1,165 @@
+"""What metrics cost on the data path: wsproxy as shipped vs a build with the counting stripped.
+
+    python -m loadtest.metrics_overhead --sessions 50 --size 128 --seconds 5 --rounds 5
+
+The per-chunk and per-frame counters in wsproxy are the only metric work on the data path (the
+rest happens at scrape time), and each such line carries a ``# hot-path count`` comment. This
+benchmark copies the package to a temp directory, turns exactly those lines into ``pass``, and
+runs both builds side by side against the same echo target: websocket mode (frame tracking) and
+stream mode, rounds alternating so machine drift hits both alike. It reports medians of
+messages/s and of the proxy's CPU seconds per 10k messages; the CPU figure is the steady one
+(the load generator shares the machine and saturates first). Bounded by --seconds and --rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import uvloop
+
+from loadtest.echo_compare import Result, listening_ports, run_load, start_echo
+
+PACKAGE = Path(__file__).resolve().parent.parent / "wsproxy"
+MARKER = "# hot-path count"
+
+
+def stripped_copy(destination: Path) -> int:
+    """Copy the package into ``destination`` with every marked line made a no-op."""
+    shutil.copytree(PACKAGE, destination / "wsproxy", ignore=shutil.ignore_patterns("__pycache__"))
+    stripped = 0
+    for path in (destination / "wsproxy").rglob("*.py"):
+        lines = path.read_text().splitlines(keepends=True)
+        for index, line in enumerate(lines):
+            if MARKER in line:
+                indent = re.match(r"\s*", line).group(0)  # type: ignore[union-attr]
+                lines[index] = f"{indent}pass  # counting compiled out\n"
+                stripped += 1
+        path.write_text("".join(lines))
+    return stripped
+
+
+async def start_build(
+    echo_port: int, workdir: Path, pythonpath: Path | None
+) -> tuple[asyncio.subprocess.Process, int, int]:
+    config = workdir / f"bench-{'stripped' if pythonpath else 'shipped'}.toml"
+    config.write_text(
+        f"""
+[admin]
+enabled = false
+[listeners.ws]
+address = "127.0.0.1:0"
+websocket = true
+default_target_group = "echo"
+[listeners.stream]
+address = "127.0.0.1:0"
+default_target_group = "echo"
+[target_groups.echo]
+targets = [{{ address = "127.0.0.1:{echo_port}" }}]
+"""
+    )
+    env = dict(os.environ)
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "wsproxy", "--log-level", "warning", "run", "-c", str(config),
+        env=env, cwd=str(workdir),
+    )  # fmt: skip
+    ports: list[int] = []
+    for _ in range(150):
+        await asyncio.sleep(0.1)
+        if len(ports := listening_ports(process.pid)) >= 2:
+            break
+    return process, ports[0], ports[1]
+
+
+def cpu_per_10k(rows: list[Result]) -> float:
+    return statistics.median(10_000 * r.proxy_cpu_seconds / r.messages for r in rows if r.messages)
+
+
+async def main(args: argparse.Namespace) -> None:
+    echo, echo_port = await start_echo()
+    with tempfile.TemporaryDirectory() as workdir_name:
+        workdir = Path(workdir_name)
+        stripped = stripped_copy(workdir / "stripped")
+        shipped_proxy, shipped_ws, shipped_stream = await start_build(echo_port, workdir, None)
+        bare_proxy, bare_ws, bare_stream = await start_build(
+            echo_port, workdir, workdir / "stripped"
+        )
+        systems = [
+            ("shipped-ws", f"ws://127.0.0.1:{shipped_ws}/", shipped_proxy.pid),
+            ("stripped-ws", f"ws://127.0.0.1:{bare_ws}/", bare_proxy.pid),
+            ("shipped-stream", f"ws://127.0.0.1:{shipped_stream}/", shipped_proxy.pid),
+            ("stripped-stream", f"ws://127.0.0.1:{bare_stream}/", bare_proxy.pid),
+        ]
+        results: list[Result] = []
+        try:
+            for round_no in range(args.rounds):
+                ordered = systems if round_no % 2 == 0 else systems[::-1]
+                for system, url, pid in ordered:
+                    results.append(await run_load(system, url, args, round_no, pid))
+        finally:
+            for process in (shipped_proxy, bare_proxy):
+                process.terminate()
+                await process.wait()
+            assert echo.stdin is not None
+            echo.stdin.close()
+            await echo.wait()
+    report(results, args, stripped)
+
+
+def report(results: list[Result], args: argparse.Namespace, stripped: int) -> None:
+    summary: dict[str, dict[str, float]] = {}
+    for mode in ("ws", "stream"):
+        shipped = [r for r in results if r.system == f"shipped-{mode}"]
+        bare = [r for r in results if r.system == f"stripped-{mode}"]
+        summary[mode] = {
+            "shipped_messages_per_second": round(statistics.median(r.rate for r in shipped)),
+            "stripped_messages_per_second": round(statistics.median(r.rate for r in bare)),
+            "shipped_cpu_seconds_per_10k": round(cpu_per_10k(shipped), 4),
+            "stripped_cpu_seconds_per_10k": round(cpu_per_10k(bare), 4),
+        }
+        row = summary[mode]
+        row["rate_ratio"] = round(
+            row["shipped_messages_per_second"] / row["stripped_messages_per_second"], 3
+        )
+        row["cpu_ratio"] = round(
+            row["shipped_cpu_seconds_per_10k"] / row["stripped_cpu_seconds_per_10k"], 3
+        )
+    print(json.dumps({"settings": vars(args), "lines_stripped": stripped, "summary": summary}))
+    print()
+    print(f"{args.sessions} sessions, {args.size}-byte messages, {args.seconds:g} s x "
+          f"{args.rounds} rounds; {stripped} counting lines stripped")  # fmt: skip
+    print(f"{'mode':<8}{'msg/s shipped':>15}{'stripped':>10}{'ratio':>7}"
+          f"{'CPU s/10k shipped':>19}{'stripped':>10}{'ratio':>7}")  # fmt: skip
+    for mode, row in summary.items():
+        print(
+            f"{mode:<8}{row['shipped_messages_per_second']:>15}"
+            f"{row['stripped_messages_per_second']:>10}{row['rate_ratio']:>7}"
+            f"{row['shipped_cpu_seconds_per_10k']:>19}{row['stripped_cpu_seconds_per_10k']:>10}"
+            f"{row['cpu_ratio']:>7}"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, default=50)
+    parser.add_argument("--size", type=int, default=128, help="message size in bytes")
+    parser.add_argument("--seconds", type=float, default=5.0, help="per system and round (max 120)")
+    parser.add_argument("--rounds", type=int, default=5, help="max 20")
+    args = parser.parse_args(argv)
+    args.seconds = min(args.seconds, 120.0)
+    args.rounds = max(1, min(args.rounds, 20))
+    return args
+
+
+if __name__ == "__main__":
+    uvloop.run(main(parse_args()))
