@@ -70,6 +70,11 @@ async def chromium_page(profile: Path) -> AsyncIterator[Page]:
         "--no-sandbox",  # tests may run as root in a container
         "--disable-gpu",
         "--no-first-run",
+        # No calls home: the network here is closed, and a test must not depend on one.
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-quic",
         "--window-size=1280,900",
         "--remote-debugging-address=127.0.0.1",
         "--remote-debugging-port=0",

@@ -1,7 +1,9 @@
 """Stream mode: pick a target, dial, relay opaque bytes (an NLB TCP listener).
 
-Nothing is read from the client before the target is connected: a server-first protocol would hang
-if the proxy waited for the client to speak.
+The proxy does not wait for the client to speak before dialing (a server-first protocol would
+hang). Bytes the client sends meanwhile are held by the endpoint, which pauses reading on the first
+chunk; reading is not paused up front because ``begin`` runs inside ``connection_made``, where
+uvloop 0.23 crashed under connection churn on a ``pause_reading()`` (tests/test_churn.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from wsproxy.termination import PHASE_CONNECT, PHASE_DATA
 class TcpFlow(Flow):
     def begin(self) -> None:
         self.phase = PHASE_CONNECT
-        self.client.pause_reading()
         self.spawn(self.guarded(self._run()))
 
     async def _run(self) -> None:
