@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import resource
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -107,12 +109,23 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _raise_descriptor_limit() -> None:
+    """Two descriptors per proxied session: take the hard limit, as HAProxy and nginx do, so a
+    default soft limit of 1,024 does not cap the proxy at ~500 sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
+
+    _raise_descriptor_limit()
 
     async def serve(stop: asyncio.Event) -> int:
         from wsproxy.proxy import Proxy

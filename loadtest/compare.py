@@ -1,0 +1,665 @@
+"""``python -m loadtest compare``: wsproxy beside a direct connection, HAProxy and nginx at once.
+
+The proxies under test are pinned to core 0 (``taskset``); this process (the load generator) and
+the echo target run on core 1, so the proxies' CPU time is theirs alone. For every scenario the
+systems take turns, round after round (at least three), so drift of the machine hits all alike.
+Medians, spread, CPU per operation and the ratios to direct and to HAProxy go to a Markdown table,
+a JSON file and PNG charts under ``--out``. Every process started is stopped by PID; every load
+loop is bounded by ``--seconds``; traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from loadtest import scenarios
+from loadtest.client import Endpoint
+from loadtest.scenarios import Result
+
+PROXY_CORE = "0"
+LOAD_CORE = 1
+DEFAULT_SCENARIOS = (
+    "echo-100",
+    "echo-1",
+    "throughput",
+    "connect-ws",
+    "connect-wss",
+    "echo-tls",
+    "throughput-tls",
+    "hold",
+)
+# The reference each wsproxy mode is held against (issue 6's table).
+HAPROXY_PEER = {
+    "wsproxy-stream": "haproxy-tcp",
+    "wsproxy-ws": "haproxy-tcp",
+    "wsproxy-tls": "haproxy-tls",
+    "wsproxy-passthrough": "haproxy-passthrough",
+}
+
+
+@dataclass
+class System:
+    """One system under test: where its endpoints are and which process to measure."""
+
+    name: str
+    url: str
+    pid: int | None  # None: the direct connection (no proxy process)
+    tls: bool = False
+
+
+@dataclass
+class Run:
+    scenario: str
+    system: str
+    round: int
+    result: Result
+
+
+@dataclass
+class Bench:
+    workdir: Path
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    systems: dict[str, System] = field(default_factory=dict)
+    ca_file: str = ""
+
+    def start(self, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(command, **kwargs)  # our own binaries and args
+        self.processes.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode} at start")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} is not listening on {port} after 20 s")
+
+
+def pinned(command: list[str]) -> list[str]:
+    return ["taskset", "-c", PROXY_CORE, *command] if shutil.which("taskset") else command
+
+
+# --- setup ---------------------------------------------------------------------------------------
+
+
+def setup() -> int:
+    """Install HAProxy and nginx from Debian where missing (needs root)."""
+    missing = [tool for tool in ("haproxy", "nginx") if shutil.which(tool) is None]
+    if not missing:
+        print("haproxy and nginx are installed")
+        return 0
+    packages = ["haproxy" if tool == "haproxy" else "nginx-light" for tool in missing]
+    if os.geteuid() != 0:
+        print(f"run as root, or: sudo apt-get install {' '.join(packages)}", file=sys.stderr)
+        return 1
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(
+        ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
+        check=True,
+        env=env,
+    )
+    # Debian may start the packaged services; the benchmark starts its own instances.
+    for service in ("haproxy", "nginx"):
+        subprocess.run(["service", service, "stop"], check=False, capture_output=True)
+    return 0
+
+
+# --- the systems ---------------------------------------------------------------------------------
+
+
+def mint_certificates(workdir: Path) -> tuple[str, str, str]:
+    """A throwaway CA and a server certificate for 127.0.0.1, minted by wsproxy's CA module."""
+    from wsproxy.ca.authority import CertificateAuthority
+
+    ca = CertificateAuthority(str(workdir / "ca"))
+    ca.init("loadtest CA")
+    issued = ca.issue_server("bench", ["bench.internal", "localhost"], ["127.0.0.1"])
+    return str(ca.store.ca_cert), issued.cert_path, issued.key_path
+
+
+def start_echo(bench: Bench, cert: str, key: str) -> tuple[int, int]:
+    process = bench.start(
+        [sys.executable, "-m", "loadtest.echo_target", "--tls-cert", cert, "--tls-key", key],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    ws_port, tls_port = (int(p) for p in process.stdout.readline().split())
+    return ws_port, tls_port
+
+
+def start_wsproxy(bench: Bench, echo: int, echo_tls: int, cert: str, key: str) -> None:
+    ports = {name: free_port() for name in ("stream", "ws", "tls", "passthrough")}
+    config = bench.workdir / "wsproxy.toml"
+    config.write_text(
+        f"""
+[admin]
+enabled = false
+[listeners.stream]
+address = "127.0.0.1:{ports["stream"]}"
+default_target_group = "echo"
+max_connections = 100000
+[listeners.ws]
+address = "127.0.0.1:{ports["ws"]}"
+websocket = true
+default_target_group = "echo"
+max_connections = 100000
+[listeners.tls]
+address = "127.0.0.1:{ports["tls"]}"
+protocol = "tls"
+websocket = true
+default_target_group = "echo"
+max_connections = 100000
+[listeners.tls.tls]
+certificates = [{{ cert = "{cert}", key = "{key}" }}]
+[listeners.passthrough]
+address = "127.0.0.1:{ports["passthrough"]}"
+protocol = "tls_passthrough"
+default_target_group = "echo-tls"
+max_connections = 100000
+[target_groups.echo]
+targets = [{{ address = "127.0.0.1:{echo}" }}]
+[target_groups.echo-tls]
+targets = [{{ address = "127.0.0.1:{echo_tls}" }}]
+"""
+    )
+    # Warning level: no per-connection log line, as HAProxy and nginx here log nothing either.
+    command = [sys.executable, "-m", "wsproxy", "--log-level", "warning", "run", "-c", str(config)]
+    process = bench.start(pinned(command))
+    for port in ports.values():
+        wait_listening(port, process, "wsproxy")
+    pid = process.pid
+    bench.systems |= {
+        "wsproxy-stream": System("wsproxy-stream", f"ws://127.0.0.1:{ports['stream']}/", pid),
+        "wsproxy-ws": System("wsproxy-ws", f"ws://127.0.0.1:{ports['ws']}/", pid),
+        "wsproxy-tls": System("wsproxy-tls", f"wss://127.0.0.1:{ports['tls']}/", pid, True),
+        "wsproxy-passthrough": System(
+            "wsproxy-passthrough", f"wss://127.0.0.1:{ports['passthrough']}/", pid, True
+        ),
+    }
+
+
+def start_haproxy(bench: Bench, echo: int, echo_tls: int, cert: str, key: str) -> None:
+    ports = {name: free_port() for name in ("tcp", "http", "tls", "passthrough")}
+    bundle = bench.workdir / "haproxy.pem"
+    bundle.write_text(Path(cert).read_text() + Path(key).read_text())
+    config = bench.workdir / "haproxy.cfg"
+    config.write_text(
+        f"""
+global
+    nbthread 1
+    # Two descriptors per session: 9,900 sessions fit under this machine's hard limit (20,000).
+    maxconn 9900
+    tune.ssl.default-dh-param 2048
+    ssl-default-bind-options ssl-min-ver TLSv1.2
+defaults
+    timeout connect 5s
+    timeout client 350s
+    timeout server 350s
+    timeout tunnel 350s
+frontend tcp_in
+    mode tcp
+    bind 127.0.0.1:{ports["tcp"]}
+    default_backend echo_tcp
+frontend http_in
+    mode http
+    bind 127.0.0.1:{ports["http"]}
+    default_backend echo_http
+frontend tls_in
+    mode http
+    bind 127.0.0.1:{ports["tls"]} ssl crt {bundle} alpn http/1.1
+    default_backend echo_http
+frontend passthrough_in
+    mode tcp
+    bind 127.0.0.1:{ports["passthrough"]}
+    default_backend echo_tls
+backend echo_tcp
+    mode tcp
+    server echo 127.0.0.1:{echo}
+backend echo_http
+    mode http
+    server echo 127.0.0.1:{echo}
+backend echo_tls
+    mode tcp
+    server echo 127.0.0.1:{echo_tls}
+"""
+    )
+    process = bench.start(pinned(["haproxy", "-db", "-f", str(config)]))
+    for port in ports.values():
+        wait_listening(port, process, "haproxy")
+    bench.systems |= {
+        "haproxy-tcp": System("haproxy-tcp", f"ws://127.0.0.1:{ports['tcp']}/", process.pid),
+        "haproxy-http": System("haproxy-http", f"ws://127.0.0.1:{ports['http']}/", process.pid),
+        "haproxy-tls": System("haproxy-tls", f"wss://127.0.0.1:{ports['tls']}/", process.pid, True),
+        "haproxy-passthrough": System(
+            "haproxy-passthrough", f"wss://127.0.0.1:{ports['passthrough']}/", process.pid, True
+        ),
+    }  # fmt: skip
+
+
+def start_nginx(bench: Bench, echo: int, echo_tls: int, cert: str, key: str) -> None:
+    ports = {name: free_port() for name in ("http", "tls")}
+    prefix = bench.workdir / "nginx"
+    (prefix / "logs").mkdir(parents=True)
+    config = prefix / "nginx.conf"
+    user = "user root;" if os.geteuid() == 0 else ""
+    config.write_text(
+        f"""
+{user}
+worker_processes 1;
+worker_rlimit_nofile 20000;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/logs/error.log warn;
+events {{ worker_connections 19800; }}
+http {{
+    access_log off;
+    map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+    upstream echo {{ server 127.0.0.1:{echo}; }}
+    server {{
+        listen 127.0.0.1:{ports["http"]};
+        listen 127.0.0.1:{ports["tls"]} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location / {{
+            proxy_pass http://echo;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_read_timeout 350s;
+        }}
+    }}
+}}
+"""
+    )
+    process = bench.start(pinned(["nginx", "-p", str(prefix), "-c", str(config)]))
+    for port in ports.values():
+        wait_listening(port, process, "nginx")
+    bench.systems |= {
+        "nginx-http": System("nginx-http", f"ws://127.0.0.1:{ports['http']}/", process.pid),
+        "nginx-tls": System("nginx-tls", f"wss://127.0.0.1:{ports['tls']}/", process.pid, True),
+    }
+
+
+# --- scenarios x systems -------------------------------------------------------------------------
+
+
+def plan(names: list[str], available: set[str]) -> list[tuple[str, list[str]]]:
+    """Which systems each scenario runs against (those that were started)."""
+    plain = ["direct", "wsproxy-stream", "wsproxy-ws", "haproxy-tcp", "haproxy-http", "nginx-http"]
+    tls = ["direct-tls", "wsproxy-tls", "wsproxy-passthrough", "haproxy-tls",
+           "haproxy-passthrough", "nginx-tls"]  # fmt: skip
+    hold = ["wsproxy-stream", "wsproxy-ws", "wsproxy-tls", "haproxy-tcp", "haproxy-tls",
+            "nginx-tls"]  # fmt: skip
+    table = {
+        "echo-100": plain,
+        "echo-1": plain,
+        "throughput": plain,
+        "connect-ws": plain,
+        "connect-wss": tls,
+        "echo-tls": tls,
+        "throughput-tls": tls,
+        "hold": hold,
+    }
+    return [(name, [s for s in table[name] if s in available]) for name in names]
+
+
+async def run_one(scenario: str, system: System, args: argparse.Namespace, ca_file: str) -> Result:
+    endpoint = Endpoint.from_url(system.url, cacert=ca_file, server_hostname="bench.internal")
+    seconds = args.seconds
+    if scenario == "echo-100":
+        return await scenarios.echo(
+            endpoint, sessions=args.sessions, size=128, seconds=seconds, pid=system.pid
+        )
+    if scenario == "echo-1":
+        return await scenarios.echo(endpoint, sessions=1, size=128, seconds=seconds, pid=system.pid)
+    if scenario == "echo-tls":
+        return await scenarios.echo(
+            endpoint, sessions=args.sessions, size=128, seconds=seconds, pid=system.pid
+        )
+    if scenario in ("throughput", "throughput-tls"):
+        return await scenarios.throughput(
+            endpoint, sessions=4, size=args.throughput_size, seconds=seconds, pid=system.pid
+        )
+    if scenario in ("connect-ws", "connect-wss"):
+        return await scenarios.connect(endpoint, workers=16, seconds=seconds, pid=system.pid)
+    if scenario == "hold":
+        steps = sorted({max(1, args.hold // 9), max(1, args.hold // 3), args.hold})
+        return await scenarios.hold(endpoint, steps=steps, pid=system.pid, settle_seconds=1.0)
+    raise ValueError(scenario)
+
+
+def cost_per_op(result: Result) -> tuple[str, float | None]:
+    """(unit, proxy CPU per operation) of one run."""
+    cpu = result.get("proxy_cpu_seconds")
+    kind = result["scenario"]
+    if kind == "echo":
+        ops = result["messages"]
+        return "us/msg", (1e6 * cpu / ops) if cpu is not None and ops else None
+    if kind == "throughput":
+        gib = 2 * result["bytes_each_way"] / 2**30
+        return "s/GiB", (cpu / gib) if cpu is not None and gib else None
+    if kind == "connect":
+        ops = result["handshakes"]
+        return "ms/handshake", (1e3 * cpu / ops) if cpu is not None and ops else None
+    return "", None
+
+
+def rate_of(result: Result) -> tuple[str, float]:
+    kind = result["scenario"]
+    if kind == "echo":
+        return "msg/s", float(result["messages_per_second"])
+    if kind == "throughput":
+        return "MiB/s", float(result["mib_per_second"])
+    if kind == "connect":
+        return "handshakes/s", float(result["handshakes_per_second"])
+    return "", 0.0
+
+
+async def measure(bench: Bench, args: argparse.Namespace) -> list[Run]:
+    runs: list[Run] = []
+    for scenario, systems in plan(args.scenarios, set(bench.systems)):
+        rounds = 1 if scenario == "hold" else args.rounds
+        for round_no in range(rounds):
+            # Alternate the order so drift of the machine hits every system alike.
+            ordered = systems if round_no % 2 == 0 else systems[::-1]
+            for name in ordered:
+                result = await run_one(scenario, bench.systems[name], args, bench.ca_file)
+                result.pop("latency_sample", None) if scenario != "echo-1" else None
+                runs.append(Run(scenario, name, round_no, result))
+                unit, rate = rate_of(result)
+                errors = f" errors {result['errors']}" if result.get("errors") else ""
+                print(f"[{time.strftime('%H:%M:%S')}] {scenario:<15} {name:<20} round "
+                      f"{round_no + 1}: {rate:,.1f} {unit}{errors}", file=sys.stderr)  # fmt: skip
+    return runs
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def summarize(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for scenario in dict.fromkeys(run.scenario for run in runs):
+        table[scenario] = {}
+        for system in dict.fromkeys(r.system for r in runs if r.scenario == scenario):
+            rows = [r.result for r in runs if r.scenario == scenario and r.system == system]
+            if scenario == "hold":
+                last = rows[0]["steps"][-1]
+                table[scenario][system] = {
+                    "sessions": last["sessions"],
+                    "bytes_per_session": last.get("bytes_per_session"),
+                    "alive": rows[0]["alive_at_end"],
+                    "errors": rows[0]["errors"],
+                    "steps": rows[0]["steps"],
+                }
+                continue
+            unit, _ = rate_of(rows[0])
+            rates = [rate_of(row)[1] for row in rows]
+            costs = [c for c in (cost_per_op(row)[1] for row in rows) if c is not None]
+            median_rate = statistics.median(rates)
+            entry: dict[str, Any] = {
+                "rate": round(median_rate, 1),
+                "rate_unit": unit,
+                "spread": round((max(rates) - min(rates)) / median_rate, 3) if median_rate else 0,
+                "cpu_per_op": round(statistics.median(costs), 3) if costs else None,
+                "cpu_unit": cost_per_op(rows[0])[0],
+                "errors": sum(sum(row["errors"].values()) for row in rows),
+            }
+            if "latency_ms" in rows[0] and rows[0]["latency_ms"]:
+                entry["p50_ms"] = round(statistics.median(r["latency_ms"]["p50"] for r in rows), 3)
+                entry["p99_ms"] = round(statistics.median(r["latency_ms"]["p99"] for r in rows), 3)
+            table[scenario][system] = entry
+        for system, entry in table[scenario].items():
+            peer = table[scenario].get(HAPROXY_PEER.get(system, ""))
+            direct = table[scenario].get("direct") or table[scenario].get("direct-tls")
+            if scenario == "hold":
+                if peer and peer.get("bytes_per_session") and entry.get("bytes_per_session"):
+                    entry["memory_vs_haproxy"] = round(
+                        entry["bytes_per_session"] / peer["bytes_per_session"], 2
+                    )
+                continue
+            if direct and direct["rate"]:
+                entry["rate_vs_direct"] = round(entry["rate"] / direct["rate"], 2)
+            if peer and peer["rate"]:
+                entry["rate_vs_haproxy"] = round(entry["rate"] / peer["rate"], 2)
+            if peer and peer.get("cpu_per_op") and entry.get("cpu_per_op"):
+                # HAProxy's CPU per op / ours: 1.0 = as frugal as HAProxy, higher is better.
+                entry["efficiency"] = round(peer["cpu_per_op"] / entry["cpu_per_op"], 2)
+            if peer and "p50_ms" in peer and "p50_ms" in entry and peer["p50_ms"]:
+                entry["p50_vs_haproxy"] = round(entry["p50_ms"] / peer["p50_ms"], 2)
+    return table
+
+
+def markdown(table: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespace) -> str:
+    lines = [
+        f"Medians of {args.rounds} rounds x {args.seconds:g} s; proxies pinned to core "
+        f"{PROXY_CORE}, load generator and echo target on core {LOAD_CORE}. Efficiency = HAProxy's "
+        "CPU per operation / wsproxy's (HAProxy `mode tcp` for stream and websocket, "
+        "HAProxy TLS for TLS termination, HAProxy `mode tcp` on the TLS port for passthrough).",
+        "",
+    ]
+    for scenario, systems in table.items():
+        lines.append(f"### {scenario}")
+        lines.append("")
+        if scenario == "hold":
+            lines.append("| system | sessions | alive | bytes/session | vs HAProxy |")
+            lines.append("|---|---|---|---|---|")
+            for system, e in systems.items():
+                lines.append(
+                    f"| {system} | {e['sessions']} | {e['alive']} | {e.get('bytes_per_session')}"
+                    f" | {e.get('memory_vs_haproxy', '')} |"
+                )
+            lines.append("")
+            continue
+        first = next(iter(systems.values()))
+        lines.append(
+            f"| system | {first['rate_unit']} | spread | vs direct | vs HAProxy | p50 ms | "
+            f"p99 ms | CPU {first['cpu_unit']} | efficiency | errors |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|---|---|")
+        for system, e in systems.items():
+            lines.append(
+                f"| {system} | {e['rate']:,} | {e['spread']:.0%} | {e.get('rate_vs_direct', '')} "
+                f"| {e.get('rate_vs_haproxy', '')} | {e.get('p50_ms', '')} | {e.get('p99_ms', '')}"
+                f" | {e['cpu_per_op'] if e['cpu_per_op'] is not None else ''} "
+                f"| {e.get('efficiency', '')} | {e['errors']} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def charts(table: dict[str, dict[str, dict[str, Any]]], runs: list[Run], out: Path) -> list[str]:
+    """Bars of CPU per operation per scenario, latency CDFs (1 session), RSS per session."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no charts (pip install -e '.[loadtest]')", file=sys.stderr)
+        return []
+    written = []
+    measured = [s for s in table if s != "hold"]
+    if measured:
+        figure, axes = plt.subplots(len(measured), 1, figsize=(9, 2.6 * len(measured)))
+        for axis, scenario in zip(list(getattr(axes, "flat", [axes])), measured, strict=True):
+            systems = [s for s, e in table[scenario].items() if e.get("cpu_per_op") is not None]
+            values = [table[scenario][s]["cpu_per_op"] for s in systems]
+            colors = ["#1f6feb" if s.startswith("wsproxy") else "#8b949e" for s in systems]
+            axis.barh(systems, values, color=colors)
+            unit = next(iter(table[scenario].values()))["cpu_unit"]
+            axis.set_title(f"{scenario}: proxy CPU per operation ({unit}, lower is better)")
+        figure.tight_layout()
+        path = out / "cpu_per_operation.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(str(path))
+    samples = [(r.system, r.result.get("latency_sample")) for r in runs if r.scenario == "echo-1"]
+    if samples:
+        figure, axis = plt.subplots(figsize=(9, 4))
+        for system in dict.fromkeys(name for name, _ in samples):
+            pooled = sorted(v * 1000 for name, s in samples if name == system for v in s or [])
+            if pooled:
+                axis.plot(pooled, [i / len(pooled) for i in range(len(pooled))], label=system)
+        axis.set_xscale("log")
+        axis.set_xlabel("round-trip latency, ms (1 session, 128 B)")
+        axis.set_ylabel("fraction of messages")
+        axis.legend()
+        figure.tight_layout()
+        path = out / "latency_cdf.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(str(path))
+    if "hold" in table:
+        figure, axis = plt.subplots(figsize=(9, 4))
+        for system, entry in table["hold"].items():
+            points = [
+                (s["sessions"], s["rss_bytes"] / 2**20) for s in entry["steps"] if "rss_bytes" in s
+            ]
+            if points:
+                axis.plot(*zip(*points, strict=True), marker="o", label=system)
+        axis.set_xlabel("idle sessions")
+        axis.set_ylabel("proxy RSS, MiB")
+        axis.legend()
+        figure.tight_layout()
+        path = out / "rss_vs_sessions.png"
+        figure.savefig(path, dpi=100)
+        plt.close(figure)
+        written.append(str(path))
+    return written
+
+
+# --- entry point ---------------------------------------------------------------------------------
+
+
+def add_parser(commands: Any) -> None:
+    parser = commands.add_parser("compare", help="wsproxy vs direct vs HAProxy (vs nginx)")
+    parser.add_argument("--rounds", type=int, default=3, help="at least 1, at most 20")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per system, scenario, round")
+    parser.add_argument("--sessions", type=int, default=100, help="sessions of echo-100/echo-tls")
+    parser.add_argument("--throughput-size", type=int, default=64 * 1024)
+    parser.add_argument("--hold", type=int, default=9000, help="idle sessions in the hold test")
+    parser.add_argument("--scenarios", default=",".join(DEFAULT_SCENARIOS))
+    parser.add_argument(
+        "--systems",
+        default="direct,wsproxy,haproxy,nginx",
+        help="any of direct, wsproxy, haproxy, nginx (missing programs are skipped)",
+    )
+    parser.add_argument("--out", default="loadtest/results", help="where reports are written")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    args.rounds = max(1, min(args.rounds, 20))
+    args.seconds = min(max(args.seconds, 0.2), 120.0)
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(args.scenarios) - set(DEFAULT_SCENARIOS)
+    if unknown:
+        print(f"unknown scenarios: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    wanted = set(args.systems.split(","))
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setaffinity(0, {LOAD_CORE})  # the load generator and the echo target
+    scenarios.raise_fd_limit()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="wsproxy-compare-") as name:
+        bench = Bench(Path(name))
+        try:
+            bench.ca_file, cert, key = mint_certificates(bench.workdir)
+            echo, echo_tls = start_echo(bench, cert, key)
+            if "direct" in wanted:
+                bench.systems["direct"] = System("direct", f"ws://127.0.0.1:{echo}/", None)
+                bench.systems["direct-tls"] = System(
+                    "direct-tls", f"wss://127.0.0.1:{echo_tls}/", None, True
+                )
+            if "wsproxy" in wanted:
+                start_wsproxy(bench, echo, echo_tls, cert, key)
+            for tool, starter in (("haproxy", start_haproxy), ("nginx", start_nginx)):
+                if tool not in wanted:
+                    continue
+                if shutil.which(tool) is None:
+                    print(
+                        f"{tool} not installed: skipped (python -m loadtest setup)", file=sys.stderr
+                    )
+                    continue
+                starter(bench, echo, echo_tls, cert, key)
+            runs = uvloop.run(measure(bench, args))
+        finally:
+            bench.stop_all()
+    table = summarize(runs)
+    report = markdown(table, args)
+    written = charts(table, runs, out)
+    (out / "results.md").write_text(report + "\n")
+    document = {
+        "settings": vars(args),
+        "machine": machine(),
+        "summary": table,
+        "runs": [
+            {
+                "scenario": run.scenario,
+                "system": run.system,
+                "round": run.round,
+                "result": {k: v for k, v in run.result.items() if k != "latency_sample"},
+            }
+            for run in runs
+        ],
+    }
+    (out / "results.json").write_text(json.dumps(document, indent=1))
+    print(json.dumps({"summary": table, "seconds": round(time.monotonic() - started, 1)}))
+    print(report)
+    print(f"written: {out / 'results.md'}, {out / 'results.json'}, {', '.join(written)}")
+    return 0
+
+
+def machine() -> dict[str, Any]:
+    info: dict[str, Any] = {"cpus": os.cpu_count(), "python": sys.version.split()[0]}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    for tool in ("haproxy", "nginx"):
+        if shutil.which(tool):
+            result = subprocess.run([tool, "-v"], capture_output=True, text=True, check=False)
+            text = result.stdout or result.stderr
+            info[tool] = text.splitlines()[0] if text else "?"
+    return info
