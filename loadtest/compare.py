@@ -425,7 +425,7 @@ def summarize(runs: list[Run]) -> dict[str, dict[str, dict[str, Any]]]:
                 last = rows[0]["steps"][-1]
                 table[scenario][system] = {
                     "sessions": last["sessions"],
-                    "bytes_per_session": last.get("bytes_per_session"),
+                    "bytes_per_session": rows[0]["marginal_bytes_per_session"],
                     "alive": rows[0]["alive_at_end"],
                     "errors": rows[0]["errors"],
                     "steps": rows[0]["steps"],
@@ -480,7 +480,7 @@ def markdown(table: dict[str, dict[str, dict[str, Any]]], args: argparse.Namespa
         lines.append(f"### {scenario}")
         lines.append("")
         if scenario == "hold":
-            lines.append("| system | sessions | alive | bytes/session | vs HAProxy |")
+            lines.append("| system | sessions | alive | bytes/session (marginal) | vs HAProxy |")
             lines.append("|---|---|---|---|---|")
             for system, e in systems.items():
                 lines.append(

@@ -270,8 +270,15 @@ async def hold(
     finally:
         for session in sessions:
             session.abort()
+    marginal = None
+    if pid and len(samples) >= 2 and samples[-1]["sessions"] > samples[0]["sessions"]:
+        # The slope between the first and last step: what one more session costs, free of the
+        # allocator warm-up that the first sessions (and earlier traffic) pay for.
+        added = samples[-1]["sessions"] - samples[0]["sessions"]
+        marginal = round((samples[-1]["rss_bytes"] - samples[0]["rss_bytes"]) / added)
     return {
         "scenario": "hold",
+        "marginal_bytes_per_session": marginal,
         "baseline_rss_bytes": baseline_rss,
         "baseline_fds": baseline_fds,
         "steps": samples,

@@ -108,5 +108,6 @@ async def test_compare_runs_end_to_end_and_writes_its_reports(tmp_path: Path) ->
     assert all(entry["errors"] == 0 for entry in table["echo-100"].values())
     assert table["echo-100"]["wsproxy-ws"]["cpu_per_op"] > 0
     assert table["hold"]["wsproxy-tls"]["alive"] == 30
+    assert table["hold"]["wsproxy-tls"]["bytes_per_session"] is not None
     assert (out / "results.md").read_text().startswith("Medians of 1 rounds")
     assert json.loads((out / "results.json").read_text())["summary"] == table

@@ -11,7 +11,6 @@ import hashlib
 import math
 import random
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import Protocol
 
 from wsproxy.address import Address
@@ -56,9 +55,10 @@ class RoundRobin:
         return best
 
 
-def _load(target: Target) -> Fraction:
-    # Exact arithmetic, so equal loads tie exactly and ties are broken at random.
-    return Fraction(target.active) / Fraction(max(target.effective_weight, 1e-3))
+def _load(target: Target) -> float:
+    """Active connections per unit of weight. Division is correctly rounded, so equal ratios
+    (1/2 and 2/4) give equal floats and ties stay ties."""
+    return target.active / max(target.effective_weight, 1e-3)
 
 
 class LeastConnections:
@@ -68,6 +68,8 @@ class LeastConnections:
         self._rng = rng
 
     def pick(self, candidates: Sequence[Target], client_ip: str) -> Target:
+        if len(candidates) == 1:
+            return candidates[0]
         best = min(_load(t) for t in candidates)
         tied = [t for t in candidates if _load(t) == best]
         return tied[0] if len(tied) == 1 else self._rng.choice(tied)

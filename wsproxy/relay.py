@@ -60,12 +60,14 @@ class Endpoint(asyncio.Protocol):
         "on_made",
         "on_pause_writing",
         "on_resume_writing",
+        "tls",
         "transport",
         "write_paused",
     )
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
+        self.tls = False  # TLS cannot half-close: asyncio closes such a transport on EOF
         self.lost = False
         self.write_paused = False
         self._linger: asyncio.TimerHandle | None = None
@@ -83,6 +85,7 @@ class Endpoint(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.tls = transport.get_extra_info("sslcontext") is not None
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -94,7 +97,8 @@ class Endpoint(asyncio.Protocol):
         self.on_data(data)
 
     def eof_received(self) -> bool:
-        return self.on_eof()
+        # Asking to stay open after EOF only draws a warning on a TLS transport.
+        return self.on_eof() and not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True

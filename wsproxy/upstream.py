@@ -129,6 +129,7 @@ class Upstream:
                         if secure is None:
                             raise ConnectionResetError("target closed during the TLS handshake")
                         endpoint.transport = secure  # the endpoint now writes through TLS
+                        endpoint.tls = True
         except ssl.SSLError as exc:
             # Never a fallback to plaintext: a target that fails TLS is a failed dial.
             self._failed(target, "tls")

@@ -18,6 +18,7 @@ from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, ProxyHeader, ProxyHeader
 
 if TYPE_CHECKING:
     from wsproxy.listener import Listener
+    from wsproxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -255,6 +256,10 @@ class Flow:
         )
         self.log = {key: self.log.get(key) for key in CONNECTION_FIELDS}
         self.listener.flow_finished(self, reason, bytes_in, bytes_out)
+
+    def proxy_header_for(self, upstream: Upstream, sni: str | None = None) -> bytes:
+        """The PROXY v2 header ``upstream`` wants before the first byte, or nothing."""
+        return self.proxy_header(sni) if upstream.config.proxy_protocol_v2 else b""
 
     def proxy_header(self, sni: str | None = None) -> bytes:
         """A PROXY v2 header for this connection (used when the target group asks for one)."""

@@ -38,7 +38,7 @@ class PassthroughFlow(Flow):
         self.log["target_group"] = upstream.name
         self.phase = PHASE_CONNECT
         self.target, self.target_endpoint = await upstream.dial(
-            self.client_ip, Endpoint, self.proxy_header(hello.server_name)
+            self.client_ip, Endpoint, self.proxy_header_for(upstream, hello.server_name)
         )
         self.log["target"] = str(self.target.address)
         replay = bytes(self._reader.buffered) + self.client.take_held()

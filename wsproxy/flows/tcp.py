@@ -22,7 +22,7 @@ class TcpFlow(Flow):
         upstream = self.listener.upstream(self.listener.config.default_target_group)
         self.log["target_group"] = upstream.name
         self.target, self.target_endpoint = await upstream.dial(
-            self.client_ip, Endpoint, self.proxy_header(self.log.get("sni"))
+            self.client_ip, Endpoint, self.proxy_header_for(upstream, self.log.get("sni"))
         )
         self.log["target"] = str(self.target.address)
         self.phase = PHASE_DATA

@@ -267,7 +267,8 @@ class WebSocketFlow(Flow):
             exchange = _Exchange(self.loop, endpoint)
             self.phase = PHASE_CONNECT
             try:
-                await upstream.connect(target, endpoint, self.proxy_header(self.log.get("sni")))
+                header = self.proxy_header_for(upstream, self.log.get("sni"))
+                await upstream.connect(target, endpoint, header)
             except TargetError as exc:
                 error, last = exc, target
                 continue
@@ -329,9 +330,23 @@ class WebSocketFlow(Flow):
     async def _until_quiet(self, future: asyncio.Future[Any], quiet_seconds: float) -> None:
         """Wait for ``future`` while bytes keep moving; TimeoutError once none moved for
         ``quiet_seconds`` (an upload still streaming is not a silent target)."""
+        loop = self.loop
         while not future.done():
             mark = self.handshake_bytes_in + self.handshake_bytes_out
-            await asyncio.wait((future,), timeout=quiet_seconds)
+            # One timer and one callback per wait: asyncio.wait costs several times more.
+            waiter: asyncio.Future[None] = loop.create_future()
+
+            def wake(_: object = None, waiter: asyncio.Future[None] = waiter) -> None:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+            timer = loop.call_later(quiet_seconds, wake)
+            future.add_done_callback(wake)
+            try:
+                await waiter
+            finally:
+                timer.cancel()
+                future.remove_done_callback(wake)
             if not future.done() and mark == self.handshake_bytes_in + self.handshake_bytes_out:
                 raise TimeoutError
         future.result()  # re-raise what the callbacks set

@@ -8,7 +8,7 @@ smuggled), serialize it again in canonical form, and find where a body ends.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 from wsproxy.errors import HeadLimitExceeded, MalformedBody, MalformedHead
@@ -34,10 +34,15 @@ class _HeadFields:
     """Case-insensitive lookups over an ordered header list (names keep their original case)."""
 
     headers: Headers
+    _names: tuple[str, ...]  # the header names lower-cased once, in order
+
+    def _index_names(self) -> None:
+        object.__setattr__(self, "_names", tuple(key.lower() for key, _ in self.headers))
 
     def get_all(self, name: str) -> list[str]:
         lname = name.lower()
-        return [value for key, value in self.headers if key.lower() == lname]
+        headers = self.headers
+        return [headers[i][1] for i, key in enumerate(self._names) if key == lname]
 
     def get(self, name: str) -> str | None:
         values = self.get_all(name)
@@ -57,6 +62,10 @@ class RequestHead(_HeadFields):
     target: str
     version: str
     headers: Headers
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._index_names()
 
     @property
     def path(self) -> str:
@@ -70,6 +79,10 @@ class ResponseHead(_HeadFields):
     status: int
     reason: str
     headers: Headers
+    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._index_names()
 
 
 class HeadBuffer:
