@@ -5,28 +5,32 @@
 The per-chunk and per-frame counters in wsproxy are the only metric work on the data path (the
 rest happens at scrape time), and each such line carries a ``# hot-path count`` comment. This
 benchmark copies the package to a temp directory, turns exactly those lines into ``pass``, and
-runs both builds side by side against the same echo target: websocket mode (frame tracking) and
-stream mode, rounds alternating so machine drift hits both alike. It reports medians of
-messages/s and of the proxy's CPU seconds per 10k messages; the CPU figure is the steady one
-(the load generator shares the machine and saturates first). Bounded by --seconds and --rounds.
+runs both builds side by side against the same echo target (``loadtest.echo_target``) with the
+``echo`` scenario: websocket mode (frame tracking) and stream mode, rounds alternating so machine
+drift hits both alike. It reports medians of messages/s and of the proxy's CPU seconds per 10k
+messages; the CPU figure is the steady one (the load generator shares the machine and saturates
+first). Bounded by --seconds and --rounds.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import re
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import uvloop
 
-from loadtest.echo_compare import Result, listening_ports, run_load, start_echo
+from loadtest import scenarios
+from loadtest.client import Endpoint
+from loadtest.compare import free_port, wait_listening
+from loadtest.scenarios import Result
 
 PACKAGE = Path(__file__).resolve().parent.parent / "wsproxy"
 MARKER = "# hot-path count"
@@ -47,20 +51,23 @@ def stripped_copy(destination: Path) -> int:
     return stripped
 
 
-async def start_build(
+def start_build(
     echo_port: int, workdir: Path, pythonpath: Path | None
-) -> tuple[asyncio.subprocess.Process, int, int]:
+) -> tuple[subprocess.Popen[bytes], int, int]:
+    """wsproxy (shipped, or the stripped copy on PYTHONPATH) with a websocket and a stream
+    listener in front of the echo target."""
+    ws_port, stream_port = free_port(), free_port()
     config = workdir / f"bench-{'stripped' if pythonpath else 'shipped'}.toml"
     config.write_text(
         f"""
 [admin]
 enabled = false
 [listeners.ws]
-address = "127.0.0.1:0"
+address = "127.0.0.1:{ws_port}"
 websocket = true
 default_target_group = "echo"
 [listeners.stream]
-address = "127.0.0.1:0"
+address = "127.0.0.1:{stream_port}"
 default_target_group = "echo"
 [target_groups.echo]
 targets = [{{ address = "127.0.0.1:{echo_port}" }}]
@@ -69,61 +76,81 @@ targets = [{{ address = "127.0.0.1:{echo_port}" }}]
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "wsproxy", "--log-level", "warning", "run", "-c", str(config),
-        env=env, cwd=str(workdir),
-    )  # fmt: skip
-    ports: list[int] = []
-    for _ in range(150):
-        await asyncio.sleep(0.1)
-        if len(ports := listening_ports(process.pid)) >= 2:
-            break
-    return process, ports[0], ports[1]
+    command = [sys.executable, "-m", "wsproxy", "--log-level", "warning", "run", "-c", str(config)]
+    process = subprocess.Popen(command, env=env, cwd=str(workdir))
+    for port in (ws_port, stream_port):
+        wait_listening(port, process, "wsproxy")
+    return process, ws_port, stream_port
 
 
 def cpu_per_10k(rows: list[Result]) -> float:
-    return statistics.median(10_000 * r.proxy_cpu_seconds / r.messages for r in rows if r.messages)
+    return float(
+        statistics.median(
+            10_000 * r["proxy_cpu_seconds"] / r["messages"] for r in rows if r["messages"]
+        )
+    )
 
 
-async def main(args: argparse.Namespace) -> None:
-    echo, echo_port = await start_echo()
+def rate(row: Result) -> float:
+    return float(row["messages_per_second"])
+
+
+System = tuple[str, int, int]  # (name, port, proxy pid)
+
+
+async def measure(systems: list[System], args: argparse.Namespace) -> dict[str, list[Result]]:
+    results: dict[str, list[Result]] = {name: [] for name, _, _ in systems}
+    for round_no in range(args.rounds):
+        ordered = systems if round_no % 2 == 0 else systems[::-1]
+        for name, port, pid in ordered:
+            endpoint = Endpoint.from_url(f"ws://127.0.0.1:{port}/")
+            results[name].append(
+                await scenarios.echo(
+                    endpoint, sessions=args.sessions, size=args.size, seconds=args.seconds, pid=pid
+                )
+            )
+    return results
+
+
+def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as workdir_name:
         workdir = Path(workdir_name)
         stripped = stripped_copy(workdir / "stripped")
-        shipped_proxy, shipped_ws, shipped_stream = await start_build(echo_port, workdir, None)
-        bare_proxy, bare_ws, bare_stream = await start_build(
-            echo_port, workdir, workdir / "stripped"
+        echo = subprocess.Popen(
+            [sys.executable, "-m", "loadtest.echo_target"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
-        systems = [
-            ("shipped-ws", f"ws://127.0.0.1:{shipped_ws}/", shipped_proxy.pid),
-            ("stripped-ws", f"ws://127.0.0.1:{bare_ws}/", bare_proxy.pid),
-            ("shipped-stream", f"ws://127.0.0.1:{shipped_stream}/", shipped_proxy.pid),
-            ("stripped-stream", f"ws://127.0.0.1:{bare_stream}/", bare_proxy.pid),
-        ]
-        results: list[Result] = []
+        processes = [echo]
         try:
-            for round_no in range(args.rounds):
-                ordered = systems if round_no % 2 == 0 else systems[::-1]
-                for system, url, pid in ordered:
-                    results.append(await run_load(system, url, args, round_no, pid))
+            assert echo.stdout is not None
+            echo_port = int(echo.stdout.readline().split()[0])
+            shipped, shipped_ws, shipped_stream = start_build(echo_port, workdir, None)
+            processes.append(shipped)
+            bare, bare_ws, bare_stream = start_build(echo_port, workdir, workdir / "stripped")
+            processes.append(bare)
+            systems = [
+                ("shipped-ws", shipped_ws, shipped.pid),
+                ("stripped-ws", bare_ws, bare.pid),
+                ("shipped-stream", shipped_stream, shipped.pid),
+                ("stripped-stream", bare_stream, bare.pid),
+            ]
+            results = uvloop.run(measure(systems, args))
         finally:
-            for process in (shipped_proxy, bare_proxy):
+            for process in processes:
                 process.terminate()
-                await process.wait()
-            assert echo.stdin is not None
-            echo.stdin.close()
-            await echo.wait()
+                process.wait()
     report(results, args, stripped)
 
 
-def report(results: list[Result], args: argparse.Namespace, stripped: int) -> None:
+def report(results: dict[str, list[Result]], args: argparse.Namespace, stripped: int) -> None:
     summary: dict[str, dict[str, float]] = {}
     for mode in ("ws", "stream"):
-        shipped = [r for r in results if r.system == f"shipped-{mode}"]
-        bare = [r for r in results if r.system == f"stripped-{mode}"]
+        shipped = results[f"shipped-{mode}"]
+        bare = results[f"stripped-{mode}"]
         summary[mode] = {
-            "shipped_messages_per_second": round(statistics.median(r.rate for r in shipped)),
-            "stripped_messages_per_second": round(statistics.median(r.rate for r in bare)),
+            "shipped_messages_per_second": round(statistics.median(map(rate, shipped))),
+            "stripped_messages_per_second": round(statistics.median(map(rate, bare))),
             "shipped_cpu_seconds_per_10k": round(cpu_per_10k(shipped), 4),
             "stripped_cpu_seconds_per_10k": round(cpu_per_10k(bare), 4),
         }
@@ -162,4 +189,4 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    uvloop.run(main(parse_args()))
+    main(parse_args())

@@ -22,6 +22,7 @@ from wsproxy.metrics import ListenerStats, LiveCounts, close_code_label
 from wsproxy.relay import Endpoint
 from wsproxy.routing import Router, Rule, SniRouter
 from wsproxy.termination import PHASE_ACCEPT, PHASE_PROXY_HEADER, PHASE_TLS, termination
+from wsproxy.ticker import Ticker
 from wsproxy.tls import ServerTls, classify_handshake_failure
 from wsproxy.upstream import Upstream
 from wsproxy.wire.proxyproto import ProxyHeader, ProxyHeaderReader
@@ -68,6 +69,7 @@ class Listener:
             config.default_target_group,
         )
         self.stats = stats if stats is not None else ListenerStats()
+        self.ticker = Ticker()  # idle checks of every session of this listener
         self.flows: set[Flow] = set()
         self.address: Address | None = None
         self._upstreams = upstreams

@@ -14,6 +14,8 @@ import socket
 from collections.abc import Callable
 from typing import cast
 
+from wsproxy.ticker import Ticker
+
 # Bytes a transport may buffer toward a slow reader before the other side is paused. 64 KiB is
 # asyncio's default high-water mark; the low mark resumes reading once a quarter is left.
 WRITE_HIGH_WATER = 64 * 1024
@@ -200,6 +202,24 @@ class Relay:
     after both sockets are gone; ``reason`` says why the connection ended (the first cause wins).
     """
 
+    __slots__ = (
+        "_client_eof",
+        "_done",
+        "_idle_mark",
+        "_idle_since",
+        "_idle_slot",
+        "_idle_timeout",
+        "_loop",
+        "_on_done",
+        "_target_eof",
+        "bytes_in",
+        "bytes_out",
+        "client",
+        "reason",
+        "target",
+        "ticker",
+    )
+
     def __init__(
         self,
         client: Endpoint,
@@ -207,6 +227,7 @@ class Relay:
         *,
         idle_timeout: float,
         on_done: Callable[[Relay], None],
+        ticker: Ticker,
     ) -> None:
         self.client = client
         self.target = target
@@ -218,7 +239,8 @@ class Relay:
         self._client_eof = False
         self._target_eof = False
         self._done = False
-        self._idle_handle: asyncio.TimerHandle | None = None
+        self.ticker = ticker
+        self._idle_slot: int | None = None
         self._idle_mark = -1
         self._idle_since = 0.0
         self._loop = asyncio.get_running_loop()
@@ -320,20 +342,22 @@ class Relay:
         if self._done or not (self.client.lost and self.target.lost):
             return
         self._done = True
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-            self._idle_handle = None
+        if self._idle_slot is not None:
+            self.ticker.discard(self, self._idle_slot)
+            self._idle_slot = None
         self._on_done(self)
 
     # --- idle timeout ---------------------------------------------------------------------------
 
     def _schedule_idle_check(self) -> None:
         # Checking the byte counters a few times per timeout keeps the hot path free of clock
-        # reads; the connection closes between 1 and 1.25 timeouts after the last byte moved.
-        self._idle_handle = self._loop.call_later(self._idle_timeout / 8, self._idle_check)
+        # reads; the connection closes between 1 and 1.25 timeouts after the last byte moved
+        # (plus the ticker's resolution).
+        self._idle_slot = self.ticker.add(self, self._idle_timeout / 8)
 
-    def _idle_check(self) -> None:
-        self._idle_handle = None
+    def tick(self) -> None:
+        """The idle check, called by the ticker."""
+        self._idle_slot = None
         if self._done:
             return
         now = self._loop.time()

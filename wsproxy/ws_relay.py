@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from wsproxy.errors import FrameError
 from wsproxy.relay import Endpoint, Relay
+from wsproxy.ticker import Ticker
 from wsproxy.wire.wsframe import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
@@ -52,8 +53,49 @@ class _Direction:
         return tracker.at_frame_boundary if stop == STOP_FRAME else tracker.at_message_boundary
 
 
+class _PingTimer:
+    """The keepalive timer of one session, on the listener's ticker (a relay is already on it
+    for its idle check, so the ping needs a member of its own)."""
+
+    __slots__ = ("expiry", "relay", "slot")
+
+    def __init__(self, relay: WebSocketRelay) -> None:
+        self.relay = relay
+        self.expiry = False  # False: the next keepalive check; True: the wait for our pong
+        self.slot: int | None = None
+
+    def tick(self) -> None:
+        self.slot = None
+        if self.expiry:
+            self.relay._ping_expired()  # the relay's own timer
+        else:
+            self.relay._ping_tick()
+
+    def cancel(self) -> None:
+        if self.slot is not None:
+            self.relay.ticker.discard(self, self.slot)
+            self.slot = None
+
+
 class WebSocketRelay(Relay):
     """A ``Relay`` that follows frames in both directions (RFC 6455 §5)."""
+
+    __slots__ = (
+        "_close_deadline",
+        "_failing",
+        "_mask_key",
+        "_ping_interval",
+        "_ping_mark",
+        "_ping_payload",
+        "_ping_timeout",
+        "_ping_timer",
+        "_pong_buf",
+        "close_code",
+        "close_initiator",
+        "downstream",
+        "pings_sent",
+        "upstream",
+    )
 
     def __init__(
         self,
@@ -63,16 +105,17 @@ class WebSocketRelay(Relay):
         idle_timeout: float,
         max_frame_bytes: int,
         on_done: Callable[[Relay], None],
+        ticker: Ticker,
         ping_interval: float = 0.0,
         ping_timeout: float = 30.0,
         mask_key: Callable[[], bytes] = lambda: os.urandom(4),
     ) -> None:
-        super().__init__(client, target, idle_timeout=idle_timeout, on_done=on_done)
+        super().__init__(client, target, idle_timeout=idle_timeout, on_done=on_done, ticker=ticker)
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
         self._ping_payload: bytes | None = None  # our ping that awaits its pong
         self._ping_mark = -1
-        self._ping_handle: asyncio.TimerHandle | None = None
+        self._ping_timer: _PingTimer | None = None
         self._pong_buf = b""  # a Pong frame split across reads, while pongs are filtered
         self.pings_sent = 0
         # client → target frames must be masked; target → client frames must not be.
@@ -170,14 +213,17 @@ class WebSocketRelay(Relay):
 
     # --- keepalive (RFC 6455 §5.5.2) ------------------------------------------------------------
 
-    def _schedule_ping(self, delay: float) -> None:
-        if self._ping_handle is not None:
-            self._ping_handle.cancel()
-        self._ping_handle = asyncio.get_running_loop().call_later(delay, self._ping_tick)
+    def _schedule_ping(self, delay: float, *, expiry: bool = False) -> None:
+        timer = self._ping_timer
+        if timer is None:
+            timer = self._ping_timer = _PingTimer(self)
+        else:
+            timer.cancel()
+        timer.expiry = expiry
+        timer.slot = self.ticker.add(timer, delay)
 
     def _ping_tick(self) -> None:
         """Every interval: if the client sent nothing since the last tick, ping it."""
-        self._ping_handle = None
         if self.done or self._close_deadline is not None:
             return
         if self.bytes_in != self._ping_mark:
@@ -191,9 +237,7 @@ class WebSocketRelay(Relay):
         self._ping_payload = b"wsproxy:" + os.urandom(8).hex().encode()
         self.client.write(encode_frame(OP_PING, self._ping_payload))
         self.pings_sent += 1
-        self._ping_handle = asyncio.get_running_loop().call_later(
-            self._ping_timeout, self._ping_expired
-        )
+        self._schedule_ping(self._ping_timeout, expiry=True)
 
     def _pong_received(self) -> None:
         self._ping_payload = None
@@ -202,7 +246,6 @@ class WebSocketRelay(Relay):
 
     def _ping_expired(self) -> None:
         """No pong in time: the client is gone. Tell the target (1001) and cut the client."""
-        self._ping_handle = None
         if self._ping_payload is None or self.done:
             return
         self.set_reason("ping_timeout")
@@ -336,9 +379,9 @@ class WebSocketRelay(Relay):
             if self._close_deadline is not None:
                 self._close_deadline.cancel()
                 self._close_deadline = None
-            if self._ping_handle is not None:
-                self._ping_handle.cancel()
-                self._ping_handle = None
+            if self._ping_timer is not None:
+                self._ping_timer.cancel()
+                self._ping_timer = None
         super()._maybe_done()
 
     def _handshake_complete(self) -> bool:

@@ -58,15 +58,22 @@ async def start_proxy(
     assert process.stderr is not None
     ports: dict[str, int] = {}
     lines: list[str] = []
-    async with asyncio.timeout(15):
-        while len(ports) < len(listeners) + 1:
-            line = (await process.stderr.readline()).decode()
-            assert line, "".join(lines)
-            lines.append(line)
-            if found := re.search(r"listener '([\w-]+)' listening on 127\.0\.0\.1:(\d+)", line):
-                ports[found.group(1)] = int(found.group(2))
-            if found := re.search(r"admin listening on http://127\.0\.0\.1:(\d+)", line):
-                ports["admin"] = int(found.group(1))
+    try:
+        async with asyncio.timeout(15):
+            while len(ports) < len(listeners) + 1:
+                line = (await process.stderr.readline()).decode()
+                assert line, "".join(lines)
+                lines.append(line)
+                if found := re.search(r"listener '([\w-]+)' listening on 127\.0\.0\.1:(\d+)", line):
+                    ports[found.group(1)] = int(found.group(2))
+                if found := re.search(r"admin listening on http://127\.0\.0\.1:(\d+)", line):
+                    ports["admin"] = int(found.group(1))
+    except BaseException:
+        # A proxy that never came up must not outlive the test.
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
     running = RunningProxy(process, ports)
     running.stderr_lines = lines
     return running

@@ -31,6 +31,28 @@ class Flow:
     left, only callbacks. ``finish`` runs exactly once and releases everything.
     """
 
+    __slots__ = (
+        "client",
+        "client_cert",
+        "client_ip",
+        "client_port",
+        "drain_deadline",
+        "draining",
+        "finished",
+        "handshake_bytes_in",
+        "handshake_bytes_out",
+        "listener",
+        "log",
+        "loop",
+        "phase",
+        "proxied",
+        "relay",
+        "started",
+        "target",
+        "target_endpoint",
+        "task",
+    )
+
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
         self.loop = asyncio.get_running_loop()
@@ -204,6 +226,7 @@ class Flow:
         answered = False
         try:
             await coro
+            self.task = None  # handshake over: a session keeps no finished Task alive
             return
         except asyncio.CancelledError:
             reason = "client_closed" if self.client.lost else "shutdown"

@@ -16,6 +16,11 @@ from wsproxy.wire.clienthello import ClientHello, ClientHelloReader
 
 
 class PassthroughFlow(Flow):
+    __slots__ = (
+        "_hello",
+        "_reader",
+    )
+
     def begin(self) -> None:
         config = self.listener.config
         self._reader = ClientHelloReader(config.max_client_hello_bytes)
@@ -49,6 +54,7 @@ class PassthroughFlow(Flow):
             self.target_endpoint,
             idle_timeout=config.idle_timeout_seconds,
             on_done=self.relay_done,
+            ticker=self.listener.ticker,
         )
         self.relay.start(to_target=replay)
         if self.draining:

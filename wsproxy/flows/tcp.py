@@ -14,6 +14,8 @@ from wsproxy.termination import PHASE_CONNECT, PHASE_DATA
 
 
 class TcpFlow(Flow):
+    __slots__ = ()
+
     def begin(self) -> None:
         self.phase = PHASE_CONNECT
         self.spawn(self.guarded(self._run()))
@@ -31,6 +33,7 @@ class TcpFlow(Flow):
             self.target_endpoint,
             idle_timeout=self.listener.config.idle_timeout_seconds,
             on_done=self.relay_done,
+            ticker=self.listener.ticker,
         )
         self.relay.start()
         if self.draining:

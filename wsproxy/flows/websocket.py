@@ -158,6 +158,11 @@ class _Exchange:
 class WebSocketFlow(Flow):
     """The WebSocket flow of one client connection (``websocket = true``)."""
 
+    __slots__ = (
+        "_head_buffer",
+        "_head_done",
+    )
+
     def begin(self) -> None:
         self.log.update(host=None, path=None)
         # Hook the head reader up now, inside connection_made, so no byte can arrive unread.
@@ -447,6 +452,7 @@ class WebSocketFlow(Flow):
             idle_timeout=config.idle_timeout_seconds,
             max_frame_bytes=config.max_frame_bytes,
             on_done=self.relay_done,
+            ticker=self.listener.ticker,
             ping_interval=config.ping_interval_seconds,
             ping_timeout=config.ping_timeout_seconds,
         )
