@@ -15,6 +15,7 @@ first). Bounded by --seconds and --rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -29,7 +30,7 @@ import uvloop
 
 from loadtest import scenarios
 from loadtest.client import Endpoint
-from loadtest.compare import free_port, wait_listening
+from loadtest.compare import LOAD_CORE, free_port, pinned, wait_listening
 from loadtest.scenarios import Result
 
 PACKAGE = Path(__file__).resolve().parent.parent / "wsproxy"
@@ -77,7 +78,7 @@ targets = [{{ address = "127.0.0.1:{echo_port}" }}]
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     command = [sys.executable, "-m", "wsproxy", "--log-level", "warning", "run", "-c", str(config)]
-    process = subprocess.Popen(command, env=env, cwd=str(workdir))
+    process = subprocess.Popen(pinned(command), env=env, cwd=str(workdir))
     for port in (ws_port, stream_port):
         wait_listening(port, process, "wsproxy")
     return process, ws_port, stream_port
@@ -113,6 +114,9 @@ async def measure(systems: list[System], args: argparse.Namespace) -> dict[str, 
 
 
 def main(args: argparse.Namespace) -> None:
+    # As in compare: both proxies on core 0, the load generator and the echo target on core 1.
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setaffinity(0, {LOAD_CORE})
     with tempfile.TemporaryDirectory() as workdir_name:
         workdir = Path(workdir_name)
         stripped = stripped_copy(workdir / "stripped")
