@@ -100,15 +100,17 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_listening(port: int, process: subprocess.Popen[bytes], what: str) -> None:
-    deadline = time.monotonic() + 20
+def wait_listening(
+    port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 20
+) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{what} exited with {process.returncode} at start")
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             return
         time.sleep(0.05)
-    raise RuntimeError(f"{what} is not listening on {port} after 20 s")
+    raise RuntimeError(f"{what} is not listening on {port} after {timeout:g} s")
 
 
 def pinned(command: list[str]) -> list[str]:

@@ -1,20 +1,26 @@
 """What metrics cost on the data path: wsproxy as shipped vs a build with the counting stripped.
 
-    python -m loadtest.metrics_overhead --sessions 50 --size 128 --seconds 5 --rounds 5
+    python -m loadtest.metrics_overhead --sessions 50 --size 128 --seconds 4 --rounds 7
+    python -m loadtest.metrics_overhead --instructions --messages 200 --sessions-instr 2
 
-The per-chunk and per-frame counters in wsproxy are the only metric work on the data path (the
-rest happens at scrape time), and each such line carries a ``# hot-path count`` comment. This
-benchmark copies the package to a temp directory, turns exactly those lines into ``pass``, and
-runs both builds side by side against the same echo target (``loadtest.echo_target``) with the
-``echo`` scenario: websocket mode (frame tracking) and stream mode, rounds alternating so machine
-drift hits both alike. It reports medians of messages/s and of the proxy's CPU seconds per 10k
-messages; the CPU figure is the steady one (the load generator shares the machine and saturates
-first). Bounded by --seconds and --rounds.
+Everything metric-related happens at scrape time except the per-frame message and frame counts
+of websocket mode, each marked ``# hot-path count`` (byte counts are not metrics-only: the
+connection log line and the idle timeout need them). This benchmark copies the package to a
+temp directory with exactly those lines turned into ``pass`` and runs both builds against the same
+echo target (``loadtest.echo_target``), websocket mode and stream mode (which has no such lines:
+a control), in one of two ways:
+
+- timing: the ``echo`` scenario, rounds alternating so machine drift hits both alike; medians of
+  messages/s and of the proxy's CPU per 10k messages (about +-5 % run to run on this machine);
+- ``--instructions``: each build under valgrind's callgrind serving a fixed number of round trips,
+  twice (N and 3N per session); the difference is the instruction count per round trip, with
+  start-up and shutdown cancelled out. Repeatable to a fraction of a percent.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -29,7 +35,7 @@ from pathlib import Path
 import uvloop
 
 from loadtest import scenarios
-from loadtest.client import Endpoint
+from loadtest.client import Endpoint, open_session
 from loadtest.compare import LOAD_CORE, free_port, pinned, wait_listening
 from loadtest.scenarios import Result
 
@@ -44,7 +50,7 @@ def stripped_copy(destination: Path) -> int:
     for path in (destination / "wsproxy").rglob("*.py"):
         lines = path.read_text().splitlines(keepends=True)
         for index, line in enumerate(lines):
-            if MARKER in line:
+            if line.rstrip().endswith(MARKER) and not line.lstrip().startswith("#"):
                 indent = re.match(r"\s*", line).group(0)  # type: ignore[union-attr]
                 lines[index] = f"{indent}pass  # counting compiled out\n"
                 stripped += 1
@@ -53,7 +59,7 @@ def stripped_copy(destination: Path) -> int:
 
 
 def start_build(
-    echo_port: int, workdir: Path, pythonpath: Path | None
+    echo_port: int, workdir: Path, pythonpath: Path | None, wrapper: list[str] | None = None
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """wsproxy (shipped, or the stripped copy on PYTHONPATH) with a websocket and a stream
     listener in front of the echo target."""
@@ -78,9 +84,11 @@ targets = [{{ address = "127.0.0.1:{echo_port}" }}]
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
     command = [sys.executable, "-m", "wsproxy", "--log-level", "warning", "run", "-c", str(config)]
-    process = subprocess.Popen(pinned(command), env=env, cwd=str(workdir))
+    env["PYTHONHASHSEED"] = "0"  # the same dict layouts in both builds
+    command = [*wrapper, *command] if wrapper else pinned(command)
+    process = subprocess.Popen(command, env=env, cwd=str(workdir))
     for port in (ws_port, stream_port):
-        wait_listening(port, process, "wsproxy")
+        wait_listening(port, process, "wsproxy", timeout=120 if wrapper else 20)
     return process, ws_port, stream_port
 
 
@@ -180,12 +188,101 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace, stripped:
         )
 
 
+async def fixed_load(port: int, sessions: int, messages: int, size: int) -> None:
+    """Exactly ``messages`` round trips per session: the same work for both builds."""
+    endpoint = Endpoint.from_url(f"ws://127.0.0.1:{port}/")
+    payload = os.urandom(size)
+
+    async def one() -> None:
+        session = await open_session(endpoint, timeout=120)
+        for _ in range(messages):
+            session.send(payload)
+            await session.receive()
+        await session.close(timeout=30)
+
+    await asyncio.gather(*(one() for _ in range(sessions)))
+
+
+def instructions(
+    echo_port: int,
+    workdir: Path,
+    build: Path | None,
+    mode: str,
+    messages: int,
+    args: argparse.Namespace,
+) -> int:
+    """Instructions the proxy process executed, start to exit, serving ``messages`` round trips
+    per session (valgrind's callgrind: repeatable to the instruction)."""
+    out = workdir / f"callgrind-{'stripped' if build else 'shipped'}-{mode}-{messages}.out"
+    wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--quiet"]
+    process, ws_port, stream_port = start_build(echo_port, workdir, build, wrapper)
+    try:
+        port = ws_port if mode == "ws" else stream_port
+        uvloop.run(fixed_load(port, args.sessions_instr, messages, args.size))
+    finally:
+        process.terminate()
+        process.wait(timeout=300)
+    for line in out.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no instruction total in {out}")
+
+
+def main_instructions(args: argparse.Namespace) -> None:
+    """Per-message instructions of each build: the difference between two runs that differ only
+    in the number of messages, so start-up and shutdown cancel out."""
+    small, large = args.messages, 3 * args.messages
+    with tempfile.TemporaryDirectory() as workdir_name:
+        workdir = Path(workdir_name)
+        stripped = stripped_copy(workdir / "stripped")
+        echo = subprocess.Popen(
+            [sys.executable, "-m", "loadtest.echo_target"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            assert echo.stdout is not None
+            echo_port = int(echo.stdout.readline().split()[0])
+            per_message: dict[str, float] = {}
+            for mode in ("ws", "stream"):
+                for name, build in (("shipped", None), ("stripped", workdir / "stripped")):
+                    counts = [
+                        instructions(echo_port, workdir, build, mode, count, args)
+                        for count in (small, large)
+                    ]
+                    total = args.sessions_instr * (large - small)
+                    per_message[f"{name}-{mode}"] = (counts[1] - counts[0]) / total
+        finally:
+            echo.terminate()
+            echo.wait()
+    summary = {
+        mode: {
+            "shipped_instructions_per_message": round(per_message[f"shipped-{mode}"]),
+            "stripped_instructions_per_message": round(per_message[f"stripped-{mode}"]),
+            "ratio": round(per_message[f"shipped-{mode}"] / per_message[f"stripped-{mode}"], 4),
+        }
+        for mode in ("ws", "stream")
+    }
+    print(json.dumps({"lines_stripped": stripped, "instructions": summary}))
+    for mode, row in summary.items():
+        print(f"{mode:<8} instructions per round trip: shipped "
+              f"{row['shipped_instructions_per_message']:,}, stripped "
+              f"{row['stripped_instructions_per_message']:,}, ratio {row['ratio']}")  # fmt: skip
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=50)
     parser.add_argument("--size", type=int, default=128, help="message size in bytes")
     parser.add_argument("--seconds", type=float, default=5.0, help="per system and round (max 120)")
     parser.add_argument("--rounds", type=int, default=5, help="max 20")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions under valgrind (callgrind) instead of timing",
+    )
+    parser.add_argument("--messages", type=int, default=1000, help="--instructions: per session")
+    parser.add_argument("--sessions-instr", type=int, default=4, help="--instructions: sessions")
     args = parser.parse_args(argv)
     args.seconds = min(args.seconds, 120.0)
     args.rounds = max(1, min(args.rounds, 20))
@@ -193,4 +290,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    arguments = parse_args()
+    if arguments.instructions:
+        main_instructions(arguments)
+    else:
+        main(arguments)

@@ -2,8 +2,9 @@
 
 The relay never calls prometheus-client: it bumps attributes of ``ListenerStats``; the collector
 here reads them (and the byte counts of live connections) only when ``/metrics`` is scraped.
-The per-chunk and per-frame increments carry a ``# hot-path count`` comment:
-``loadtest/metrics_overhead.py`` strips exactly those lines to measure what counting costs.
+The per-frame message and frame counts exist only for metrics and carry a ``# hot-path count``
+comment: ``loadtest/metrics_overhead.py`` strips exactly those lines to measure what they cost.
+(Byte counts are needed anyway: the connection log line and the idle timeout read them.)
 """
 
 from __future__ import annotations

@@ -303,11 +303,11 @@ class Relay:
     # --- hot path -------------------------------------------------------------------------------
 
     def from_client(self, data: bytes) -> None:
-        self.bytes_in += len(data)  # hot-path count
+        self.bytes_in += len(data)  # also the log line's bytes and the idle check's clock
         self.target.write(data)
 
     def from_target(self, data: bytes) -> None:
-        self.bytes_out += len(data)  # hot-path count
+        self.bytes_out += len(data)  # also the log line's bytes and the idle check's clock
         self.client.write(data)
 
     # --- half-close and loss ----------------------------------------------------------------------
