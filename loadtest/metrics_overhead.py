@@ -58,6 +58,16 @@ def stripped_copy(destination: Path) -> int:
     return stripped
 
 
+def start_echo() -> tuple[subprocess.Popen[bytes], int]:
+    echo = subprocess.Popen(
+        [sys.executable, "-m", "loadtest.echo_target"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert echo.stdout is not None
+    return echo, int(echo.stdout.readline().split()[0])
+
+
 def start_build(
     echo_port: int, workdir: Path, pythonpath: Path | None, wrapper: list[str] | None = None
 ) -> tuple[subprocess.Popen[bytes], int, int]:
@@ -128,15 +138,9 @@ def main(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as workdir_name:
         workdir = Path(workdir_name)
         stripped = stripped_copy(workdir / "stripped")
-        echo = subprocess.Popen(
-            [sys.executable, "-m", "loadtest.echo_target"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
+        echo, echo_port = start_echo()
         processes = [echo]
         try:
-            assert echo.stdout is not None
-            echo_port = int(echo.stdout.readline().split()[0])
             shipped, shipped_ws, shipped_stream = start_build(echo_port, workdir, None)
             processes.append(shipped)
             bare, bare_ws, bare_stream = start_build(echo_port, workdir, workdir / "stripped")
@@ -235,14 +239,8 @@ def main_instructions(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as workdir_name:
         workdir = Path(workdir_name)
         stripped = stripped_copy(workdir / "stripped")
-        echo = subprocess.Popen(
-            [sys.executable, "-m", "loadtest.echo_target"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
+        echo, echo_port = start_echo()
         try:
-            assert echo.stdout is not None
-            echo_port = int(echo.stdout.readline().split()[0])
             per_message: dict[str, float] = {}
             for mode in ("ws", "stream"):
                 for name, build in (("shipped", None), ("stripped", workdir / "stripped")):

@@ -33,6 +33,15 @@ async def echo_targets() -> AsyncIterator[list[EchoTarget]]:
 
 
 @pytest.fixture
+async def echo() -> AsyncIterator[EchoTarget]:
+    """One WebSocket echo target (aiohttp), for tests that need a single target."""
+    target = EchoTarget("echo", greeting=False)
+    await target.start()
+    yield target
+    await target.stop()
+
+
+@pytest.fixture
 async def raw_servers() -> AsyncIterator[Callable[..., Awaitable[RawServer]]]:
     servers: list[RawServer] = []
 

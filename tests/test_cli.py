@@ -7,7 +7,6 @@ import functools
 import json
 import signal
 import subprocess
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -90,14 +89,6 @@ def test_run_on_a_busy_port_exits_1(tmp_path: Path) -> None:
         result = run_cli("run", "-c", str(path))
     assert result.returncode == 1
     assert f"listener 'edge': cannot bind 127.0.0.1:{port}" in result.stderr
-
-
-@pytest.fixture
-async def echo() -> AsyncIterator[EchoTarget]:
-    target = EchoTarget("echo", greeting=False)
-    await target.start()
-    yield target
-    await target.stop()
 
 
 def proxy_config(tmp_path: Path, echo: EchoTarget, grace: float) -> Path:

@@ -23,14 +23,6 @@ from wsproxy.demo import EchoTarget
 
 
 @pytest.fixture
-async def echo() -> AsyncIterator[EchoTarget]:
-    target = EchoTarget("echo", greeting=False)
-    await target.start()
-    yield target
-    await target.stop()
-
-
-@pytest.fixture
 async def proxies() -> AsyncIterator[list[RunningProxy]]:
     started: list[RunningProxy] = []
     yield started
