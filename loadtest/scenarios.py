@@ -101,40 +101,61 @@ class CpuWindow:
         return elapsed, used
 
 
+async def drive(
+    endpoint: Endpoint,
+    sessions: int,
+    pid: int | None,
+    errors: Counter[str],
+    seconds: float,
+    run: Callable[[Session, float], Awaitable[int]],
+) -> tuple[int, int, float, float | None]:
+    """Open ``sessions``, run ``run(session, deadline)`` on each at once (connection errors are
+    counted), close them. Returns (sessions opened, sum of what ``run`` returned, seconds, proxy
+    CPU seconds over the measured window)."""
+    opened = await open_many(endpoint, sessions, errors)
+    window = CpuWindow(pid)
+    deadline = window.started + seconds
+
+    async def guarded(session: Session) -> int:
+        try:
+            return await run(session, deadline)
+        except (OSError, TimeoutError) as exc:
+            errors[error_kind(exc)] += 1
+            return 0
+
+    counts = await asyncio.gather(*(guarded(session) for session in opened))
+    elapsed, cpu = window.finish()
+    await close_all(opened)
+    return len(opened), sum(counts), elapsed, cpu
+
+
 async def echo(
     endpoint: Endpoint, *, sessions: int, size: int, seconds: float, pid: int | None = None
 ) -> Result:
     """C sessions, each sending an S-byte message and awaiting its echo, for D seconds."""
     errors: Counter[str] = Counter()
-    opened = await open_many(endpoint, sessions, errors)
     payload = os.urandom(size)
     latencies = Reservoir()
-    window = CpuWindow(pid)
-    deadline = window.started + seconds
 
-    async def ping_pong(session: Session) -> int:
+    async def ping_pong(session: Session, deadline: float) -> int:
         count = 0
-        try:
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                session.send(payload)
-                _, data = await session.receive()
-                if data != payload:
-                    errors["echo_mismatch"] += 1
-                    return count
-                latencies.add(time.perf_counter() - started)
-                count += 1
-        except (OSError, TimeoutError) as exc:
-            errors[error_kind(exc)] += 1
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            session.send(payload)
+            _, data = await session.receive()
+            if data != payload:
+                errors["echo_mismatch"] += 1
+                break
+            latencies.add(time.perf_counter() - started)
+            count += 1
         return count
 
-    counts = await asyncio.gather(*(ping_pong(session) for session in opened))
-    elapsed, cpu = window.finish()
-    await close_all(opened)
-    messages = sum(counts)
+    opened, messages, elapsed, cpu = await drive(
+        endpoint, sessions, pid, errors, seconds, ping_pong
+    )
     return {
         "scenario": "echo",
-        "sessions": len(opened),
+        "sessions": opened,
         "size": size,
         "messages": messages,
         "seconds": round(elapsed, 3),
@@ -157,35 +178,26 @@ async def throughput(
 ) -> Result:
     """A few sessions streaming S-byte messages both ways, ``window_messages`` in flight each."""
     errors: Counter[str] = Counter()
-    opened = await open_many(endpoint, sessions, errors)
     payload = os.urandom(size)
-    window = CpuWindow(pid)
-    deadline = window.started + seconds
 
-    async def stream(session: Session) -> int:
+    async def stream(session: Session, deadline: float) -> int:
         echoed = in_flight = 0
-        try:
-            while time.perf_counter() < deadline or in_flight:
-                while in_flight < window_messages and time.perf_counter() < deadline:
-                    session.send(payload)
-                    in_flight += 1
-                _, data = await session.receive()
-                in_flight -= 1
-                if len(data) != size:
-                    errors["echo_mismatch"] += 1
-                    return echoed
-                echoed += len(data)
-        except (OSError, TimeoutError) as exc:
-            errors[error_kind(exc)] += 1
+        while time.perf_counter() < deadline or in_flight:
+            while in_flight < window_messages and time.perf_counter() < deadline:
+                session.send(payload)
+                in_flight += 1
+            _, data = await session.receive()
+            in_flight -= 1
+            if len(data) != size:
+                errors["echo_mismatch"] += 1
+                break
+            echoed += len(data)
         return echoed
 
-    totals = await asyncio.gather(*(stream(session) for session in opened))
-    elapsed, cpu = window.finish()
-    await close_all(opened)
-    echoed = sum(totals)
+    opened, echoed, elapsed, cpu = await drive(endpoint, sessions, pid, errors, seconds, stream)
     return {
         "scenario": "throughput",
-        "sessions": len(opened),
+        "sessions": opened,
         "size": size,
         "bytes_each_way": echoed,
         "seconds": round(elapsed, 3),

@@ -38,6 +38,18 @@ def write_config(tmp_path: Path, name: str, text: str) -> Path:
     return path
 
 
+def edge_to(echo: EchoTarget) -> str:
+    """A websocket listener in front of ``echo``: the part every config here shares."""
+    return f"""
+[listeners.edge]
+address = "127.0.0.1:0"
+websocket = true
+default_target_group = "echo"
+[target_groups.echo]
+targets = [{{ address = "{echo.address}" }}]
+"""
+
+
 def connector() -> aiohttp.TCPConnector:
     return aiohttp.TCPConnector(limit=0)  # the default pool stops at 100 connections
 
@@ -52,16 +64,7 @@ async def test_sigterm_closes_100_sessions_with_1001_spread_over_the_window(
     config = write_config(
         tmp_path,
         "drain.toml",
-        f"""
-[proxy]
-shutdown_grace_seconds = {grace}
-[listeners.edge]
-address = "127.0.0.1:0"
-websocket = true
-default_target_group = "echo"
-[target_groups.echo]
-targets = [{{ address = "{echo.address}" }}]
-""",
+        f"[proxy]\nshutdown_grace_seconds = {grace}\n" + edge_to(echo),
     )
     proxy = await start_proxy(config)
     proxies.append(proxy)
@@ -193,16 +196,7 @@ async def test_health_checks_of_200_targets_leave_live_sessions_unhurt(
     fleet = HealthEndpoints()
     addresses = await fleet.start(200)
     targets = ", ".join(f'{{ address = "{address}" }}' for address in addresses)
-    base = f"""
-[listeners.edge]
-address = "127.0.0.1:0"
-websocket = true
-default_target_group = "echo"
-[target_groups.echo]
-targets = [{{ address = "{echo.address}" }}]
-[target_groups.fleet]
-targets = [{targets}]
-"""
+    base = edge_to(echo) + f"[target_groups.fleet]\ntargets = [{targets}]\n"
     probed = base + (
         "[target_groups.fleet.health_check]\n"
         'protocol = "http"\npath = "/health"\ninterval_seconds = 1\ntimeout_seconds = 0.5\n'
@@ -261,18 +255,7 @@ async def wait_all_healthy(proxy: RunningProxy, group: str, count: int) -> None:
 async def test_admin_answers_while_the_data_path_is_saturated(
     tmp_path: Path, echo: EchoTarget, proxies: list[RunningProxy]
 ) -> None:
-    config = write_config(
-        tmp_path,
-        "busy.toml",
-        f"""
-[listeners.edge]
-address = "127.0.0.1:0"
-websocket = true
-default_target_group = "echo"
-[target_groups.echo]
-targets = [{{ address = "{echo.address}" }}]
-""",
-    )
+    config = write_config(tmp_path, "busy.toml", edge_to(echo))
     proxy = await start_proxy(config)
     proxies.append(proxy)
     payload = bytes(range(256)) * 256  # 64 KiB

@@ -149,7 +149,7 @@ class Listener:
             peer = ("", 0)
         connection.close()
         detail = f"over max_connections ({self.config.max_connections})"
-        self._handshake_failed("limit", detail, peer, 0.0, PHASE_ACCEPT)
+        self._ended_unserved("limit", detail, peer, 0.0, PHASE_ACCEPT)
 
     async def _handshake(self, connection: socket.socket, tls: ServerTls) -> None:
         self._handshakes += 1
@@ -177,7 +177,7 @@ class Listener:
                     reason = "client_closed"
                 elapsed = time.perf_counter() - started
                 detail = str(exc) or reason
-                self._handshake_failed(reason, detail, peer, elapsed, PHASE_PROXY_HEADER)
+                self._ended_unserved(reason, detail, peer, elapsed, PHASE_PROXY_HEADER)
                 return
             if flow.proxied.source is not None:
                 peer = flow.proxied.source
@@ -247,19 +247,20 @@ class Listener:
             )
 
     def _handshake_failed(
-        self,
-        reason: str,
-        detail: str,
-        peer: tuple[str, int],
-        duration: float,
-        phase: str = PHASE_TLS,
+        self, reason: str, detail: str, peer: tuple[str, int], duration: float
     ) -> None:
         stats = self.stats
-        stats.connections += 1
-        if phase != PHASE_ACCEPT:
-            stats.tls_handshakes[reason] += 1
+        stats.tls_handshakes[reason] += 1
         if reason.startswith("client_cert_"):
             stats.client_certs[reason.removeprefix("client_cert_")] += 1
+        self._ended_unserved(reason, detail, peer, duration, PHASE_TLS)
+
+    def _ended_unserved(
+        self, reason: str, detail: str, peer: tuple[str, int], duration: float, phase: str
+    ) -> None:
+        """A connection that ended before it became a flow: counted, and its log line."""
+        stats = self.stats
+        stats.connections += 1
         if reason != "client_closed":
             stats.rejected[reason] += 1
         log.info("listener '%s': %s:%s %s", self.name, peer[0], peer[1], detail)
@@ -338,13 +339,6 @@ class Listener:
         self.flows.add(flow)
         self.stats.connections += 1
         self.stats.active += 1
-
-    def flow_refused(self, flow: Flow) -> None:
-        """Over ``max_connections``: counted and logged, never tracked as a live flow."""
-        self.stats.connections += 1
-        self.stats.active += 1  # flow_finished takes it back
-        self.flows.add(flow)
-        flow.finish("limit")
 
     def flow_finished(self, flow: Flow, reason: str, bytes_in: int, bytes_out: int) -> None:
         self.flows.discard(flow)

@@ -85,13 +85,14 @@ class Flow:
 
     def _accepted(self) -> None:
         self.client_ip, self.client_port = self.client.peer_address
-        if self.listener.tls is None and self.listener.at_limit():
-            # TLS listeners check before the handshake; plain ones here, before any byte is read.
+        # TLS listeners check the limit before the handshake; plain ones here, before any byte.
+        refused = self.listener.tls is None and self.listener.at_limit()
+        self.listener.flow_started(self)
+        if refused:
             self.phase = PHASE_ACCEPT
             self.client.abort()
-            self.listener.flow_refused(self)
+            self.finish("limit")
             return
-        self.listener.flow_started(self)
         self.client.on_lost = self._client_lost_early
         if self.proxied is not None:  # read before the TLS handshake by the listener
             self._use_proxy_header(self.proxied)
