@@ -136,11 +136,12 @@ async def send_raw(address: Address, data: bytes, *, trickle: float = 0.0) -> by
     try:
         if trickle:
             for byte in data[:30]:  # 3 s at most: well past the 0.5 s deadline
+                # The proxy may close (FIN or reset) between two bytes; stop writing then.
+                if reader.at_eof() or writer.is_closing():
+                    break
                 writer.write(bytes([byte]))
                 await writer.drain()
                 await asyncio.sleep(trickle)
-                if reader.at_eof():
-                    break
         else:
             writer.write(data)
         return await asyncio.wait_for(reader.read(), 5)
