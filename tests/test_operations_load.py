@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 
 from tests.helpers.process import RunningProxy, parse_metrics, start_proxy
+from tests.helpers.servers import HealthEndpoints
 from wsproxy.demo import EchoTarget
 
 
@@ -120,31 +121,6 @@ async def test_sigterm_closes_100_sessions_with_1001_spread_over_the_window(
 
 
 # --- 200 health-checked targets beside live sessions --------------------------------------------
-
-
-class HealthEndpoints:
-    """200 tiny HTTP servers that answer every request 200 and count what they answered."""
-
-    def __init__(self) -> None:
-        self.servers: list[asyncio.Server] = []
-        self.answered = 0
-
-    async def start(self, count: int) -> list[str]:
-        for _ in range(count):
-            self.servers.append(await asyncio.start_server(self._answer, "127.0.0.1", 0))
-        return [f"127.0.0.1:{server.sockets[0].getsockname()[1]}" for server in self.servers]
-
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
-            await reader.readuntil(b"\r\n\r\n")
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-            await writer.drain()
-            self.answered += 1
-        writer.close()
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.close()
 
 
 def lag_buckets(metrics_text: str) -> dict[float, float]:

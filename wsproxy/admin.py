@@ -7,7 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -44,6 +44,32 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def listener_rows(proxy: Proxy) -> list[dict[str, Any]]:
+    """``/v1/listeners`` of one process (a supervisor sums its workers' rows)."""
+    snapshots = snapshot_listeners(proxy.metric_listeners())
+    rows = []
+    for name, listener in sorted(proxy.listeners.items()):
+        snapshot = snapshots[name]
+        config = listener.config
+        rows.append(
+            {
+                "name": name,
+                "address": str(listener.address) if listener.address else None,
+                "mode": _mode(config.protocol, config.websocket),
+                "connections_active": snapshot.stats.active,
+                "connections_total": snapshot.stats.connections,
+                "max_connections": snapshot.limit,
+                "sessions": dict(snapshot.sessions),
+                "messages_in": snapshot.messages_in,
+                "messages_out": snapshot.messages_out,
+                "bytes_in": snapshot.bytes_in,
+                "bytes_out": snapshot.bytes_out,
+                "certificate_not_after": snapshot.expiries,
+            }
+        )
+    return rows
+
+
 class AdminServer:
     def __init__(self, proxy: Proxy, address: Address) -> None:
         self._proxy = proxy
@@ -60,6 +86,7 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status_page)
         app.router.add_get("/v1/listeners", self._listeners)
+        app.router.add_get("/v1/workers", self._workers)
         app.router.add_get("/v1/target-groups", self._target_groups)
         app.router.add_get("/v1/target-groups/{name}", self._target_group)
         app.router.add_post("/v1/target-groups/{name}/targets", self._register)
@@ -153,9 +180,14 @@ class AdminServer:
     async def _readyz(self, request: web.Request) -> web.Response:
         if self._proxy.draining:
             return web.Response(status=503, text="draining\n")
+        workers = self._proxy.workers
+        if workers is not None and not workers.ready:
+            return web.Response(status=503, text="workers starting\n")
         return web.Response(text="ready\n")
 
     async def _metrics(self, request: web.Request) -> web.Response:
+        if self._proxy.workers is not None:
+            await self._proxy.workers.refresh()
         body = self._proxy.metrics.render()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
@@ -168,30 +200,21 @@ class AdminServer:
 
     async def _listeners(self, request: web.Request) -> web.Response:
         proxy = self._proxy
-        snapshots = snapshot_listeners(proxy.metric_listeners())
-        listeners = []
-        for name, listener in sorted(proxy.listeners.items()):
-            snapshot = snapshots[name]
-            config = listener.config
-            listeners.append(
-                {
-                    "name": name,
-                    "address": str(listener.address) if listener.address else None,
-                    "mode": _mode(config.protocol, config.websocket),
-                    "connections_active": snapshot.stats.active,
-                    "connections_total": snapshot.stats.connections,
-                    "max_connections": snapshot.limit,
-                    "sessions": dict(snapshot.sessions),
-                    "messages_in": snapshot.messages_in,
-                    "messages_out": snapshot.messages_out,
-                    "bytes_in": snapshot.bytes_in,
-                    "bytes_out": snapshot.bytes_out,
-                    "certificate_not_after": snapshot.expiries,
-                }
-            )
+        if proxy.workers is not None:
+            await proxy.workers.refresh()
+            listeners = proxy.workers.listener_rows()
+        else:
+            listeners = listener_rows(proxy)
         return web.json_response(
             {"version": __version__, "draining": proxy.draining, "listeners": listeners}
         )
+
+    async def _workers(self, request: web.Request) -> web.Response:
+        workers = self._proxy.workers
+        if workers is None:
+            return web.json_response({"workers": []})
+        await workers.refresh()
+        return web.json_response({"workers": workers.describe()})
 
     def _describe(self, name: str) -> dict[str, object]:
         upstream = self._proxy.upstreams[name]
@@ -219,6 +242,8 @@ class AdminServer:
         }
 
     async def _target_groups(self, request: web.Request) -> web.Response:
+        if self._proxy.workers is not None:
+            await self._proxy.workers.refresh()  # active connections live in the workers
         return web.json_response(
             {"target_groups": [self._describe(name) for name in sorted(self._proxy.upstreams)]}
         )
@@ -227,4 +252,6 @@ class AdminServer:
         name = request.match_info["name"]
         if name not in self._proxy.upstreams:
             return _error(404, f"no target group {name!r}")
+        if self._proxy.workers is not None:
+            await self._proxy.workers.refresh()
         return web.json_response(self._describe(name))

@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="serve the listeners of a config file")
     run.add_argument("-c", "--config", required=True, help="TOML config file")
 
+    commands.add_parser(
+        "worker", help="(internal) one worker process, started by `run` when workers > 1"
+    )
+
     check = commands.add_parser("check-config", help="validate a config file; opens no socket")
     check.add_argument("file")
 
@@ -67,8 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_with_signals(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]]) -> int:
-    """Run ``main(stop)`` under uvloop; the first SIGTERM/SIGINT sets ``stop``, a second exits."""
+def _run_with_signals(
+    main: Callable[[asyncio.Event], Coroutine[Any, Any, int | None]],
+    signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT),
+) -> int:
+    """Run ``main(stop)`` under uvloop; the first of ``signals`` sets ``stop``, a second exits."""
 
     async def runner() -> int | None:
         loop = asyncio.get_running_loop()
@@ -87,7 +94,7 @@ def _run_with_signals(main: Callable[[asyncio.Event], Coroutine[Any, Any, int | 
                 logging.shutdown()
                 os._exit(1)
 
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in signals:
             loop.add_signal_handler(signum, on_signal, signum)
         return await main(stop)
 
@@ -128,9 +135,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _raise_descriptor_limit()
 
     async def serve(stop: asyncio.Event) -> int:
+        from wsproxy.errors import WorkerUnavailable
         from wsproxy.proxy import Proxy
+        from wsproxy.supervisor import WorkerPool, supervised_proxy
 
-        proxy = Proxy(config, path=args.config)
+        pool: WorkerPool | None = None
+        if config.proxy.worker_count() > 1:
+            proxy, pool = supervised_proxy(
+                config, args.config, log_level=args.log_level, log_format=args.log_format
+            )
+        else:
+            proxy = Proxy(config, path=args.config)
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[list[str]]] = set()
 
@@ -143,8 +158,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGHUP, on_hangup)
         try:
             await proxy.start()
-        except OSError as exc:
-            log.error("%s", exc.strerror or exc)
+            if pool is not None:
+                await pool.start()
+        except (OSError, WorkerUnavailable) as exc:
+            log.error("%s", exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+            if pool is not None:
+                await proxy.shutdown(0)
             return 1
         systemd.ready(proxy.status_line())
         await stop.wait()
@@ -155,6 +174,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     return _run_with_signals(serve)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from wsproxy.worker import run_worker
+
+    # Ctrl-C in a terminal reaches the whole process group: the supervisor decides for all.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return _run_with_signals(run_worker, signals=(signal.SIGTERM,))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -206,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": _cmd_run,
         "check-config": _cmd_check_config,
+        "worker": _cmd_worker,
         "demo": _cmd_demo,
         "connect": _cmd_connect,
         "ca": _cmd_ca,

@@ -8,6 +8,7 @@ problem at once.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from enum import StrEnum
@@ -60,11 +61,33 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+MAX_WORKERS = 64
+
+
+def _workers(value: object) -> int | str:
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        return value
+    raise ValueError(f'must be an integer 1-{MAX_WORKERS} or "auto", got {value!r}')
+
+
+Workers = Annotated[int | str, PlainValidator(_workers)]
+
+
 class ProxySection(_Section):
     shutdown_grace_seconds: float = Field(30.0, ge=0, le=3600)
     # Poll the config file once a second and reload when its content changes. Follows symlinks,
     # so a Kubernetes ConfigMap update (an atomic swap of the ..data symlink) is picked up.
     watch_config: bool = False
+    # Worker processes sharing the listeners (SO_REUSEPORT, one socket per worker slot, owned by a
+    # supervisor that also runs the admin listener and the health checks). "auto": one per core.
+    workers: Workers = 1
+
+    def worker_count(self) -> int:
+        if self.workers == "auto":
+            return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+        return int(self.workers)
 
 
 class AdminSection(_Section):

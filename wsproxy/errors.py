@@ -250,3 +250,19 @@ class TargetExists(WsproxyError):
     """A registration or deregistration that conflicts with the target's current state."""
 
     reason = "conflict"
+
+
+# --- supervisor and workers -------------------------------------------------------------------
+
+
+class MalformedControlMessage(WireError):
+    """A message between the supervisor and a worker that cannot be decoded (a bug, or a
+    process that is not a wsproxy worker writing to the channel)."""
+
+    reason = "control_protocol"
+
+
+class WorkerUnavailable(WsproxyError):
+    """A worker did not answer the supervisor in time, or its channel is closed."""
+
+    reason = "worker_unavailable"

@@ -33,6 +33,19 @@ log = logging.getLogger(__name__)
 CRL_POLL_SECONDS = 1.0
 
 
+BACKLOG = 1024
+
+
+def bind_listening_socket(address: Address) -> socket.socket:
+    """A listening socket for ``address``. SO_REUSEPORT lets a reload bind a changed listener
+    before the old socket closes (no connection refused in between) and lets worker processes
+    each own a socket of the same address, the kernel spreading connections among them."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    return socket.create_server(
+        (address.host, address.port), family=family, backlog=BACKLOG, reuse_port=True
+    )
+
+
 def _file_stamp(path: str) -> tuple[int, int] | None:
     try:
         info = os.stat(path)
@@ -87,29 +100,21 @@ class Listener:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        host, port = self.config.address.host, self.config.address.port
+    async def start(self, listening: socket.socket | None = None) -> None:
+        """Bind the configured address, or accept on ``listening`` (a worker's socket, bound by
+        its supervisor; this listener owns it from now on)."""
         try:
+            if listening is None:
+                listening = bind_listening_socket(self.config.address)
+            listening.setblocking(False)
+            bound = listening.getsockname()
             if self.tls is None:
+                loop = asyncio.get_running_loop()
                 self._server = await loop.create_server(
-                    # SO_REUSEPORT lets a reload bind a changed listener before the old socket
-                    # closes, so no connection is refused in between.
-                    self._accept,
-                    host,
-                    port,
-                    reuse_address=True,
-                    reuse_port=True,
-                    backlog=1024,
+                    self._accept, sock=listening, backlog=BACKLOG
                 )
-                bound = self._server.sockets[0].getsockname()
             else:
-                family = socket.AF_INET6 if ":" in host else socket.AF_INET
-                self._socket = socket.create_server(
-                    (host, port), family=family, backlog=1024, reuse_port=True
-                )
-                self._socket.setblocking(False)
-                bound = self._socket.getsockname()
+                self._socket = listening
                 self._accept_task = self.spawn(self._accept_tls(self._socket))
                 if self.tls.config.crl:
                     self.spawn(self._watch_crl(self.tls.config.crl))

@@ -486,7 +486,7 @@ class Metrics:
     """The proxy's own registry (never the global one, so two proxies fit in one process), with
     the standard process metrics beside wsproxy's."""
 
-    def __init__(self, collector: ProxyCollector) -> None:
+    def __init__(self, collector: Collector) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
         ProcessCollector(registry=self.registry)

@@ -9,7 +9,8 @@ import random
 import ssl
 import time
 from collections.abc import Coroutine
-from typing import Any
+from enum import StrEnum
+from typing import Any, Protocol
 
 from wsproxy import logs, systemd
 from wsproxy.address import Address
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 CONFIG_POLL_SECONDS = 1.0
 
 
-def _digest(path: str) -> bytes | None:
+def file_digest(path: str) -> bytes | None:
     try:
         with open(path, "rb") as file:
             return hashlib.sha256(file.read()).digest()
@@ -39,14 +40,69 @@ def _digest(path: str) -> bytes | None:
         return None
 
 
+class Role(StrEnum):
+    """What this process does when ``[proxy] workers`` splits the work (see supervisor.py)."""
+
+    SINGLE = "single"  # everything, in one process
+    SUPERVISOR = "supervisor"  # listening sockets, admin listener, health checks; no traffic
+    WORKER = "worker"  # traffic on the supervisor's sockets; target states from the supervisor
+
+
+class ListenerBinding(Protocol):
+    """How a listener gets its listening socket, and gives it back."""
+
+    async def start(self, listener: Listener) -> None: ...
+
+    def stop(self, listener: Listener) -> None: ...
+
+
+class OwnSockets:
+    """The listener binds its own address (one process, no supervisor)."""
+
+    async def start(self, listener: Listener) -> None:
+        await listener.start()
+
+    def stop(self, listener: Listener) -> None:
+        listener.stop_accepting()
+
+
+class WorkerControl(Protocol):
+    """The supervisor's side of its workers, as the proxy's lifecycle needs it."""
+
+    async def reload(self, path: str, digest: bytes | None) -> list[str]: ...
+
+    async def drain(self, grace: float) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def refresh(self) -> None:
+        """Fetch the workers' counters (before an admin answer that shows them)."""
+
+    def listener_rows(self) -> list[dict[str, Any]]: ...
+
+    def describe(self) -> list[dict[str, Any]]: ...
+
+
 class Proxy:
     """Owns everything one config generation needs; ``start``, then ``shutdown``."""
 
     def __init__(
-        self, config: Config, *, rng: random.Random | None = None, path: str | None = None
+        self,
+        config: Config,
+        *,
+        rng: random.Random | None = None,
+        path: str | None = None,
+        role: Role = Role.SINGLE,
+        binding: ListenerBinding | None = None,
     ) -> None:
         self.config = config
         self.path = path  # the file reloads read again
+        self.role = role
+        self.binding: ListenerBinding = binding or OwnSockets()
+        self.workers: WorkerControl | None = None  # set by the supervisor
         self._rng = rng = rng or random.Random()  # noqa: S311  # balancing, not cryptography
         self.upstreams: dict[str, Upstream] = {
             name: self._build_upstream(name, group_config)
@@ -61,11 +117,14 @@ class Proxy:
         self.draining = False
         self._loop_lag = LoopLagMonitor()
         self.metrics = Metrics(ProxyCollector(self))
-        self.admin = AdminServer(self, config.admin.address) if config.admin.enabled else None
+        self.admin: AdminServer | None = None
+        if config.admin.enabled and role is not Role.WORKER:
+            self.admin = AdminServer(self, config.admin.address)
+        # Workers take target states from their supervisor: each target is probed once.
         self.health_checkers = [
             HealthChecker(upstream, upstream.config.health_check, rng)
             for upstream in self.upstreams.values()
-            if upstream.config.health_check is not None
+            if upstream.config.health_check is not None and role is not Role.WORKER
         ]
         self.retired: list[Listener] = []  # replaced by a reload; their sessions still run
         self.reloads: dict[str, int] = {"success": 0, "error": 0}
@@ -89,18 +148,19 @@ class Proxy:
         """Bind every listener (and the admin listener); on failure, nothing stays bound."""
         try:
             for listener in self.listeners.values():
-                await listener.start()
+                await self.binding.start(listener)
             if self.admin is not None:
                 await self.admin.start()
             for checker in self.health_checkers:
                 checker.start()
             self._loop_lag.start()
-            if self.config.proxy.watch_config and self.path is not None:
+            watch = self.config.proxy.watch_config and self.role is not Role.WORKER
+            if watch and self.path is not None:
                 self._spawn(self._watch_config(self.path))
             self._started.set()
         except BaseException:
             for listener in self.listeners.values():
-                listener.stop_accepting()
+                self.binding.stop(listener)
             raise
 
     async def drain(self, grace: float | None = None) -> None:
@@ -119,9 +179,12 @@ class Proxy:
         log_event(log, "drain", "draining %d connection(s) within %g s", active, grace,
                   phase="start", connections=active, grace_seconds=grace)  # fmt: skip
         for listener in self.listeners.values():
-            listener.stop_accepting()
+            self.binding.stop(listener)
         everyone = [*self.listeners.values(), *self.retired]
-        await asyncio.gather(*(listener.drain(grace, grace / 2) for listener in everyone))
+        draining = [listener.drain(grace, grace / 2) for listener in everyone]
+        if self.workers is not None:
+            draining.append(self.workers.drain(grace))
+        await asyncio.gather(*draining)
         log_event(log, "drain", "drained", phase="done")
         self._drained.set()
 
@@ -137,6 +200,8 @@ class Proxy:
             return
         for checker in self.health_checkers:
             await checker.stop()
+        if self.workers is not None:
+            await self.workers.stop()
         self._loop_lag.stop()
         for task in list(self._tasks):
             task.cancel()
@@ -200,6 +265,7 @@ class Proxy:
                 systemd.ready(self.status_line())
 
     async def _reload_from(self, source: str) -> list[str]:
+        digest = file_digest(source)
         try:
             new = load_config(source)
             await self._apply(new)
@@ -208,6 +274,10 @@ class Proxy:
         except (OSError, WsproxyError) as exc:
             return self._reload_failed([str(exc)])
         self.config = new
+        if self.workers is not None:
+            errors = await self.workers.reload(source, digest)
+            if errors:
+                return self._reload_failed(errors)
         self.reloads["success"] += 1
         self.last_reload_ok = True
         self.last_reload_success_time = time.time()
@@ -217,10 +287,10 @@ class Proxy:
     async def _watch_config(self, path: str) -> None:
         """Reload when the file's content changes (polled: no inotify dependency, and a
         ConfigMap's symlink swap changes no watched inode of the path itself)."""
-        last = _digest(path)
+        last = file_digest(path)
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
-            current = _digest(path)
+            current = file_digest(path)
             if current is None or current == last:
                 continue  # unreadable mid-swap, or unchanged: look again next time
             last = current
@@ -269,11 +339,11 @@ class Proxy:
         }
         try:
             for listener in replaced.values():
-                await listener.start()
+                await self.binding.start(listener)
                 started.append(listener)
         except BaseException:
             for listener in started:
-                listener.stop_accepting()
+                self.binding.stop(listener)
             for name in added_groups:
                 del self.upstreams[name]
             raise
@@ -286,7 +356,7 @@ class Proxy:
         for name, old in self.listeners.items():
             if listeners.get(name) is old:
                 continue
-            old.stop_accepting()
+            self.binding.stop(old)
             self.retired.append(old)
             if name not in new.listeners:
                 grace = new.proxy.shutdown_grace_seconds
@@ -334,7 +404,7 @@ class Proxy:
                         checker.watch(target)
 
     def _start_checker(self, upstream: Upstream) -> None:
-        if upstream.config.health_check is None:
+        if upstream.config.health_check is None or self.role is Role.WORKER:
             return
         checker = HealthChecker(upstream, upstream.config.health_check, self._rng)
         self.health_checkers.append(checker)

@@ -50,6 +50,8 @@ class Upstream:
         self.stats = TargetGroupStats()
         self.records: dict[int, HealthRecord] = {}
         self.failing_open = False
+        # A worker tells its supervisor, which owns target states, about passive failures.
+        self.on_passive_unhealthy: Callable[[Target, str], None] | None = None
         self.ssl_context: ssl.SSLContext | None = None
         if config.protocol == "tls":
             self.ssl_context = target_context(group.name, config.tls or TargetTls(), alpn=alpn)
@@ -157,9 +159,10 @@ class Upstream:
         before = target.state
         if record_connect_failure(target, self.health_record(target), limit):
             self.stats.transitions[str(target.address)] += 1
-            log_target_state(
-                self.name, target, before, f"{target.connect_failures} failed connects"
-            )
+            detail = f"{target.connect_failures} failed connects"
+            log_target_state(self.name, target, before, detail)
+            if self.on_passive_unhealthy is not None:
+                self.on_passive_unhealthy(target, detail)
 
     async def dial(
         self, client_ip: str, make_endpoint: Callable[[], Endpoint], proxy_header: bytes = b""

@@ -1,0 +1,283 @@
+"""``[proxy] workers = 2`` as real processes: traffic spread over workers, one admin API summing
+them, a killed worker replaced while new connections keep succeeding, reload and drain reaching
+every worker, and health checks run once per target with their results shared."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from asyncio.subprocess import PIPE, STDOUT
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.helpers.process import RunningProxy, parse_metrics, start_proxy
+from tests.helpers.servers import HealthEndpoints
+from tests.helpers.tools import require_tool
+from wsproxy.demo import EchoTarget
+
+
+@pytest.fixture
+async def proxies() -> AsyncIterator[list[RunningProxy]]:
+    started: list[RunningProxy] = []
+    yield started
+    for proxy in started:
+        with contextlib.suppress(Exception):
+            if proxy.process.returncode is None:
+                proxy.process.terminate()
+                async with asyncio.timeout(15):
+                    await proxy.process.wait()
+
+
+def config_text(targets: list[str], extra: str = "", grace: float = 3.0) -> str:
+    listed = ", ".join(f'{{ address = "{address}" }}' for address in targets)
+    return f"""
+[proxy]
+workers = 2
+shutdown_grace_seconds = {grace}
+[admin]
+address = "127.0.0.1:0"
+[listeners.edge]
+address = "127.0.0.1:0"
+websocket = true
+default_target_group = "echo"
+[target_groups.echo]
+targets = [{listed}]
+{extra}"""
+
+
+async def admin_json(proxy: RunningProxy, path: str) -> Any:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{proxy.admin}{path}") as response,
+    ):
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def metrics_text(proxy: RunningProxy) -> str:
+    async with (
+        aiohttp.ClientSession() as client,
+        client.get(f"http://127.0.0.1:{proxy.admin}/metrics") as response,
+    ):
+        return await response.text()
+
+
+async def metrics(proxy: RunningProxy) -> Samples:
+    return parse_metrics(await metrics_text(proxy))
+
+
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return sum(v for found, v in samples.get(name, []) if labels.items() <= found.items())
+
+
+async def round_trip(client: aiohttp.ClientSession, port: int, text: str) -> None:
+    async with client.ws_connect(f"ws://127.0.0.1:{port}/{text}") as ws:
+        await ws.send_str(text)
+        assert await ws.receive_str(timeout=10) == text
+
+
+async def test_sessions_spread_over_workers_and_metrics_sum(
+    tmp_path: Path, echo: EchoTarget, proxies: list[RunningProxy]
+) -> None:
+    config = tmp_path / "workers.toml"
+    config.write_text(config_text([str(echo.address)]))
+    proxy = await start_proxy(config)
+    proxies.append(proxy)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        sockets = [await client.ws_connect(f"ws://127.0.0.1:{proxy.port}/s{i}") for i in range(24)]
+        for round_number in range(5):
+            for index, ws in enumerate(sockets):
+                await ws.send_str(f"{index}.{round_number}")
+                assert await ws.receive_str(timeout=5) == f"{index}.{round_number}"
+        workers = (await admin_json(proxy, "/v1/workers"))["workers"]
+        text = await metrics_text(proxy)
+        samples = parse_metrics(text)
+        listeners = (await admin_json(proxy, "/v1/listeners"))["listeners"]
+        groups = (await admin_json(proxy, "/v1/target-groups"))["target_groups"]
+        for ws in sockets:
+            await ws.close()
+
+    # The kernel spread the 24 connections over both workers' sockets (SO_REUSEPORT).
+    assert [worker["ready"] for worker in workers] == [True, True]
+    per_worker = [worker["connections"] for worker in workers]
+    assert sum(per_worker) == 24 and min(per_worker) > 0, per_worker
+    assert len({worker["pid"] for worker in workers}) == 2
+    # One scrape shows the whole proxy: the workers' counts summed, targets once.
+    assert value(samples, "wsproxy_listener_connections_total", listener="edge") == 24
+    assert value(samples, "wsproxy_sessions_active", listener="edge") == 24
+    assert value(samples, "wsproxy_websocket_messages_total", direction="client_to_target") == 120
+    assert value(samples, "wsproxy_websocket_messages_total", direction="target_to_client") == 120
+    assert value(samples, "wsproxy_target_connections_active", target=str(echo.address)) == 24
+    assert value(samples, "wsproxy_target_state", state="initial") == 1  # once, not per worker
+    assert value(samples, "wsproxy_workers") == 2
+    assert value(samples, "wsproxy_listener_connections_limit") == 2 * 10000  # per worker
+    assert listeners[0]["connections_active"] == 24 and listeners[0]["messages_in"] == 120
+    assert groups[0]["targets"][0]["active_connections"] == 24
+    # The merged page is still valid exposition with no naming warnings.
+    promtool = require_tool("promtool", "prometheus")
+    process = await asyncio.create_subprocess_exec(
+        promtool, "check", "metrics", stdin=PIPE, stdout=PIPE, stderr=STDOUT
+    )
+    output, _ = await process.communicate(text.encode())
+    assert process.returncode == 0 and not output.strip(), output.decode()
+
+
+async def test_killed_worker_is_replaced_while_new_connections_succeed(
+    tmp_path: Path, echo: EchoTarget, proxies: list[RunningProxy]
+) -> None:
+    config = tmp_path / "workers.toml"
+    config.write_text(config_text([str(echo.address)]))
+    proxy = await start_proxy(config)
+    proxies.append(proxy)
+    collector = asyncio.create_task(proxy.collect_stderr())
+    before = (await admin_json(proxy, "/v1/workers"))["workers"]
+    victim = before[0]["pid"]
+    outcomes: list[bool] = []
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        for index in range(20):
+            await round_trip(client, proxy.port, f"warm{index}")
+        counted = value(await metrics(proxy), "wsproxy_listener_connections_total")
+
+        async def keep_connecting(until: float) -> None:
+            index = 0
+            while time.monotonic() < until:
+                try:
+                    await round_trip(client, proxy.port, f"during{index}")
+                    outcomes.append(True)
+                except (aiohttp.ClientError, TimeoutError, AssertionError):
+                    outcomes.append(False)
+                index += 1
+                await asyncio.sleep(0.02)
+
+        until = time.monotonic() + 4.0
+        loops = [asyncio.create_task(keep_connecting(until)) for _ in range(4)]
+        await asyncio.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        await asyncio.gather(*loops)
+        after = (await admin_json(proxy, "/v1/workers"))["workers"]
+        samples = await metrics(proxy)
+
+    assert outcomes and all(outcomes), f"{outcomes.count(False)} of {len(outcomes)} failed"
+    assert after[0]["pid"] != victim and after[0]["ready"] and after[0]["restarts"] == 1
+    assert after[1]["pid"] == before[1]["pid"] and after[1]["restarts"] == 0
+    assert value(samples, "wsproxy_worker_restarts_total") == 1
+    # Counters stay monotonic: the killed worker's counts (as of its last report) are kept.
+    total = value(samples, "wsproxy_listener_connections_total")
+    assert counted + len(outcomes) / 2 <= total <= counted + len(outcomes), (counted, total)
+    await proxy.stop()
+    await collector
+    assert any(f"pid {victim}) exited with signal SIGKILL" in line for line in proxy.stderr_lines)
+
+
+async def test_reload_and_drain_reach_every_worker(
+    tmp_path: Path, echo: EchoTarget, proxies: list[RunningProxy]
+) -> None:
+    config = tmp_path / "workers.toml"
+    config.write_text(config_text([str(echo.address)]))
+    proxy = await start_proxy(config)
+    proxies.append(proxy)
+    collector = asyncio.create_task(proxy.collect_stderr())
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        sockets = [await client.ws_connect(f"ws://127.0.0.1:{proxy.port}/s{i}") for i in range(20)]
+        # A second listener and a changed route: each worker must take both.
+        config.write_text(
+            config_text([str(echo.address)])
+            + '\n[listeners.second]\naddress = "127.0.0.1:0"\nwebsocket = true\n'
+            + 'default_target_group = "echo"\n'
+        )
+        proxy.process.send_signal(signal.SIGHUP)
+        async with asyncio.timeout(10):
+            while True:
+                workers = (await admin_json(proxy, "/v1/workers"))["workers"]
+                if all(w["reloads"] == {"success": 1, "error": 0} for w in workers):
+                    break
+                await asyncio.sleep(0.1)
+        listeners = (await admin_json(proxy, "/v1/listeners"))["listeners"]
+        second = next(row for row in listeners if row["name"] == "second")
+        second_port = int(second["address"].rsplit(":", 1)[1])
+        for index in range(20):
+            await round_trip(client, second_port, f"second{index}")
+        # Sessions opened before the reload still flow, on both workers.
+        per_worker = [w["connections"] for w in workers]
+        assert min(per_worker) > 0, per_worker
+        for index, ws in enumerate(sockets):
+            await ws.send_str(f"after-reload-{index}")
+            assert await ws.receive_str(timeout=5) == f"after-reload-{index}"
+
+        proxy.process.terminate()
+        codes = []
+        for ws in sockets:
+            message = await ws.receive(timeout=10)
+            assert message.type is aiohttp.WSMsgType.CLOSE, message
+            codes.append(ws.close_code)
+        async with asyncio.timeout(15):
+            exit_code = await proxy.process.wait()
+    await collector
+    assert codes == [1001] * 20
+    assert exit_code == 0
+
+
+async def test_health_checks_run_once_per_target_and_states_reach_workers(
+    tmp_path: Path, echo_targets: list[EchoTarget], proxies: list[RunningProxy]
+) -> None:
+    fleet = HealthEndpoints()
+    probed = await fleet.start(2)
+    doomed, survivor = echo_targets[0], echo_targets[1]
+    check = """
+[target_groups.{name}.health_check]
+protocol = "{protocol}"
+path = "/"
+interval_seconds = 0.5
+timeout_seconds = 0.3
+healthy_threshold = 2
+unhealthy_threshold = 2
+"""
+    listed = ", ".join(f'{{ address = "{address}" }}' for address in probed)
+    extra = (
+        check.format(name="echo", protocol="http")
+        + f"[target_groups.fleet]\ntargets = [{listed}]\n"
+        + check.format(name="fleet", protocol="http")
+    )
+    config = tmp_path / "workers.toml"
+    config.write_text(config_text([str(doomed.address), str(survivor.address)], extra))
+    proxy = await start_proxy(config)
+    proxies.append(proxy)
+    try:
+        # Probes of two targets at 2/s for 3 s: ~12 when checked once, ~24+ if every worker probed.
+        await asyncio.sleep(0.5)
+        start_count = fleet.answered
+        await asyncio.sleep(3.0)
+        probes = fleet.answered - start_count
+        assert 8 <= probes <= 16, f"{probes} probes in 3 s"
+
+        await doomed.stop()
+        async with asyncio.timeout(10):
+            while True:
+                samples = await metrics(proxy)
+                if value(samples, "wsproxy_target_state", target=str(doomed.address),
+                         state="unhealthy") == 1:  # fmt: skip
+                    break
+                await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)  # the snapshot reaches the workers within 0.1 s
+        errors_before = value(samples, "wsproxy_target_connect_errors_total")
+        served_before = survivor.sessions
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+            for index in range(16):
+                await round_trip(client, proxy.port, f"after{index}")
+        samples = await metrics(proxy)
+    finally:
+        fleet.close()
+    # Every worker knew: no dial went to the unhealthy target.
+    assert survivor.sessions - served_before == 16
+    assert value(samples, "wsproxy_target_connect_errors_total") == errors_before
