@@ -1,7 +1,8 @@
 """wsproxy's load generator: ``python -m loadtest SCENARIO --url ws://HOST:PORT/PATH ...``.
 
 Scenarios: echo, throughput, connect, hold, sweep (against any WebSocket endpoint), compare
-(wsproxy vs direct vs HAProxy vs nginx, see compare.py) and setup (installs HAProxy and nginx).
+(wsproxy vs direct vs HAProxy vs nginx, see compare.py), scaling (wsproxy with 1 worker vs N,
+see scaling.py) and setup (installs HAProxy and nginx).
 Each scenario prints one JSON line on stdout, then a human summary; progress goes to stderr.
 """
 
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtest import compare
 
     compare.add_parser(commands)
+    from loadtest import scaling
+
+    scaling.add_parser(commands)
     commands.add_parser("setup", help="install HAProxy and nginx (Debian) where missing")
     return parser
 
@@ -124,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.compare import run_compare
 
         return run_compare(args)
+    if args.command == "scaling":
+        from loadtest.scaling import run_scaling
+
+        return run_scaling(args)
     if args.command in ("echo", "throughput", "connect"):
         emit(run_scenario(args.command, args))
     elif args.command == "hold":

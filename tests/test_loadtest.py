@@ -111,3 +111,17 @@ async def test_compare_runs_end_to_end_and_writes_its_reports(tmp_path: Path) ->
     assert table["hold"]["wsproxy-tls"]["bytes_per_session"] is not None
     assert (out / "results.md").read_text().startswith("Medians of 1 rounds")
     assert json.loads((out / "results.json").read_text())["summary"] == table
+
+
+async def test_scaling_runs_one_worker_beside_two(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    document, _text = await loadtest(
+        "scaling", "--rounds", "1", "--seconds", "0.3", "--sessions", "4",
+        "--processes", "1", "--out", str(out), timeout=120,
+    )  # fmt: skip
+    summary = document["summary"]
+    for kind in ("echo", "connect"):
+        assert set(summary[kind]) == {"1 worker", "2 workers"}
+        assert all(entry["rate"] > 0 and entry["errors"] == 0 for entry in summary[kind].values())
+        assert all(entry["cpu_us_per_op"] > 0 for entry in summary[kind].values())
+    assert (out / "scaling.md").read_text().startswith("wsproxy scaling:")

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from tests.helpers.process import RunningProxy, parse_metrics, start_proxy
-from tests.helpers.servers import HealthEndpoints
+from tests.helpers.servers import HealthEndpoints, closed_port
 from tests.helpers.tools import require_tool
 from wsproxy.demo import EchoTarget
 
@@ -281,3 +281,33 @@ unhealthy_threshold = 2
     # Every worker knew: no dial went to the unhealthy target.
     assert survivor.sessions - served_before == 16
     assert value(samples, "wsproxy_target_connect_errors_total") == errors_before
+
+
+async def test_a_passive_failure_in_one_worker_takes_the_target_out_everywhere(
+    tmp_path: Path, echo: EchoTarget, proxies: list[RunningProxy]
+) -> None:
+    dead = await closed_port()
+    config = tmp_path / "workers.toml"
+    text = config_text([str(dead), str(echo.address)])
+    config.write_text(text + "unhealthy_after_connect_failures = 1\n")
+    proxy = await start_proxy(config)
+    proxies.append(proxy)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+        # Round robin: the first dial of whichever worker gets a session may hit the dead target
+        # (then the session is retried on the live one and the worker reports the failure).
+        index = 0
+        async with asyncio.timeout(10):
+            while True:
+                await round_trip(client, proxy.port, f"probe{index}")
+                index += 1
+                samples = await metrics(proxy)
+                if value(samples, "wsproxy_target_state", target=str(dead), state="unhealthy"):
+                    break
+        await asyncio.sleep(0.3)  # the supervisor's snapshot reaches both workers
+        errors = value(await metrics(proxy), "wsproxy_target_connect_errors_total")
+        for later in range(20):
+            await round_trip(client, proxy.port, f"later{later}")
+        samples = await metrics(proxy)
+    # Reported by one worker, applied by the supervisor, followed by every worker.
+    assert value(samples, "wsproxy_target_connect_errors_total") == errors
+    assert value(samples, "wsproxy_target_connect_errors_total") <= 2  # at most one per worker
