@@ -358,7 +358,6 @@ class Listener:
                 stats.rejected[reason] += 1
         else:
             stats.session_seconds.observe(flow.loop.time() - flow.started)
-        log_connection(flow.log)
 
     def count_upgrade(self, target_group: str, result: str) -> None:
         self.stats.upgrades[(target_group, result)] += 1

@@ -10,7 +10,6 @@ send one. Every close has a deadline: a peer that never reads cannot pin a conne
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
 from typing import cast
 
@@ -89,10 +88,7 @@ class Endpoint(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         self.tls = transport.get_extra_info("sslcontext") is not None
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Small WebSocket frames must not wait for Nagle's algorithm.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # No TCP_NODELAY here: uvloop sets it on every TCP transport it makes (a test checks).
         self.on_made()
 
     def data_received(self, data: bytes) -> None:

@@ -689,3 +689,24 @@ async def test_error_response_survives_a_client_still_sending(
         response = await asyncio.wait_for(reader.read(), 5)
         assert status_of(response) == 431
         writer.close()
+
+
+async def test_both_legs_of_a_session_have_nagle_off(
+    make_proxy: ProxyFactory, echo_targets: list[EchoTarget]
+) -> None:
+    """Small frames must not wait for Nagle's algorithm; uvloop sets TCP_NODELAY itself, which
+    the relay relies on (it no longer sets it per connection)."""
+    proxy = await make_proxy(ws_config(("echo", [echo_targets[0].address])))
+    address = listener_address(proxy)
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"ws://{address}/nagle") as ws,
+    ):
+        await ws.send_str("x")
+        assert await ws.receive_str(timeout=5) == "x"
+        (flow,) = proxy.listeners["edge"].flows
+        assert flow.target_endpoint is not None
+        for endpoint in (flow.client, flow.target_endpoint):
+            assert endpoint.transport is not None
+            sock = endpoint.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1

@@ -36,8 +36,9 @@ def messages(draw: st.DrawFn, masked: bool) -> tuple[bytes, int, int]:
         payload = b"p" * size
         chunk = max(1, size // parts) if size else 1
         pieces = [payload[i : i + chunk] for i in range(0, size, chunk)] or [b""]
+        first = draw(st.sampled_from([OP_TEXT, OP_BINARY]))
         for index, piece in enumerate(pieces):
-            opcode = OP_BINARY if index == 0 else OP_CONTINUATION
+            opcode = first if index == 0 else OP_CONTINUATION
             out += encode_frame(opcode, piece, fin=index == len(pieces) - 1, mask=mask)
             frames += 1
             if draw(st.booleans()) and index < len(pieces) - 1:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from wsproxy.errors import ClientCertRejected, ClientClosed, HttpError, WireError, WsproxyError
-from wsproxy.logs import CONNECTION_FIELDS
+from wsproxy.logs import CONNECTION_FIELDS, connection_logging, log_connection
 from wsproxy.metrics import LiveCounts
 from wsproxy.relay import Endpoint, Relay
 from wsproxy.target_group import Target
@@ -270,16 +270,18 @@ class Flow:
         relay = self.relay
         bytes_in = self.handshake_bytes_in + (relay.bytes_in if relay else 0)
         bytes_out = self.handshake_bytes_out + (relay.bytes_out if relay else 0)
-        self.log.update(
-            client=f"{self.client_ip}:{self.client_port}",
-            bytes_in=bytes_in,
-            bytes_out=bytes_out,
-            duration_seconds=round(self.loop.time() - self.started, 6),
-            reason=reason,
-            termination=termination(reason, self.phase),
-        )
-        self.log = {key: self.log.get(key) for key in CONNECTION_FIELDS}
         self.listener.flow_finished(self, reason, bytes_in, bytes_out)
+        if connection_logging():
+            self.log.update(
+                client=f"{self.client_ip}:{self.client_port}",
+                bytes_in=bytes_in,
+                bytes_out=bytes_out,
+                duration_seconds=round(self.loop.time() - self.started, 6),
+                reason=reason,
+                termination=termination(reason, self.phase),
+            )
+            self.log = {key: self.log.get(key) for key in CONNECTION_FIELDS}
+            log_connection(self.log)
 
     def proxy_header_for(self, upstream: Upstream, sni: str | None = None) -> bytes:
         """The PROXY v2 header ``upstream`` wants before the first byte, or nothing."""

@@ -144,6 +144,10 @@ class FrameTracker:
         """
         pos = 0
         size = len(data)
+        if not stop and self._opcode < 0 and not self._header and not self._in_message:
+            pos = self._whole_messages(data)
+            if pos == size:
+                return size
         while True:
             if self._opcode >= 0:
                 remaining = self._remaining
@@ -172,6 +176,39 @@ class FrameTracker:
             if start < 0:
                 return size
             pos = start
+
+    def _whole_messages(self, data: bytes) -> int:
+        """The common case, fast: skip unfragmented text/binary frames of up to 64 KiB that lie
+        wholly in ``data``; return where the first other thing starts (the general path parses
+        and checks it). Same rules as ``_check`` for what it skips: known opcode, right mask bit,
+        within ``max_frame_bytes``."""
+        pos = 0
+        size = len(data)
+        mask_bit = 0x80 if self._masked else 0
+        mask_len = 4 if self._masked else 0
+        limit = self._max_frame_bytes
+        frames = 0
+        while pos + 2 <= size:
+            b0 = data[pos]
+            b1 = data[pos + 1]
+            if (b0 != 0x81 and b0 != 0x82) or b1 & 0x80 != mask_bit:
+                break
+            length = b1 & 0x7F
+            if length < 126:
+                end = pos + 2 + mask_len + length
+            elif length == 126 and pos + 4 <= size:
+                length = data[pos + 2] << 8 | data[pos + 3]
+                end = pos + 4 + mask_len + length
+            else:
+                break
+            if end > size or length > limit:
+                break
+            pos = end
+            frames += 1
+        if frames:
+            self.frames += frames  # hot-path count
+            self.messages += frames  # hot-path count
+        return pos
 
     def _start_frame(self, data: bytes, pos: int, stop_at_pong: bool = False) -> int:
         """Parse the header at ``pos``; return where its payload starts, -1 if incomplete, or
