@@ -7,9 +7,11 @@ import contextlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import pytest
 import uvloop
 
+from tests.helpers.canary import Canary
 from tests.helpers.servers import RawServer
 from wsproxy.address import Address
 from wsproxy.config import parse_config
@@ -88,3 +90,22 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def canary_factory() -> AsyncIterator[object]:
+    """Open canary sessions (``await make(address)``); closed after the test."""
+    opened: list[Canary] = []
+
+    async def make(address: Address, path: str = "/canary") -> Canary:
+        session = aiohttp.ClientSession()
+        ws = await session.ws_connect(f"ws://{address}{path}")
+        canary = Canary(session, ws)
+        opened.append(canary)
+        await canary.check()
+        return canary
+
+    yield make
+    for canary in opened:
+        await canary.ws.close()
+        await canary.session.close()

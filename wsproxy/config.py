@@ -247,11 +247,27 @@ class ListenerConfig(_Section):
     # accept and counted as rejected with reason "limit" (HAProxy's maxconn, Envoy's
     # max_connections). The proxy's descriptor limit must be above the sum over listeners.
     max_connections: int = Field(10_000, ge=1, le=1_000_000)
+    # Connections open at once from one client address (0: no limit); more are closed at
+    # accept, counted with reason "per_ip_limit". Behind PROXY protocol: the address it carries.
+    max_connections_per_ip: int = Field(0, ge=0, le=1_000_000)
+    # TLS listeners: handshakes in progress at once. At the limit the listener stops accepting
+    # (connections wait in the kernel's backlog) until one finishes, which bounds the CPU a
+    # connection flood can make the proxy spend on TLS.
+    max_handshakes_in_flight: int = Field(256, ge=1, le=100_000)
     idle_timeout_seconds: float = Field(350.0, gt=0, le=7 * 24 * 3600)
     # Websocket mode: ping a client silent this long (0: never); no pong in time ends the session.
     ping_interval_seconds: float = Field(30.0, ge=0, le=3600)
     ping_timeout_seconds: float = Field(30.0, gt=0, le=3600)
     max_frame_bytes: int = Field(16 * MiB, ge=125, le=2**40)
+    # Websocket mode, per session. A message's fragments together (Close 1009 when passed).
+    max_message_bytes: int = Field(64 * MiB, ge=125, le=2**40)
+    # Client messages per second (0: no limit), with a burst allowance of messages_burst
+    # (0: one second's worth); Close 1008 when exceeded.
+    max_messages_per_second: float = Field(0.0, ge=0, le=1_000_000)
+    messages_burst: int = Field(0, ge=0, le=10_000_000)
+    # A session's longest life (0: none); then Close 1001 at a message boundary, as API
+    # Gateway ends WebSocket connections after 2 hours.
+    max_session_seconds: float = Field(0.0, ge=0, le=30 * 24 * 3600)
     max_request_head_bytes: int = Field(16 * 1024, ge=1024, le=1 * MiB)
     request_head_timeout_seconds: float = Field(10.0, gt=0, le=600)
     rules: tuple[RuleConfig, ...] = ()

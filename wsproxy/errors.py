@@ -181,6 +181,12 @@ class FrameTooLarge(FrameError):
     reason = "ws_frame_too_large"
 
 
+class MessageTooLarge(FrameTooLarge):
+    """A data message whose fragments together pass ``max_message_bytes``."""
+
+    reason = "ws_message_too_large"
+
+
 class UnmaskedFrame(FrameError):
     close_code = 1002
     reason = "ws_unmasked_frame"

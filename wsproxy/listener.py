@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -12,6 +13,7 @@ from typing import Any
 
 from wsproxy.address import Address
 from wsproxy.config import ListenerConfig
+from wsproxy.descriptors import DescriptorBudget
 from wsproxy.errors import NoRoute, TlsConfigError, WireError
 from wsproxy.flows.base import Flow
 from wsproxy.flows.passthrough import PassthroughFlow
@@ -67,6 +69,7 @@ class Listener:
         config: ListenerConfig,
         upstreams: Mapping[str, Upstream],
         stats: ListenerStats | None = None,
+        budget: DescriptorBudget | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -92,6 +95,9 @@ class Listener:
         self._socket: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._handshakes = 0  # TLS handshakes in progress (they count toward max_connections)
+        self._per_ip: dict[str, int] = {}  # open connections per client address, when limited
+        self._handshake_room = asyncio.Event()  # set when a handshake slot frees up
+        self.budget = budget if budget is not None else DescriptorBudget.from_rlimit()
         self.tls: ServerTls | None = None
         if config.tls is not None:
             # ALPN http/1.1 in websocket mode: the only protocol the flow speaks.
@@ -132,36 +138,71 @@ class Listener:
         (a server created with ssl= would only log it) and counted."""
         loop = asyncio.get_running_loop()
         while True:
+            if self._handshakes >= self.config.max_handshakes_in_flight:
+                # Leave further connections in the kernel's backlog until a handshake ends.
+                self.stats.accept_pauses["handshakes"] += 1
+                self._handshake_room.clear()
+                await self._handshake_room.wait()
+                continue
             try:
                 connection, _ = await loop.sock_accept(listening)
             except OSError as exc:
-                log.warning("listener '%s': accept failed: %s", self.name, exc)
-                await asyncio.sleep(0.1)
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self.stats.accept_pauses["fd_exhausted"] += 1
+                log.warning("listener '%s': accept failed: %s; pausing 0.1 s", self.name, exc)
+                await asyncio.sleep(0.1)  # the condition lasts: never a busy loop
                 continue
-            # The current contexts: a new CRL swaps them for new connections.
-            if self.at_limit():
-                self._refuse_over_limit(connection)
-            elif self.tls is not None:
+            refusal = self.refusal()
+            if refusal is not None:
+                self._refuse(connection, refusal)
+            elif self.tls is not None:  # the current contexts: a new CRL swaps them
+                # Counted now, not when the task starts: the next accept must see it.
+                self._handshakes += 1
+                self.budget.open += 1
                 self.spawn(self._handshake(connection, self.tls))
 
-    def at_limit(self) -> bool:
-        return self.stats.active + self._handshakes >= self.config.max_connections
+    def admit_ip(self, ip: str) -> bool:
+        """Count a connection from ``ip`` unless it is at ``max_connections_per_ip``."""
+        count = self._per_ip.get(ip, 0)
+        if count >= self.config.max_connections_per_ip:
+            return False
+        self._per_ip[ip] = count + 1
+        return True
 
-    def _refuse_over_limit(self, connection: socket.socket) -> None:
+    def release_ip(self, ip: str) -> None:
+        count = self._per_ip.pop(ip, 0) - 1
+        if count > 0:
+            self._per_ip[ip] = count
+
+    def refusal(self) -> str | None:
+        """Why a connection accepted now must be closed at once, or None."""
+        if self.stats.active + self._handshakes >= self.config.max_connections:
+            return "limit"
+        if self.budget.exhausted:
+            return "fd_exhausted"
+        return None
+
+    def refusal_detail(self, reason: str) -> str:
+        if reason == "limit":
+            return f"over max_connections ({self.config.max_connections})"
+        return f"descriptor budget of the process used up ({self.budget.limit} connections)"
+
+    def _refuse(self, connection: socket.socket, reason: str) -> None:
         try:
             peer = connection.getpeername()
         except OSError:
             peer = ("", 0)
         connection.close()
-        detail = f"over max_connections ({self.config.max_connections})"
-        self._ended_unserved("limit", detail, peer, 0.0, PHASE_ACCEPT)
+        self._ended_unserved(reason, self.refusal_detail(reason), peer, 0.0, PHASE_ACCEPT)
 
     async def _handshake(self, connection: socket.socket, tls: ServerTls) -> None:
-        self._handshakes += 1
+        """One counted handshake (the accept loop counted it); the slot frees when it ends."""
         try:
             await self._run_handshake(connection, tls)
         finally:
             self._handshakes -= 1
+            self.budget.open -= 1
+            self._handshake_room.set()
 
     async def _run_handshake(self, connection: socket.socket, tls: ServerTls) -> None:
         loop = asyncio.get_running_loop()
@@ -341,11 +382,13 @@ class Listener:
         return self._upstreams[name]
 
     def flow_started(self, flow: Flow) -> None:
+        self.budget.open += 1
         self.flows.add(flow)
         self.stats.connections += 1
         self.stats.active += 1
 
     def flow_finished(self, flow: Flow, reason: str, bytes_in: int, bytes_out: int) -> None:
+        self.budget.open -= 1
         self.flows.discard(flow)
         if not self.flows:
             self._all_closed.set()

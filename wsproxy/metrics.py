@@ -93,6 +93,7 @@ class ListenerStats:
     connections: int = 0
     active: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    accept_pauses: Counter[str] = field(default_factory=Counter)  # handshakes | fd_exhausted
     upgrades: Counter[tuple[str, str]] = field(default_factory=Counter)  # (target_group, result)
     closes: Counter[tuple[str, str]] = field(default_factory=Counter)  # (initiator, code label)
     bytes_in: int = 0
@@ -295,6 +296,13 @@ class ProxyCollector(Collector):
             "listener",
             "reason",
         )
+        pauses = _counter(
+            "wsproxy_listener_accept_pauses",
+            "Times the listener stopped accepting for a while, by reason (handshakes: at "
+            "max_handshakes_in_flight; fd_exhausted: accept failed for lack of descriptors)",
+            "listener",
+            "reason",
+        )
         handshakes = _counter(
             "wsproxy_tls_handshakes", "TLS handshakes by result", "listener", "result"
         )
@@ -353,6 +361,8 @@ class ProxyCollector(Collector):
             limit.add_metric([name], snapshot.limit)
             for reason, count in sorted(stats.rejected.items()):
                 rejected.add_metric([name, reason], count)
+            for reason, count in sorted(stats.accept_pauses.items()):
+                pauses.add_metric([name, reason], count)
             for result, count in sorted(stats.tls_handshakes.items()):
                 handshakes.add_metric([name, result], count)
             for result, count in sorted(stats.client_certs.items()):
@@ -371,7 +381,8 @@ class ProxyCollector(Collector):
             stats.session_seconds.add_to(session_seconds, [name])
             for role, when in sorted(snapshot.expiries.items()):
                 not_after.add_metric([name, role], when)
-        yield from (conns, active, limit, rejected, handshakes, handshake_seconds, client_certs)
+        yield from (conns, active, limit, rejected, pauses, handshakes, handshake_seconds)
+        yield client_certs
         yield from (upgrades, messages, frames, closes, sessions, session_seconds, byte_total)
         yield not_after
 

@@ -17,6 +17,7 @@ from wsproxy.address import Address
 from wsproxy.admin import AdminServer
 from wsproxy.balancer import make_balancer
 from wsproxy.config import Config, ListenerConfig, TargetGroupConfig, TargetTls, load_config
+from wsproxy.descriptors import DescriptorBudget
 from wsproxy.errors import ConfigError, TargetExists, WsproxyError
 from wsproxy.health_checker import HealthChecker
 from wsproxy.listener import Listener
@@ -108,6 +109,7 @@ class Proxy:
             name: self._build_upstream(name, group_config)
             for name, group_config in config.target_groups.items()
         }
+        self.descriptors = DescriptorBudget.from_rlimit()  # shared by every listener
         # Per listener name, so a listener rebound by a reload keeps counting where it was.
         self.listener_stats: dict[str, ListenerStats] = {}
         self.listeners = {
@@ -138,7 +140,7 @@ class Proxy:
 
     def _build_listener(self, name: str, config: ListenerConfig) -> Listener:
         stats = self.listener_stats.setdefault(name, ListenerStats())
-        return Listener(name, config, self.upstreams, stats)
+        return Listener(name, config, self.upstreams, stats, self.descriptors)
 
     def _build_upstream(self, name: str, config: TargetGroupConfig) -> Upstream:
         group = TargetGroup(name, [Target(t.address, t.weight) for t in config.targets])

@@ -43,7 +43,12 @@ _CAUSES = {
     "shutdown": "D",
     "client_cert_revoked": "K",
     "no_targets": "N",
-    "limit": "R",  # a resource limit (max_connections)
+    # resource limits
+    "limit": "R",  # max_connections
+    "per_ip_limit": "R",
+    "fd_exhausted": "R",
+    "message_rate_exceeded": "R",
+    "max_session_duration": "R",
     "internal_error": "I",
 }
 

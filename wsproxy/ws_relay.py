@@ -19,6 +19,7 @@ from wsproxy.ticker import Ticker
 from wsproxy.wire.wsframe import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
     OP_PING,
     STOP_FRAME,
     STOP_MESSAGE,
@@ -81,6 +82,7 @@ class WebSocketRelay(Relay):
     """A ``Relay`` that follows frames in both directions (RFC 6455 §5)."""
 
     __slots__ = (
+        "_burst",
         "_close_deadline",
         "_failing",
         "_mask_key",
@@ -90,6 +92,12 @@ class WebSocketRelay(Relay):
         "_ping_timeout",
         "_ping_timer",
         "_pong_buf",
+        "_rate",
+        "_rate_counted",
+        "_rate_mark",
+        "_session_seconds",
+        "_session_timer",
+        "_tokens",
         "close_code",
         "close_initiator",
         "downstream",
@@ -109,6 +117,11 @@ class WebSocketRelay(Relay):
         ping_interval: float = 0.0,
         ping_timeout: float = 30.0,
         mask_key: Callable[[], bytes] = lambda: os.urandom(4),
+        max_message_bytes: int = 0,
+        max_messages_per_second: float = 0.0,
+        messages_burst: int = 0,
+        max_session_seconds: float = 0.0,
+        allow_rsv: bool = False,
     ) -> None:
         super().__init__(client, target, idle_timeout=idle_timeout, on_done=on_done, ticker=ticker)
         self._ping_interval = ping_interval
@@ -119,8 +132,30 @@ class WebSocketRelay(Relay):
         self._pong_buf = b""  # a Pong frame split across reads, while pongs are filtered
         self.pings_sent = 0
         # client → target frames must be masked; target → client frames must not be.
-        self.upstream = _Direction(FrameTracker(masked=True, max_frame_bytes=max_frame_bytes))
-        self.downstream = _Direction(FrameTracker(masked=False, max_frame_bytes=max_frame_bytes))
+        self.upstream = _Direction(
+            FrameTracker(
+                masked=True,
+                max_frame_bytes=max_frame_bytes,
+                max_message_bytes=max_message_bytes,
+                allow_rsv=allow_rsv,
+            )
+        )
+        self.downstream = _Direction(
+            FrameTracker(
+                masked=False,
+                max_frame_bytes=max_frame_bytes,
+                max_message_bytes=max_message_bytes,
+                allow_rsv=allow_rsv,
+            )
+        )
+        # Client message rate: a token bucket, refilled on each read (nothing runs when off).
+        self._rate = max_messages_per_second
+        self._burst = float(messages_burst or max(1.0, max_messages_per_second))
+        self._tokens = self._burst
+        self._rate_mark = 0.0
+        self._rate_counted = 0
+        self._session_seconds = max_session_seconds
+        self._session_timer: asyncio.TimerHandle | None = None
         self.close_code: int | None = None
         self.close_initiator: str | None = None
         self._mask_key = mask_key
@@ -132,16 +167,51 @@ class WebSocketRelay(Relay):
     # --- hot path -------------------------------------------------------------------------------
 
     def start(self, to_target: bytes = b"", to_client: bytes = b"") -> None:
+        loop = asyncio.get_running_loop()
+        self._rate_mark = loop.time()
         super().start(to_target, to_client)
         if self._ping_interval > 0 and not self.done:
             self._schedule_ping(self._ping_interval)
+        if self._session_seconds > 0 and not self.done:
+            self._session_timer = loop.call_later(self._session_seconds, self._session_expired)
 
     def from_client(self, data: bytes) -> None:
         self.bytes_in += len(data)  # also the log line's bytes and the idle check's clock
         if self._ping_payload is not None or self._pong_buf:
             self._from_client_filtering_pongs(data)
+        else:
+            self._forward(self.upstream, self.target, data)
+        if self._rate > 0:
+            self._spend_tokens()
+
+    def _spend_tokens(self) -> None:
+        """Charge the client's new messages to its bucket; over the limit: Close 1008."""
+        messages = self.upstream.tracker.messages
+        used = messages - self._rate_counted
+        if not used or self.upstream.sent:
             return
-        self._forward(self.upstream, self.target, data)
+        self._rate_counted = messages
+        now = asyncio.get_running_loop().time()
+        self._tokens = min(self._burst, self._tokens + (now - self._rate_mark) * self._rate)
+        self._rate_mark = now
+        self._tokens -= used
+        if self._tokens < 0:
+            self.request_close(
+                client_code=CLOSE_POLICY_VIOLATION,
+                target_code=CLOSE_GOING_AWAY,
+                stop=STOP_FRAME,
+                reason="message_rate_exceeded",
+            )
+
+    def _session_expired(self) -> None:
+        self._session_timer = None
+        if not self.done:
+            self.request_close(
+                client_code=CLOSE_GOING_AWAY,
+                target_code=CLOSE_GOING_AWAY,
+                stop=STOP_MESSAGE,
+                reason="max_session_duration",
+            )
 
     def from_target(self, data: bytes) -> None:
         self.bytes_out += len(data)  # also the log line's bytes and the idle check's clock
@@ -382,6 +452,9 @@ class WebSocketRelay(Relay):
             if self._ping_timer is not None:
                 self._ping_timer.cancel()
                 self._ping_timer = None
+            if self._session_timer is not None:
+                self._session_timer.cancel()
+                self._session_timer = None
         super()._maybe_done()
 
     def _handshake_complete(self) -> bool:

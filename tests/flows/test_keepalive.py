@@ -32,7 +32,7 @@ def frames_of(data: bytes) -> list[tuple[int, bytes]]:
     while data:
         parsed = parse_header(data)
         assert parsed is not None
-        header_len, _fin, opcode, _masked, length, mask = parsed
+        header_len, _fin, opcode, _masked, length, mask, _rsv = parsed
         out.append((opcode, unmask(data[header_len : header_len + length], mask)))
         data = data[header_len + length :]
     return out

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import ProxyFactory, listener_address, wait_for
-from tests.flows.conftest import Canary
+from tests.helpers.canary import Canary
 from tests.helpers.servers import (
     RawServer,
     accept_then_close,

@@ -49,12 +49,19 @@ _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 async def start_proxy(
-    config: Path, *extra: str, listeners: tuple[str, ...] = ("edge",)
+    config: Path,
+    *extra: str,
+    listeners: tuple[str, ...] = ("edge",),
+    descriptor_limit: int | None = None,
 ) -> RunningProxy:
-    """Start ``wsproxy run`` and wait until every named listener and the admin listener are up."""
-    process = await asyncio.create_subprocess_exec(
-        *WSPROXY, *extra, "run", "-c", str(config), stderr=asyncio.subprocess.PIPE
-    )
+    """Start ``wsproxy run`` and wait until every named listener and the admin listener are up.
+
+    ``descriptor_limit`` sets RLIMIT_NOFILE of the proxy process (through the shell's ulimit:
+    no preexec_fn in a process that has threads)."""
+    command = [*WSPROXY, *extra, "run", "-c", str(config)]
+    if descriptor_limit is not None:
+        command = ["sh", "-c", f'ulimit -n {int(descriptor_limit)} && exec "$@"', "sh", *command]
+    process = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
     assert process.stderr is not None
     ports: dict[str, int] = {}
     lines: list[str] = []

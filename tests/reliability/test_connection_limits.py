@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.conftest import ProxyFactory, listener_address, wait_for
-from tests.flows.test_tls import client_context, tls_config
+from tests.flows.test_tls import client_context, tls_config, wss_echo
 from tests.flows.test_websocket import ws_config
 from tests.helpers.pki import Pki, make_pki
+from tests.helpers.process import parse_metrics, start_proxy
 from wsproxy.demo import EchoTarget
 from wsproxy.proxy import Proxy
 
@@ -59,3 +61,109 @@ async def test_tls_listener_counts_handshakes_toward_the_limit(
     await check_limit(proxy, "wss", client_context(pki))
     # A refusal at accept is not a failed TLS handshake.
     assert "limit" not in proxy.listeners["edge"].stats.tls_handshakes
+
+
+async def test_max_connections_per_ip_limits_one_address_not_the_others(
+    make_proxy: ProxyFactory, echo_targets: list[EchoTarget]
+) -> None:
+    proxy = await make_proxy(
+        ws_config(("chat", [echo_targets[0].address]), listener="max_connections_per_ip = 2")
+    )
+    url = f"ws://{listener_address(proxy)}/"
+    stats = proxy.listeners["edge"].stats
+    async with (
+        aiohttp.ClientSession() as one,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))) as two,
+    ):
+        first, second = await one.ws_connect(url), await one.ws_connect(url)
+        with pytest.raises(aiohttp.ClientError):
+            await one.ws_connect(url)
+        await wait_for(lambda: stats.rejected["per_ip_limit"] == 1)
+        other = await two.ws_connect(url)  # another client address has its own allowance
+        for ws in (first, second, other):
+            await ws.send_str("ok")
+            assert await ws.receive_str(timeout=5) == "ok"
+        await first.close()
+        await wait_for(lambda: stats.active == 2)
+        again = await one.ws_connect(url)  # the slot came back
+        await again.send_str("again")
+        assert await again.receive_str(timeout=5) == "again"
+        await asyncio.gather(second.close(), other.close(), again.close())
+    await wait_for(lambda: proxy.listeners["edge"]._per_ip == {})
+
+
+async def test_handshakes_in_flight_are_bounded_and_later_clients_wait_their_turn(
+    make_proxy: ProxyFactory, echo_targets: list[EchoTarget], pki: Pki
+) -> None:
+    extra = "max_handshakes_in_flight = 2\ntls_handshake_timeout_seconds = 1"
+    proxy = await make_proxy(tls_config(pki, echo_targets[0].address, extra=extra))
+    listener = proxy.listeners["edge"]
+    address = listener_address(proxy)
+    # Four clients that connect and never say hello: two take the slots, two wait in the backlog.
+    silent = [await asyncio.open_connection(address.host, address.port) for _ in range(4)]
+    most = 0
+
+    async def watch() -> None:
+        nonlocal most
+        while True:
+            most = max(most, listener._handshakes)
+            await asyncio.sleep(0.005)
+
+    watcher = asyncio.create_task(watch())
+    started = asyncio.get_running_loop().time()
+    try:
+        await wss_echo(address, client_context(pki))  # served once slots free up
+    finally:
+        watcher.cancel()
+        for _, writer in silent:
+            writer.close()
+    waited = asyncio.get_running_loop().time() - started
+    assert most == 2
+    assert waited >= 0.8, waited  # it waited for the silent ones' 1 s handshake timeout
+    assert listener.stats.accept_pauses["handshakes"] >= 1
+    await wait_for(lambda: listener.stats.tls_handshakes["tls_handshake_timeout"] == 4)
+
+
+async def test_the_descriptor_budget_refuses_connections_and_keeps_the_admin_answering(
+    tmp_path: Path, echo: EchoTarget
+) -> None:
+    # 128 descriptors: 64 reserved, (128 - 64) / 2 = 32 connections for the data path.
+    config = tmp_path / "fds.toml"
+    config.write_text(
+        '[admin]\naddress = "127.0.0.1:0"\n'
+        + ws_config(("chat", [echo.address]), listener="max_connections = 1000")
+    )
+    proxy = await start_proxy(config, descriptor_limit=128)
+    url = f"ws://127.0.0.1:{proxy.port}/"
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+            sessions = []
+            refused = 0
+            for _ in range(40):
+                try:
+                    sessions.append(await client.ws_connect(url))
+                except aiohttp.ClientError:
+                    refused += 1
+            assert (len(sessions), refused) == (32, 8)
+            async with client.get(f"http://127.0.0.1:{proxy.admin}/metrics") as response:
+                assert response.status == 200  # the reserve keeps the admin listener usable
+                samples = parse_metrics(await response.text())
+            rejected = {
+                labels["reason"]: value
+                for labels, value in samples["wsproxy_listener_connections_rejected_total"]
+            }
+            # aiohttp retries a refused handshake once, so each refusal may count twice.
+            assert set(rejected) == {"fd_exhausted"} and rejected["fd_exhausted"] >= 8
+            for ws in sessions:  # the admitted sessions are untouched
+                await ws.send_str("fine")
+                assert await ws.receive_str(timeout=5) == "fine"
+            for ws in sessions[:5]:
+                await ws.close()
+            await asyncio.sleep(0.2)
+            fresh = await client.ws_connect(url)  # room again
+            await fresh.send_str("back")
+            assert await fresh.receive_str(timeout=5) == "back"
+            for ws in [*sessions[5:], fresh]:
+                await ws.close()
+    finally:
+        await proxy.stop()

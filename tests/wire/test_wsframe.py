@@ -172,3 +172,13 @@ def test_encode_decode_roundtrip(payload: bytes, masked: bool) -> None:
     if masked:
         body = frame[-len(payload) :] if payload else b""
         assert bytes(b ^ MASK[i % 4] for i, b in enumerate(body)) == payload
+
+
+def test_rsv_bits_need_a_negotiated_extension() -> None:
+    frame = encode_frame(OP_TEXT, b"x")
+    compressed = bytes([frame[0] | 0x40]) + frame[1:]  # RSV1, as permessage-deflate sets it
+    with pytest.raises(FrameError, match="RSV"):
+        FrameTracker(masked=False, max_frame_bytes=100).feed(compressed)
+    tracker = FrameTracker(masked=False, max_frame_bytes=100, allow_rsv=True)
+    assert tracker.feed(compressed) == len(compressed)
+    assert (tracker.frames, tracker.messages) == (1, 1)

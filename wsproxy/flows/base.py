@@ -41,6 +41,7 @@ class Flow:
         "finished",
         "handshake_bytes_in",
         "handshake_bytes_out",
+        "ip_admitted",
         "listener",
         "log",
         "loop",
@@ -78,6 +79,7 @@ class Flow:
         self.handshake_bytes_in = 0
         self.handshake_bytes_out = 0
         self.client_cert: ClientCertificate | None = None
+        self.ip_admitted: str | None = None  # counted toward max_connections_per_ip
         self.proxied: ProxyHeader | None = None
         self.phase = PHASE_REQUEST  # how far the connection got, for its termination code
 
@@ -85,13 +87,15 @@ class Flow:
 
     def _accepted(self) -> None:
         self.client_ip, self.client_port = self.client.peer_address
-        # TLS listeners check the limit before the handshake; plain ones here, before any byte.
-        refused = self.listener.tls is None and self.listener.at_limit()
+        # TLS listeners check the limits before the handshake; plain ones here, before any byte.
+        refusal = self.listener.refusal() if self.listener.tls is None else None
         self.listener.flow_started(self)
-        if refused:
+        if refusal is not None:
+            log.info("listener '%s': %s: %s", self.listener.name, self.client_ip,
+                     self.listener.refusal_detail(refusal))  # fmt: skip
             self.phase = PHASE_ACCEPT
             self.client.abort()
-            self.finish("limit")
+            self.finish(refusal)
             return
         self.client.on_lost = self._client_lost_early
         if self.proxied is not None:  # read before the TLS handshake by the listener
@@ -101,6 +105,21 @@ class Flow:
         if self.listener.config.accept_proxy_protocol and self.proxied is None:
             self._read_proxy_header()
             return
+        self._admit()
+
+    def _admit(self) -> None:
+        """The per-address limit, once the client's address is known (PROXY header read)."""
+        listener = self.listener
+        if listener.config.max_connections_per_ip:
+            if not listener.admit_ip(self.client_ip):
+                limit = listener.config.max_connections_per_ip
+                log.info("listener '%s': %s: over max_connections_per_ip (%d)",
+                         listener.name, self.client_ip, limit)  # fmt: skip
+                self.phase = PHASE_ACCEPT
+                self.client.abort()
+                self.finish("per_ip_limit")
+                return
+            self.ip_admitted = self.client_ip
         self.begin()
 
     def _use_proxy_header(self, header: ProxyHeader) -> None:
@@ -137,7 +156,7 @@ class Flow:
             self.handshake_bytes_in -= len(rest)
             client.on_data = client.hold
             client.held = rest + client.held
-            self.begin()
+            self._admit()
 
         client.on_data = on_data
         held = client.take_held()
@@ -267,6 +286,8 @@ class Flow:
         self.finished = True
         if self.target is not None:
             self.target.release()
+        if self.ip_admitted is not None:
+            self.listener.release_ip(self.ip_admitted)
         relay = self.relay
         bytes_in = self.handshake_bytes_in + (relay.bytes_in if relay else 0)
         bytes_out = self.handshake_bytes_out + (relay.bytes_out if relay else 0)

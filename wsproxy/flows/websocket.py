@@ -93,8 +93,13 @@ _STATUS_TEXT = {
 
 
 def error_response(exc: HttpError) -> bytes:
-    """A short plain-text response that closes the connection."""
-    body = f"{exc.status} {_STATUS_TEXT.get(exc.status, 'Error')}: {exc.detail}\n".encode()
+    """A short plain-text response that closes the connection.
+
+    4xx say what was wrong with the request; 5xx say nothing of the targets (their addresses and
+    failures are for the log, not for clients)."""
+    text = _STATUS_TEXT.get(exc.status, "Error")
+    detail = f": {exc.detail}" if exc.status < 500 else ""
+    body = f"{exc.status} {text}{detail}\n".encode()
     headers = [
         ("Content-Type", "text/plain; charset=utf-8"),
         ("Content-Length", str(len(body))),
@@ -330,7 +335,8 @@ class WebSocketFlow(Flow):
             raise BadTargetResponse(f"target sent an invalid response head: {exc}") from None
         if key and is_valid_upgrade_response(response, key):
             self.log["status"] = response.status
-            self._open_tunnel(raw_response, response_rest, client_rest)
+            extensions = bool(response.get("sec-websocket-extensions"))
+            self._open_tunnel(raw_response, response_rest, client_rest, extensions)
             return
         if key and response.status == 101:
             raise BadTargetResponse("target answered 101 without a valid Sec-WebSocket-Accept")
@@ -448,7 +454,9 @@ class WebSocketFlow(Flow):
 
     # --- 4. tunnel ------------------------------------------------------------------------------
 
-    def _open_tunnel(self, raw_response: bytes, response_rest: bytes, client_rest: bytes) -> None:
+    def _open_tunnel(
+        self, raw_response: bytes, response_rest: bytes, client_rest: bytes, extensions: bool
+    ) -> None:
         config = self.listener.config
         if self.target_endpoint is None:
             raise BadTargetResponse("tunnel without a target connection")
@@ -460,6 +468,11 @@ class WebSocketFlow(Flow):
             self.target_endpoint,
             idle_timeout=config.idle_timeout_seconds,
             max_frame_bytes=config.max_frame_bytes,
+            max_message_bytes=config.max_message_bytes,
+            max_messages_per_second=config.max_messages_per_second,
+            messages_burst=config.messages_burst,
+            max_session_seconds=config.max_session_seconds,
+            allow_rsv=extensions,
             on_done=self.relay_done,
             ticker=self.listener.ticker,
             ping_interval=config.ping_interval_seconds,

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import struct
 
-from wsproxy.errors import FrameError, FrameTooLarge, MaskedFrame, UnmaskedFrame
+from wsproxy.errors import (
+    FrameError,
+    FrameTooLarge,
+    MaskedFrame,
+    MessageTooLarge,
+    UnmaskedFrame,
+)
 
 OP_CONTINUATION = 0x0
 OP_TEXT = 0x1
@@ -47,8 +53,12 @@ CLOSE_BAD_GATEWAY = 1014
 _PONG_AHEAD = -2
 
 
-def parse_header(buf: bytes, pos: int = 0) -> tuple[int, int, int, bool, int, bytes] | None:
-    """(header_len, fin, opcode, masked, payload_len, mask_key), or None if ``buf`` is short."""
+Header = tuple[int, int, int, bool, int, bytes, int]
+
+
+def parse_header(buf: bytes, pos: int = 0) -> Header | None:
+    """(header_len, fin, opcode, masked, payload_len, mask_key, rsv), or None if ``buf`` is
+    short; ``rsv`` is the three RSV bits (0x70 of the first byte)."""
     return _parse_header(buf, pos)
 
 
@@ -57,8 +67,8 @@ def unmask(payload: bytes, mask: bytes) -> bytes:
     return bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if mask else payload
 
 
-def _parse_header(buf: bytes, pos: int) -> tuple[int, int, int, bool, int, bytes] | None:
-    """(header_len, fin, opcode, masked, payload_len, mask_key) or None if ``buf`` is too short."""
+def _parse_header(buf: bytes, pos: int) -> Header | None:
+    """See ``parse_header``."""
     avail = len(buf) - pos
     if avail < 2:
         return None
@@ -83,7 +93,7 @@ def _parse_header(buf: bytes, pos: int) -> tuple[int, int, int, bool, int, bytes
             return None
         mask_key = bytes(buf[pos + header_len : pos + header_len + 4])
         header_len += 4
-    return header_len, b0 >> 7, b0 & 0x0F, masked, length, mask_key
+    return header_len, b0 >> 7, b0 & 0x0F, masked, length, mask_key, b0 & 0x70
 
 
 class FrameTracker:
@@ -94,12 +104,15 @@ class FrameTracker:
     """
 
     __slots__ = (
+        "_allow_rsv",
         "_close_buf",
         "_close_mask",
         "_header",
         "_in_message",
         "_masked",
         "_max_frame_bytes",
+        "_max_message_bytes",
+        "_message_bytes",
         "_opcode",
         "_payload_seen",
         "_remaining",
@@ -109,9 +122,22 @@ class FrameTracker:
         "messages",
     )
 
-    def __init__(self, *, masked: bool, max_frame_bytes: int) -> None:
+    def __init__(
+        self,
+        *,
+        masked: bool,
+        max_frame_bytes: int,
+        max_message_bytes: int = 0,
+        allow_rsv: bool = False,
+    ) -> None:
         self._masked = masked
+        # RSV bits mean something only under a negotiated extension (permessage-deflate sets
+        # RSV1); without one they are a protocol error (RFC 6455 §5.2).
+        self._allow_rsv = allow_rsv
         self._max_frame_bytes = max_frame_bytes
+        # Across the fragments of one message; 0: only max_frame_bytes applies.
+        self._max_message_bytes = max_message_bytes or max_frame_bytes
+        self._message_bytes = 0  # payload of the fragmented message so far
         self._remaining = 0  # payload bytes of the current frame still to come
         self._header = b""  # a header split across chunks
         self._in_message = False  # inside a fragmented data message
@@ -186,7 +212,7 @@ class FrameTracker:
         size = len(data)
         mask_bit = 0x80 if self._masked else 0
         mask_len = 4 if self._masked else 0
-        limit = self._max_frame_bytes
+        limit = min(self._max_frame_bytes, self._max_message_bytes)
         frames = 0
         while pos + 2 <= size:
             b0 = data[pos]
@@ -223,7 +249,9 @@ class FrameTracker:
         if parsed is None:
             self._header = pending + data[pos:]
             return -1
-        header_len, fin, opcode, masked, length, mask_key = parsed
+        header_len, fin, opcode, masked, length, mask_key, rsv = parsed
+        if rsv and not self._allow_rsv:
+            raise FrameError(f"RSV bits 0x{rsv:x} set with no extension negotiated", start)
         self._check(start, fin, opcode, masked, length)
         if stop_at_pong and opcode == OP_PONG and not pending:
             return _PONG_AHEAD
@@ -231,6 +259,7 @@ class FrameTracker:
         self.frames += 1  # hot-path count
         if opcode < OP_CLOSE:
             self._in_message = not fin
+            self._message_bytes = 0 if fin else self._message_bytes + length
             if fin:
                 self.messages += 1  # hot-path count
         elif opcode == OP_CLOSE:
@@ -270,6 +299,14 @@ class FrameTracker:
                 f"frame payload of {length} bytes exceeds max_frame_bytes {self._max_frame_bytes}",
                 start,
             )
+        if opcode < OP_CLOSE:
+            total = length + (self._message_bytes if opcode == OP_CONTINUATION else 0)
+            if total > self._max_message_bytes:
+                raise MessageTooLarge(
+                    f"message of {total}+ bytes exceeds max_message_bytes "
+                    f"{self._max_message_bytes}",
+                    start,
+                )
 
     def _capture_close(self, data: bytes, pos: int, count: int) -> None:
         need = 2 - len(self._close_buf)
