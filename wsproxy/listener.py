@@ -185,7 +185,7 @@ class Listener:
     def refusal_detail(self, reason: str) -> str:
         if reason == "limit":
             return f"over max_connections ({self.config.max_connections})"
-        return f"descriptor budget of the process used up ({self.budget.limit} connections)"
+        return f"descriptor budget of the process used up ({self.budget.limit} descriptors)"
 
     def _refuse(self, connection: socket.socket, reason: str) -> None:
         try:
@@ -388,7 +388,7 @@ class Listener:
         self.stats.active += 1
 
     def flow_finished(self, flow: Flow, reason: str, bytes_in: int, bytes_out: int) -> None:
-        self.budget.open -= 1
+        self.budget.open -= 1 if flow.target is None else 2  # the client's, and the target's
         self.flows.discard(flow)
         if not self.flows:
             self._all_closed.set()

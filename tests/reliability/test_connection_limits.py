@@ -127,7 +127,7 @@ async def test_handshakes_in_flight_are_bounded_and_later_clients_wait_their_tur
 async def test_the_descriptor_budget_refuses_connections_and_keeps_the_admin_answering(
     tmp_path: Path, echo: EchoTarget
 ) -> None:
-    # 128 descriptors: 64 reserved, (128 - 64) / 2 = 32 connections for the data path.
+    # 128 descriptors: 64 reserved, 64 for the data path: 32 sessions of two each.
     config = tmp_path / "fds.toml"
     config.write_text(
         '[admin]\naddress = "127.0.0.1:0"\n'

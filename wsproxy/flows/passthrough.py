@@ -45,6 +45,7 @@ class PassthroughFlow(Flow):
         self.target, self.target_endpoint = await upstream.dial(
             self.client_ip, Endpoint, self.proxy_header_for(upstream, hello.server_name)
         )
+        self.listener.budget.open += 1  # the target connection's descriptor
         self.log["target"] = str(self.target.address)
         replay = bytes(self._reader.buffered) + self.client.take_held()
         self.handshake_bytes_in -= len(replay)  # the relay counts them

@@ -26,6 +26,7 @@ class TcpFlow(Flow):
         self.target, self.target_endpoint = await upstream.dial(
             self.client_ip, Endpoint, self.proxy_header_for(upstream, self.log.get("sni"))
         )
+        self.listener.budget.open += 1  # the target connection's descriptor
         self.log["target"] = str(self.target.address)
         self.phase = PHASE_DATA
         self.relay = Relay(

@@ -293,6 +293,7 @@ class WebSocketFlow(Flow):
                 continue
             target.acquire()
             self.target = target
+            self.listener.budget.open += 1  # the target connection's descriptor
             self.log["target"] = str(target.address)
             self.phase = PHASE_UPGRADE
             endpoint.write(forwarded)
@@ -313,6 +314,7 @@ class WebSocketFlow(Flow):
                     raise
                 target.release()
                 self.target = None
+                self.listener.budget.open -= 1
                 error, last = exc, target
                 continue
             await self._answer(upstream, head, key, raw_response, response_rest, rest, exchange)
