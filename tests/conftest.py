@@ -12,6 +12,7 @@ import pytest
 import uvloop
 
 from tests.helpers.canary import Canary
+from tests.helpers.process import RunningProxy
 from tests.helpers.servers import RawServer
 from wsproxy.address import Address
 from wsproxy.config import parse_config
@@ -109,3 +110,21 @@ async def canary_factory() -> AsyncIterator[object]:
     for canary in opened:
         await canary.ws.close()
         await canary.session.close()
+
+
+@pytest.fixture
+async def proxies() -> AsyncIterator[list[RunningProxy]]:
+    """wsproxy processes a test started (append them); stopped after it: SIGTERM (a supervisor
+    then stops its workers), SIGKILL after 15 s."""
+    started: list[RunningProxy] = []
+    yield started
+    for proxy in started:
+        if proxy.process.returncode is not None:
+            continue
+        proxy.process.terminate()
+        try:
+            async with asyncio.timeout(15):
+                await proxy.process.wait()
+        except TimeoutError:
+            proxy.process.kill()
+            await proxy.process.wait()

@@ -9,28 +9,15 @@ event loop does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import statistics
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from tests.helpers.process import RunningProxy, parse_metrics, start_proxy
 from tests.helpers.servers import HealthEndpoints
 from wsproxy.demo import EchoTarget
-
-
-@pytest.fixture
-async def proxies() -> AsyncIterator[list[RunningProxy]]:
-    started: list[RunningProxy] = []
-    yield started
-    for proxy in started:
-        with contextlib.suppress(Exception):
-            proxy.process.kill()
-            await proxy.process.wait()
 
 
 def write_config(tmp_path: Path, name: str, text: str) -> Path:

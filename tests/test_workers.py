@@ -5,34 +5,19 @@ every worker, and health checks run once per target with their results shared.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import time
 from asyncio.subprocess import PIPE, STDOUT
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.helpers.process import RunningProxy, parse_metrics, start_proxy
 from tests.helpers.servers import HealthEndpoints, closed_port
 from tests.helpers.tools import require_tool
 from wsproxy.demo import EchoTarget
-
-
-@pytest.fixture
-async def proxies() -> AsyncIterator[list[RunningProxy]]:
-    started: list[RunningProxy] = []
-    yield started
-    for proxy in started:
-        with contextlib.suppress(Exception):
-            if proxy.process.returncode is None:
-                proxy.process.terminate()
-                async with asyncio.timeout(15):
-                    await proxy.process.wait()
 
 
 def config_text(targets: list[str], extra: str = "", grace: float = 3.0) -> str:

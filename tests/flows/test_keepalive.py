@@ -8,11 +8,9 @@ import os
 from collections.abc import Awaitable, Callable
 
 from tests.conftest import ProxyFactory, listener_address, wait_for
-from tests.helpers.servers import RawServer
+from tests.helpers.servers import RawServer, upgrading_target
 from tests.helpers.wsraw import RawWebSocket
 from wsproxy.address import Address
-from wsproxy.wire.http1 import parse_request_head
-from wsproxy.wire.upgrade import accept_key
 from wsproxy.wire.wsframe import (
     OP_CLOSE,
     OP_PING,
@@ -38,22 +36,6 @@ def frames_of(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
-def recording_target(
-    received: list[bytes],
-) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = parse_request_head(await reader.readuntil(b"\r\n\r\n"))
-        accept = accept_key(head.get("sec-websocket-key") or "")
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            + f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode()
-        )
-        while data := await reader.read(65536):
-            received.append(data)
-
-    return handler
-
-
 def config(target: Address, ping: str) -> str:
     return f"""
 [listeners.edge]
@@ -70,7 +52,7 @@ async def test_silent_client_is_pinged_and_its_pong_is_not_forwarded(
     make_proxy: ProxyFactory, raw_servers: RawServers
 ) -> None:
     received: list[bytes] = []
-    server = await raw_servers(recording_target(received))
+    server = await raw_servers(upgrading_target(received))
     proxy = await make_proxy(
         config(server.address, "ping_interval_seconds = 0.3\nping_timeout_seconds = 2")
     )
@@ -93,7 +75,7 @@ async def test_a_client_that_never_answers_is_cut_and_the_target_told(
     make_proxy: ProxyFactory, raw_servers: RawServers
 ) -> None:
     received: list[bytes] = []
-    server = await raw_servers(recording_target(received))
+    server = await raw_servers(upgrading_target(received))
     proxy = await make_proxy(
         config(server.address, "ping_interval_seconds = 0.2\nping_timeout_seconds = 0.3")
     )
@@ -112,7 +94,7 @@ async def test_active_clients_and_disabled_pings_get_none(
     make_proxy: ProxyFactory, raw_servers: RawServers
 ) -> None:
     received: list[bytes] = []
-    server = await raw_servers(recording_target(received))
+    server = await raw_servers(upgrading_target(received))
     proxy = await make_proxy(config(server.address, "ping_interval_seconds = 0"))
     ws = await RawWebSocket.connect(listener_address(proxy))
     await asyncio.sleep(0.5)

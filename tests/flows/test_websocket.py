@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ from tests.helpers.servers import (
     accept_then_close,
     closed_port,
     fixed_response,
+    upgrading_target,
 )
 from tests.helpers.wsraw import RawWebSocket, upgrade_request
 from wsproxy.address import Address
@@ -455,32 +455,6 @@ async def test_all_targets_refusing_is_a_502(make_proxy: ProxyFactory) -> None:
     )  # a, b, a: never twice in a row
 
 
-async def test_connect_timeout_is_a_504(make_proxy: ProxyFactory) -> None:
-    # A listening socket whose accept queue is full drops SYNs: a real connect timeout on loopback.
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            filler.connect(blackhole.getsockname())
-        fillers.append(filler)
-    try:
-        address = Address("127.0.0.1", blackhole.getsockname()[1])
-        proxy = await make_proxy(
-            ws_config(("chat", [address]), group_extra="connect_timeout_seconds = 0.3")
-        )
-        response = await exchange_raw(listener_address(proxy), upgrade_request())
-        assert status_of(response) == 504
-        assert proxy.upstreams["chat"].stats.connect_errors[(str(address), "timeout")] == 1
-    finally:
-        for filler in fillers:
-            filler.close()
-        blackhole.close()
-
-
 async def test_target_that_never_answers_is_a_504(
     make_proxy: ProxyFactory, raw_servers: RawServers
 ) -> None:
@@ -525,19 +499,7 @@ async def test_oversized_frame_gets_1009_and_target_1001(
     make_proxy: ProxyFactory, raw_servers: RawServers, canary_factory: CanaryFactory
 ) -> None:
     seen: list[bytes] = []
-
-    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        from wsproxy.wire.http1 import parse_request_head
-        from wsproxy.wire.upgrade import accept_key
-
-        head = parse_request_head(await reader.readuntil(b"\r\n\r\n"))
-        key = head.get("sec-websocket-key") or ""
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            + f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n".encode()
-        )
-        while data := await reader.read(65536):
-            seen.append(data)
+    target = upgrading_target(seen)
 
     server = await raw_servers(target)
     proxy = await make_proxy(

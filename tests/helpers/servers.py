@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Iterator
 
 from wsproxy.address import Address
+from wsproxy.wire.http1 import parse_request_head
+from wsproxy.wire.upgrade import accept_key
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -121,3 +124,42 @@ class HealthEndpoints:
     def close(self) -> None:
         for server in self.servers:
             server.close()
+
+
+def upgrading_target(received: list[bytes]) -> Handler:
+    """A raw WebSocket target: answers the upgrade with a correct 101, then records every byte
+    the proxy sends after it (frames, Close), for tests that check what reached a target."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = parse_request_head(await read_head(reader))
+        accept = accept_key(head.get("sec-websocket-key") or "")
+        writer.write(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            + f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode()
+        )
+        while data := await reader.read(65536):
+            received.append(data)
+
+    return handler
+
+
+@contextlib.contextmanager
+def full_accept_queue() -> Iterator[Address]:
+    """An address whose listen queue is full: the kernel drops SYNs to it, so a connect there
+    times out (a black-holed target, on loopback, without firewall rules)."""
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    fillers = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(blackhole.getsockname())
+            fillers.append(filler)
+        yield Address("127.0.0.1", blackhole.getsockname()[1])
+    finally:
+        for filler in fillers:
+            filler.close()
+        blackhole.close()

@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import gc
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import pytest
 from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.flows.test_websocket import exchange_raw, status_of, ws_config
 from tests.helpers.chaos import ChaosRelay
+from tests.helpers.servers import full_accept_queue
 from tests.helpers.wsraw import upgrade_request
 from wsproxy.address import Address
 from wsproxy.config import load_config
@@ -173,31 +173,16 @@ async def test_a_reset_during_the_upgrade_is_retried_and_after_it_is_not(
 
 
 async def test_connect_timeout_is_honoured_within_20_percent(make_proxy: ProxyFactory) -> None:
-    # A full accept queue drops SYNs: a real connect timeout on loopback.
-    blackhole = socket.socket()
-    blackhole.bind(("127.0.0.1", 0))
-    blackhole.listen(0)
-    fillers = []
-    for _ in range(4):
-        filler = socket.socket()
-        filler.setblocking(False)
-        with contextlib.suppress(BlockingIOError):
-            filler.connect(blackhole.getsockname())
-        fillers.append(filler)
-    try:
-        address = Address("127.0.0.1", blackhole.getsockname()[1])
+    with full_accept_queue() as address:
         proxy = await make_proxy(
             ws_config(("chat", [address]), group_extra="connect_timeout_seconds = 1.0")
         )
         started = time.monotonic()
         response = await exchange_raw(listener_address(proxy), upgrade_request())
         waited = time.monotonic() - started
-        assert status_of(response) == 504
-        assert 0.8 <= waited <= 1.2, waited
-    finally:
-        for filler in fillers:
-            filler.close()
-        blackhole.close()
+    assert status_of(response) == 504
+    assert 0.8 <= waited <= 1.2, waited
+    assert proxy.upstreams["chat"].stats.connect_errors[(str(address), "timeout")] == 1
 
 
 async def test_a_black_holed_target_times_out_is_marked_down_and_avoided(

@@ -8,28 +8,16 @@ import asyncio
 import contextlib
 import resource
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import pytest
 
 from tests.flows.test_websocket import ws_config
 from tests.helpers.process import RunningProxy, start_proxy
 from wsproxy.demo import EchoTarget
 
 SILENT = 10_000
-
-
-@pytest.fixture
-async def proxies() -> AsyncIterator[list[RunningProxy]]:
-    started: list[RunningProxy] = []
-    yield started
-    for proxy in started:
-        with contextlib.suppress(Exception):
-            proxy.process.kill()
-            await proxy.process.wait()
 
 
 def drain_stderr(proxy: RunningProxy) -> None:

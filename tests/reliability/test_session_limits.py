@@ -14,14 +14,12 @@ import pytest
 from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.flows.test_websocket import ws_config
 from tests.helpers.canary import Canary
-from tests.helpers.servers import RawServer
+from tests.helpers.servers import RawServer, upgrading_target
 from tests.helpers.wsraw import RawWebSocket
 from wsproxy.address import Address
 from wsproxy.config import parse_config
 from wsproxy.demo import EchoTarget
 from wsproxy.errors import ConfigError
-from wsproxy.wire.http1 import parse_request_head
-from wsproxy.wire.upgrade import accept_key
 from wsproxy.wire.wsframe import (
     OP_BINARY,
     OP_CONTINUATION,
@@ -99,16 +97,7 @@ async def test_max_session_seconds_closes_with_1001_at_a_message_boundary(
     make_proxy: ProxyFactory, raw_servers: RawServers, canary_factory: CanaryFactory
 ) -> None:
     seen: list[bytes] = []
-
-    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = parse_request_head(await reader.readuntil(b"\r\n\r\n"))
-        key = head.get("sec-websocket-key") or ""
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            + f"Sec-WebSocket-Accept: {accept_key(key)}\r\n\r\n".encode()
-        )
-        while data := await reader.read(65536):
-            seen.append(data)
+    target = upgrading_target(seen)
 
     server = await raw_servers(target)
     proxy = await make_proxy(
