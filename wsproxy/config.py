@@ -258,6 +258,9 @@ class ListenerConfig(_Section):
     # Websocket mode: ping a client silent this long (0: never); no pong in time ends the session.
     ping_interval_seconds: float = Field(30.0, ge=0, le=3600)
     ping_timeout_seconds: float = Field(30.0, gt=0, le=3600)
+    # And ping a target silent this long (0: never): a target that vanished without a FIN (a
+    # black-holed host, a dead NAT entry) is found, and its clients told, instead of waiting on it.
+    target_ping_interval_seconds: float = Field(30.0, ge=0, le=3600)
     max_frame_bytes: int = Field(16 * MiB, ge=125, le=2**40)
     # Websocket mode, per session. A message's fragments together (Close 1009 when passed).
     max_message_bytes: int = Field(64 * MiB, ge=125, le=2**40)

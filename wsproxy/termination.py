@@ -38,6 +38,7 @@ _CAUSES = {
     "proxy_protocol_timeout": "c",
     "target_connect_timeout": "s",
     "target_handshake_timeout": "s",
+    "target_ping_timeout": "s",
     # the proxy's own decisions
     "draining": "D",
     "shutdown": "D",

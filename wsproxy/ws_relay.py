@@ -54,23 +54,38 @@ class _Direction:
         return tracker.at_frame_boundary if stop == STOP_FRAME else tracker.at_message_boundary
 
 
-class _PingTimer:
-    """The keepalive timer of one session, on the listener's ticker (a relay is already on it
-    for its idle check, so the ping needs a member of its own)."""
+class _Prober:
+    """Keepalive of one side of a session (RFC 6455 §5.5.2): when that side has sent nothing
+    for ``interval`` seconds, ping it; no pong within the relay's ping timeout ends the session.
+    It sits on the listener's ticker (the relay is already there for its idle check)."""
 
-    __slots__ = ("expiry", "relay", "slot")
+    __slots__ = ("expiry", "interval", "mark", "payload", "pong_buf", "relay", "slot", "to_client")
 
-    def __init__(self, relay: WebSocketRelay) -> None:
+    def __init__(self, relay: WebSocketRelay, interval: float, *, to_client: bool) -> None:
         self.relay = relay
-        self.expiry = False  # False: the next keepalive check; True: the wait for our pong
+        self.interval = interval
+        self.to_client = to_client  # True: pings the client; False: pings the target
+        self.expiry = False  # False: the next silence check; True: the wait for our pong
         self.slot: int | None = None
+        self.mark = -1  # the side's byte count at the last check
+        self.payload: bytes | None = None  # our ping that awaits its pong
+        self.pong_buf = b""  # a Pong frame split across reads, while pongs are filtered
+
+    @property
+    def filtering(self) -> bool:
+        return self.payload is not None or bool(self.pong_buf)
+
+    def schedule(self, delay: float, *, expiry: bool = False) -> None:
+        self.cancel()
+        self.expiry = expiry
+        self.slot = self.relay.ticker.add(self, delay)
 
     def tick(self) -> None:
         self.slot = None
         if self.expiry:
-            self.relay._ping_expired()  # the relay's own timer
+            self.relay._probe_expired(self)  # the relay's own timer
         else:
-            self.relay._ping_tick()
+            self.relay._probe_tick(self)
 
     def cancel(self) -> None:
         if self.slot is not None:
@@ -83,20 +98,17 @@ class WebSocketRelay(Relay):
 
     __slots__ = (
         "_burst",
+        "_client_probe",
         "_close_deadline",
         "_failing",
         "_mask_key",
-        "_ping_interval",
-        "_ping_mark",
-        "_ping_payload",
         "_ping_timeout",
-        "_ping_timer",
-        "_pong_buf",
         "_rate",
         "_rate_counted",
         "_rate_mark",
         "_session_seconds",
         "_session_timer",
+        "_target_probe",
         "_tokens",
         "close_code",
         "close_initiator",
@@ -116,6 +128,7 @@ class WebSocketRelay(Relay):
         ticker: Ticker,
         ping_interval: float = 0.0,
         ping_timeout: float = 30.0,
+        target_ping_interval: float = 0.0,
         mask_key: Callable[[], bytes] = lambda: os.urandom(4),
         max_message_bytes: int = 0,
         max_messages_per_second: float = 0.0,
@@ -124,12 +137,13 @@ class WebSocketRelay(Relay):
         allow_rsv: bool = False,
     ) -> None:
         super().__init__(client, target, idle_timeout=idle_timeout, on_done=on_done, ticker=ticker)
-        self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
-        self._ping_payload: bytes | None = None  # our ping that awaits its pong
-        self._ping_mark = -1
-        self._ping_timer: _PingTimer | None = None
-        self._pong_buf = b""  # a Pong frame split across reads, while pongs are filtered
+        self._client_probe: _Prober | None = None
+        self._target_probe: _Prober | None = None
+        if ping_interval > 0:
+            self._client_probe = _Prober(self, ping_interval, to_client=True)
+        if target_ping_interval > 0:
+            self._target_probe = _Prober(self, target_ping_interval, to_client=False)
         self.pings_sent = 0
         # client → target frames must be masked; target → client frames must not be.
         self.upstream = _Direction(
@@ -170,15 +184,17 @@ class WebSocketRelay(Relay):
         loop = asyncio.get_running_loop()
         self._rate_mark = loop.time()
         super().start(to_target, to_client)
-        if self._ping_interval > 0 and not self.done:
-            self._schedule_ping(self._ping_interval)
+        for probe in (self._client_probe, self._target_probe):
+            if probe is not None and not self.done:
+                probe.schedule(probe.interval)
         if self._session_seconds > 0 and not self.done:
             self._session_timer = loop.call_later(self._session_seconds, self._session_expired)
 
     def from_client(self, data: bytes) -> None:
         self.bytes_in += len(data)  # also the log line's bytes and the idle check's clock
-        if self._ping_payload is not None or self._pong_buf:
-            self._from_client_filtering_pongs(data)
+        probe = self._client_probe
+        if probe is not None and probe.filtering:
+            self._forward_filtering_pongs(probe, data)
         else:
             self._forward(self.upstream, self.target, data)
         if self._rate > 0:
@@ -215,7 +231,11 @@ class WebSocketRelay(Relay):
 
     def from_target(self, data: bytes) -> None:
         self.bytes_out += len(data)  # also the log line's bytes and the idle check's clock
-        self._forward(self.downstream, self.client, data)
+        probe = self._target_probe
+        if probe is not None and probe.filtering:
+            self._forward_filtering_pongs(probe, data)
+        else:
+            self._forward(self.downstream, self.client, data)
 
     def _forward(self, direction: _Direction, sink: Endpoint, data: bytes) -> None:
         tracker = direction.tracker
@@ -242,26 +262,30 @@ class WebSocketRelay(Relay):
                 self._watch(direction, data[taken:])
         self._check_close_handshake()
 
-    def _from_client_filtering_pongs(self, data: bytes) -> None:
-        """While our ping is outstanding: forward everything but the Pong that answers it."""
-        direction = self.upstream
+    def _forward_filtering_pongs(self, probe: _Prober, data: bytes) -> None:
+        """While our ping to one side is outstanding: forward everything that side sends but
+        the Pong that answers our ping."""
+        if probe.to_client:
+            direction, sink = self.upstream, self.target
+        else:
+            direction, sink = self.downstream, self.client
         tracker = direction.tracker
-        data = self._pong_buf + data
-        self._pong_buf = b""
+        data = probe.pong_buf + data
+        probe.pong_buf = b""
         while data:
             if direction.sent or direction.stop:
-                self._forward(direction, self.target, data)
+                self._forward(direction, sink, data)
                 return
             closes = tracker.closes
             try:
                 taken = tracker.feed(data, STOP_PONG)
             except FrameError as exc:
                 if exc.offset > 0:
-                    self.target.write(data[: exc.offset])
+                    sink.write(data[: exc.offset])
                 self._violation(direction, exc)
                 return
             if taken:
-                self.target.write(data[:taken] if taken < len(data) else data)
+                sink.write(data[:taken] if taken < len(data) else data)
             if tracker.closes != closes:
                 self._note_peer_close(direction)
             if taken == len(data):
@@ -269,66 +293,66 @@ class WebSocketRelay(Relay):
             rest = data[taken:]  # a Pong frame starts here
             parsed = parse_header(rest)
             if parsed is None or len(rest) < parsed[0] + parsed[4]:
-                self._pong_buf = rest  # at most 14 + 125 bytes: wait for the rest of it
+                probe.pong_buf = rest  # at most 14 + 125 bytes: wait for the rest of it
                 return
             header_len, payload_len, mask = parsed[0], parsed[4], parsed[5]
             frame = rest[: header_len + payload_len]
             tracker.feed(frame)
-            if unmask(frame[header_len:], mask) == self._ping_payload:
-                self._pong_received()
+            if unmask(frame[header_len:], mask) == probe.payload:
+                self._probe_answered(probe)
             else:
-                self.target.write(frame)  # not ours: the target may be waiting for it
+                sink.write(frame)  # not ours: the other side may be waiting for it
             data = rest[len(frame) :]
         self._check_close_handshake()
 
     # --- keepalive (RFC 6455 §5.5.2) ------------------------------------------------------------
 
-    def _schedule_ping(self, delay: float, *, expiry: bool = False) -> None:
-        timer = self._ping_timer
-        if timer is None:
-            timer = self._ping_timer = _PingTimer(self)
-        else:
-            timer.cancel()
-        timer.expiry = expiry
-        timer.slot = self.ticker.add(timer, delay)
-
-    def _ping_tick(self) -> None:
-        """Every interval: if the client sent nothing since the last tick, ping it."""
+    def _probe_tick(self, probe: _Prober) -> None:
+        """Every interval: if the side sent nothing since the last tick, ping it."""
         if self.done or self._close_deadline is not None:
             return
-        if self.bytes_in != self._ping_mark:
-            self._ping_mark = self.bytes_in
-            self._schedule_ping(self._ping_interval)
+        heard = self.bytes_in if probe.to_client else self.bytes_out
+        if heard != probe.mark:
+            probe.mark = heard
+            probe.schedule(probe.interval)
             return
-        downstream = self.downstream
-        if downstream.sent or not downstream.tracker.at_frame_boundary:
-            self._schedule_ping(self._ping_interval)  # mid-frame toward the client: next time
+        toward = self.downstream if probe.to_client else self.upstream
+        if toward.sent or not toward.tracker.at_frame_boundary:
+            probe.schedule(probe.interval)  # mid-frame toward that side: next time
             return
-        self._ping_payload = b"wsproxy:" + os.urandom(8).hex().encode()
-        self.client.write(encode_frame(OP_PING, self._ping_payload))
+        probe.payload = b"wsproxy:" + os.urandom(8).hex().encode()
+        if probe.to_client:
+            self.client.write(encode_frame(OP_PING, probe.payload))
+        else:
+            self.target.write(encode_frame(OP_PING, probe.payload, mask=self._mask_key()))
         self.pings_sent += 1
-        self._schedule_ping(self._ping_timeout, expiry=True)
+        probe.schedule(self._ping_timeout, expiry=True)
 
-    def _pong_received(self) -> None:
-        self._ping_payload = None
-        self._ping_mark = self.bytes_in
-        self._schedule_ping(self._ping_interval)
+    def _probe_answered(self, probe: _Prober) -> None:
+        probe.payload = None
+        probe.mark = self.bytes_in if probe.to_client else self.bytes_out
+        probe.schedule(probe.interval)
 
-    def _ping_expired(self) -> None:
-        """No pong in time: the client is gone. Tell the target (1001) and cut the client."""
-        if self._ping_payload is None or self.done:
+    def _probe_expired(self, probe: _Prober) -> None:
+        """No pong in time: that side is gone. Tell the other one (1001) and cut it."""
+        if probe.payload is None or self.done:
             return
-        self.set_reason("ping_timeout")
+        if probe.to_client:
+            self.set_reason("ping_timeout")
+            gone, other, toward_other = self.client, self.target, self.upstream
+            why, mask = "client did not answer ping", self._mask_key()
+        else:
+            self.set_reason("target_ping_timeout")
+            gone, other, toward_other = self.target, self.client, self.downstream
+            why, mask = "target did not answer ping", b""
         if self.close_initiator is None:
             self.close_initiator = "proxy"
-            self.close_code = 1006
-        upstream = self.upstream
-        if not upstream.sent and upstream.tracker.at_frame_boundary:
-            why = "client did not answer ping"
-            self.target.write(encode_close(CLOSE_GOING_AWAY, why, mask=self._mask_key()))
-            upstream.sent = True
-        self.client.abort()
-        self.target.close()
+            self.close_code = 1006 if probe.to_client else CLOSE_GOING_AWAY
+        if not toward_other.sent and toward_other.tracker.at_frame_boundary:
+            other.write(encode_close(CLOSE_GOING_AWAY, why, mask=mask))
+            toward_other.sent = True
+        gone.abort()
+        other.close()
 
     def _watch(self, direction: _Direction, data: bytes) -> None:
         """Follow frames a peer sends after the proxy closed that direction, for its Close reply."""
@@ -449,9 +473,9 @@ class WebSocketRelay(Relay):
             if self._close_deadline is not None:
                 self._close_deadline.cancel()
                 self._close_deadline = None
-            if self._ping_timer is not None:
-                self._ping_timer.cancel()
-                self._ping_timer = None
+            for probe in (self._client_probe, self._target_probe):
+                if probe is not None:
+                    probe.cancel()
             if self._session_timer is not None:
                 self._session_timer.cancel()
                 self._session_timer = None

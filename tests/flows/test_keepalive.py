@@ -7,10 +7,13 @@ import contextlib
 import os
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.helpers.servers import RawServer, upgrading_target
 from tests.helpers.wsraw import RawWebSocket
 from wsproxy.address import Address
+from wsproxy.demo import EchoTarget
 from wsproxy.wire.wsframe import (
     OP_CLOSE,
     OP_PING,
@@ -106,3 +109,44 @@ async def test_active_clients_and_disabled_pings_get_none(
         frame = None
     assert frame is None
     ws.abort()
+
+
+async def test_a_silent_target_is_pinged_and_its_pongs_stay_with_the_proxy(
+    make_proxy: ProxyFactory, echo_targets: list[EchoTarget]
+) -> None:
+    proxy = await make_proxy(
+        config(
+            echo_targets[0].address,
+            "ping_interval_seconds = 0\ntarget_ping_interval_seconds = 0.2\n"
+            "ping_timeout_seconds = 1",
+        )
+    )
+    ws = await RawWebSocket.connect(listener_address(proxy))
+    # A second of silence both ways: the proxy pings the target every 0.2 s (aiohttp answers),
+    # and the client sees none of it.
+    with pytest.raises(TimeoutError):
+        await ws.recv(timeout=1.0)
+    (flow,) = proxy.listeners["edge"].flows
+    relay = flow.relay
+    assert isinstance(relay, WebSocketRelay) and relay.pings_sent >= 2  # 0.25 s ticker slots
+    ws.send(OP_TEXT, b"alive")
+    assert await ws.recv() == (OP_TEXT, b"alive")
+
+
+async def test_a_target_that_never_answers_pings_is_cut_and_the_client_told(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    received: list[bytes] = []
+    server = await raw_servers(upgrading_target(received))  # upgrades, then never answers
+    proxy = await make_proxy(
+        config(
+            server.address,
+            "ping_interval_seconds = 0\ntarget_ping_interval_seconds = 0.2\n"
+            "ping_timeout_seconds = 0.3",
+        )
+    )
+    ws = await RawWebSocket.connect(listener_address(proxy))
+    assert await ws.recv_close(timeout=3) == 1001
+    frames = frames_of(b"".join(received))
+    assert frames[0][0] == OP_PING and frames[0][1].startswith(b"wsproxy:")
+    await wait_for(lambda: proxy.listeners["edge"].stats.active == 0)

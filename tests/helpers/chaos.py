@@ -6,7 +6,8 @@ Put it between wsproxy and a target (or a client and wsproxy). Toxics, per direc
 - ``latency``: seconds added before each chunk is forwarded;
 - ``bandwidth``: bytes per second (0 = unlimited);
 - ``slicer``: forward at most this many bytes per write (1 = byte by byte);
-- ``limit_data``: after this many bytes, reset both connections (None = no limit).
+- ``limit_data``: after this many bytes, reset both connections (None = no limit);
+- ``stall``: read and discard, forward nothing (a black hole for connections already open).
 Whole-relay toxics: ``black_hole`` (accept, read and discard, never connect or answer) and
 ``reset_all()`` (RST every live connection now).
 """
@@ -28,6 +29,7 @@ class Toxics:
     bandwidth: int = 0
     slicer: int = 0
     limit_data: int | None = None
+    stall: bool = False
 
 
 @dataclass(eq=False)
@@ -116,6 +118,8 @@ class ChaosRelay:
         sent = 0
         try:
             while data := await reader.read(65536):
+                if toxics.stall:
+                    continue
                 if toxics.limit_data is not None and sent + len(data) > toxics.limit_data:
                     data = data[: toxics.limit_data - sent]
                     if data:

@@ -217,6 +217,39 @@ async def test_a_black_holed_target_times_out_is_marked_down_and_avoided(
         await chaos.stop()
 
 
+async def test_sessions_to_a_target_black_holed_mid_session_end_through_keepalive(
+    make_proxy: ProxyFactory, echo_targets: list[EchoTarget]
+) -> None:
+    chaos = ChaosRelay(echo_targets[0].address)
+    await chaos.start()
+    try:
+        proxy = await make_proxy(
+            ws_config(
+                ("echo", [chaos.address]),
+                listener="target_ping_interval_seconds = 0.3\nping_timeout_seconds = 0.5",
+            )
+        )
+        async with aiohttp.ClientSession() as client:
+            ws = await client.ws_connect(f"ws://{listener_address(proxy)}/")
+            await echo_once(ws, "before")
+            await asyncio.sleep(1.0)  # silent but alive: pings answered, pongs not forwarded
+            await echo_once(ws, "still alive")
+            chaos.upstream.stall = chaos.downstream.stall = True  # the target vanishes, no FIN
+            started = time.monotonic()
+            message = await ws.receive(timeout=5)
+            waited = time.monotonic() - started
+            assert message.type is aiohttp.WSMsgType.CLOSE, message
+            assert ws.close_code == 1001
+            # Silence is seen at the first tick a whole interval after the last byte, then the
+            # ping waits its timeout; the ticker rounds each up to its 0.25 s slots.
+            assert waited <= 2 * (0.3 + 0.25) + 0.5 + 0.25 + 0.5, waited
+            await ws.close()
+        stats = proxy.listeners["edge"].stats
+        await wait_for(lambda: stats.closes[("proxy", "1001")] == 1)
+    finally:
+        await chaos.stop()
+
+
 # --- 7. health flapping -------------------------------------------------------------------------
 
 

@@ -479,6 +479,7 @@ class WebSocketFlow(Flow):
             ticker=self.listener.ticker,
             ping_interval=config.ping_interval_seconds,
             ping_timeout=config.ping_timeout_seconds,
+            target_ping_interval=config.target_ping_interval_seconds,
         )
         self.relay = relay
         self.phase = PHASE_DATA
