@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -29,6 +30,7 @@ import uvloop
 
 from loadtest import scenarios
 from loadtest.client import Endpoint
+from loadtest.procstat import process_tree
 from loadtest.scenarios import Result
 
 PROXY_CORE = "0"
@@ -76,11 +78,32 @@ class Bench:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     systems: dict[str, System] = field(default_factory=dict)
     ca_file: str = ""
+    commands: dict[int, tuple[list[str], dict[str, Any]]] = field(default_factory=dict)
 
     def start(self, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(command, **kwargs)  # our own binaries and args
         self.processes.append(process)
+        self.commands[process.pid] = (command, kwargs)
         return process
+
+    def restart(self, pid: int) -> None:
+        """Stop the proxy process ``pid`` and start it again, same command, same ports; every
+        system it served gets the new pid. ``hold`` measures each system in a fresh process:
+        memory that an earlier scenario freed but the allocator kept would otherwise make the
+        later systems look cheaper per session than they are."""
+        old = next(p for p in self.processes if p.pid == pid)
+        # The whole tree (nginx's workers hold the sockets too), at once: a drain would wait
+        # out the previous scenario's idle sessions.
+        for member in reversed(process_tree(pid)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(member, signal.SIGKILL)
+        old.wait(timeout=10)
+        command, kwargs = self.commands.pop(pid)
+        fresh = self.start(command, **kwargs)
+        for system in self.systems.values():
+            if system.pid == pid:
+                wait_listening(int(system.url.rsplit(":", 1)[1].split("/")[0]), fresh, command[0])
+                system.pid = fresh.pid
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -404,6 +427,9 @@ async def measure(bench: Bench, args: argparse.Namespace) -> list[Run]:
             # Alternate the order so drift of the machine hits every system alike.
             ordered = systems if round_no % 2 == 0 else systems[::-1]
             for name in ordered:
+                pid = bench.systems[name].pid
+                if scenario == "hold" and pid is not None:
+                    bench.restart(pid)
                 result = await run_one(scenario, bench.systems[name], args, bench.ca_file)
                 result.pop("latency_sample", None) if scenario != "echo-1" else None
                 runs.append(Run(scenario, name, round_no, result))
