@@ -37,6 +37,17 @@ targets = [{listed}]
 {extra}"""
 
 
+async def start_workers(
+    tmp_path: Path, proxies: list[RunningProxy], text: str
+) -> tuple[Path, RunningProxy]:
+    """Write ``text`` as the config, start wsproxy on it (stopped after the test)."""
+    config = tmp_path / "workers.toml"
+    config.write_text(text)
+    proxy = await start_proxy(config)
+    proxies.append(proxy)
+    return config, proxy
+
+
 async def admin_json(proxy: RunningProxy, path: str) -> Any:
     async with (
         aiohttp.ClientSession() as client,
@@ -74,10 +85,7 @@ async def round_trip(client: aiohttp.ClientSession, port: int, text: str) -> Non
 async def test_sessions_spread_over_workers_and_metrics_sum(
     tmp_path: Path, echo: EchoTarget, proxies: list[RunningProxy]
 ) -> None:
-    config = tmp_path / "workers.toml"
-    config.write_text(config_text([str(echo.address)]))
-    proxy = await start_proxy(config)
-    proxies.append(proxy)
+    _config, proxy = await start_workers(tmp_path, proxies, config_text([str(echo.address)]))
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
         sockets = [await client.ws_connect(f"ws://127.0.0.1:{proxy.port}/s{i}") for i in range(24)]
         for round_number in range(5):
@@ -120,10 +128,7 @@ async def test_sessions_spread_over_workers_and_metrics_sum(
 async def test_killed_worker_is_replaced_while_new_connections_succeed(
     tmp_path: Path, echo: EchoTarget, proxies: list[RunningProxy]
 ) -> None:
-    config = tmp_path / "workers.toml"
-    config.write_text(config_text([str(echo.address)]))
-    proxy = await start_proxy(config)
-    proxies.append(proxy)
+    _config, proxy = await start_workers(tmp_path, proxies, config_text([str(echo.address)]))
     collector = asyncio.create_task(proxy.collect_stderr())
     before = (await admin_json(proxy, "/v1/workers"))["workers"]
     victim = before[0]["pid"]
@@ -168,10 +173,7 @@ async def test_killed_worker_is_replaced_while_new_connections_succeed(
 async def test_reload_and_drain_reach_every_worker(
     tmp_path: Path, echo: EchoTarget, proxies: list[RunningProxy]
 ) -> None:
-    config = tmp_path / "workers.toml"
-    config.write_text(config_text([str(echo.address)]))
-    proxy = await start_proxy(config)
-    proxies.append(proxy)
+    config, proxy = await start_workers(tmp_path, proxies, config_text([str(echo.address)]))
     collector = asyncio.create_task(proxy.collect_stderr())
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
         sockets = [await client.ws_connect(f"ws://127.0.0.1:{proxy.port}/s{i}") for i in range(20)]
@@ -234,10 +236,9 @@ unhealthy_threshold = 2
         + f"[target_groups.fleet]\ntargets = [{listed}]\n"
         + check.format(name="fleet", protocol="http")
     )
-    config = tmp_path / "workers.toml"
-    config.write_text(config_text([str(doomed.address), str(survivor.address)], extra))
-    proxy = await start_proxy(config)
-    proxies.append(proxy)
+    _config, proxy = await start_workers(
+        tmp_path, proxies, config_text([str(doomed.address), str(survivor.address)], extra)
+    )
     try:
         # Probes of two targets at 2/s for 3 s: ~12 when checked once, ~24+ if every worker probed.
         await asyncio.sleep(0.5)
@@ -272,11 +273,8 @@ async def test_a_passive_failure_in_one_worker_takes_the_target_out_everywhere(
     tmp_path: Path, echo: EchoTarget, proxies: list[RunningProxy]
 ) -> None:
     dead = await closed_port()
-    config = tmp_path / "workers.toml"
-    text = config_text([str(dead), str(echo.address)])
-    config.write_text(text + "unhealthy_after_connect_failures = 1\n")
-    proxy = await start_proxy(config)
-    proxies.append(proxy)
+    text = config_text([str(dead), str(echo.address)]) + "unhealthy_after_connect_failures = 1\n"
+    _, proxy = await start_workers(tmp_path, proxies, text)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
         # Round robin: the first dial of whichever worker gets a session may hit the dead target
         # (then the session is retried on the live one and the worker reports the failure).

@@ -388,7 +388,7 @@ class Listener:
         self.stats.active += 1
 
     def flow_finished(self, flow: Flow, reason: str, bytes_in: int, bytes_out: int) -> None:
-        self.budget.open -= 1 if flow.target is None else 2  # the client's, and the target's
+        self.budget.open -= 1  # the client's (the target's went with Flow.drop_target)
         self.flows.discard(flow)
         if not self.flows:
             self._all_closed.set()

@@ -167,7 +167,7 @@ class Upstream:
     async def dial(
         self, client_ip: str, make_endpoint: Callable[[], Endpoint], proxy_header: bytes = b""
     ) -> tuple[Target, Endpoint]:
-        """Connect to some target, retrying others on failure; the target is ``acquire``d."""
+        """Connect to some target, retrying others on failure (the caller takes the target)."""
         last: Target | None = None
         error: TargetError | None = None
         for _attempt in range(MAX_ATTEMPTS):
@@ -181,7 +181,6 @@ class Upstream:
                 log.debug("connect failed: %s", exc)
                 error, last = exc, target
                 continue
-            target.acquire()
             return target, endpoint
         raise error or NoTargets(f"target group '{self.name}' has no target to try")
 

@@ -91,11 +91,7 @@ class Flow:
         refusal = self.listener.refusal() if self.listener.tls is None else None
         self.listener.flow_started(self)
         if refusal is not None:
-            log.info("listener '%s': %s: %s", self.listener.name, self.client_ip,
-                     self.listener.refusal_detail(refusal))  # fmt: skip
-            self.phase = PHASE_ACCEPT
-            self.client.abort()
-            self.finish(refusal)
+            self._refuse(refusal, self.listener.refusal_detail(refusal))
             return
         self.client.on_lost = self._client_lost_early
         if self.proxied is not None:  # read before the TLS handshake by the listener
@@ -109,18 +105,20 @@ class Flow:
 
     def _admit(self) -> None:
         """The per-address limit, once the client's address is known (PROXY header read)."""
-        listener = self.listener
-        if listener.config.max_connections_per_ip:
-            if not listener.admit_ip(self.client_ip):
-                limit = listener.config.max_connections_per_ip
-                log.info("listener '%s': %s: over max_connections_per_ip (%d)",
-                         listener.name, self.client_ip, limit)  # fmt: skip
-                self.phase = PHASE_ACCEPT
-                self.client.abort()
-                self.finish("per_ip_limit")
+        limit = self.listener.config.max_connections_per_ip
+        if limit:
+            if not self.listener.admit_ip(self.client_ip):
+                self._refuse("per_ip_limit", f"over max_connections_per_ip ({limit})")
                 return
             self.ip_admitted = self.client_ip
         self.begin()
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        """Closed at accept by a limit, before any byte was read or sent."""
+        log.info("listener '%s': %s: %s", self.listener.name, self.client_ip, detail)
+        self.phase = PHASE_ACCEPT
+        self.client.abort()
+        self.finish(reason)
 
     def _use_proxy_header(self, header: ProxyHeader) -> None:
         self.proxied = header
@@ -284,8 +282,7 @@ class Flow:
         if self.finished:
             return
         self.finished = True
-        if self.target is not None:
-            self.target.release()
+        self.drop_target()
         if self.ip_admitted is not None:
             self.listener.release_ip(self.ip_admitted)
         relay = self.relay
@@ -303,6 +300,21 @@ class Flow:
             )
             self.log = {key: self.log.get(key) for key in CONNECTION_FIELDS}
             log_connection(self.log)
+
+    def take_target(self, target: Target) -> None:
+        """This flow now holds a connection to ``target``: counted for the balancers
+        (``acquire``), in the descriptor budget and in the log record."""
+        target.acquire()
+        self.target = target
+        self.listener.budget.open += 1
+        self.log["target"] = str(target.address)
+
+    def drop_target(self) -> None:
+        """Give the target connection back (a retry elsewhere, or the end of the flow)."""
+        if self.target is not None:
+            self.target.release()
+            self.target = None
+            self.listener.budget.open -= 1
 
     def proxy_header_for(self, upstream: Upstream, sni: str | None = None) -> bytes:
         """The PROXY v2 header ``upstream`` wants before the first byte, or nothing."""

@@ -42,11 +42,10 @@ class PassthroughFlow(Flow):
         upstream = self.listener.upstream(self.listener.sni_router.route(hello.server_name))
         self.log["target_group"] = upstream.name
         self.phase = PHASE_CONNECT
-        self.target, self.target_endpoint = await upstream.dial(
+        target, self.target_endpoint = await upstream.dial(
             self.client_ip, Endpoint, self.proxy_header_for(upstream, hello.server_name)
         )
-        self.listener.budget.open += 1  # the target connection's descriptor
-        self.log["target"] = str(self.target.address)
+        self.take_target(target)
         replay = bytes(self._reader.buffered) + self.client.take_held()
         self.handshake_bytes_in -= len(replay)  # the relay counts them
         self.phase = PHASE_DATA

@@ -23,11 +23,10 @@ class TcpFlow(Flow):
     async def _run(self) -> None:
         upstream = self.listener.upstream(self.listener.config.default_target_group)
         self.log["target_group"] = upstream.name
-        self.target, self.target_endpoint = await upstream.dial(
+        target, self.target_endpoint = await upstream.dial(
             self.client_ip, Endpoint, self.proxy_header_for(upstream, self.log.get("sni"))
         )
-        self.listener.budget.open += 1  # the target connection's descriptor
-        self.log["target"] = str(self.target.address)
+        self.take_target(target)
         self.phase = PHASE_DATA
         self.relay = Relay(
             self.client,

@@ -291,10 +291,7 @@ class WebSocketFlow(Flow):
             except TargetError as exc:
                 error, last = exc, target
                 continue
-            target.acquire()
-            self.target = target
-            self.listener.budget.open += 1  # the target connection's descriptor
-            self.log["target"] = str(target.address)
+            self.take_target(target)
             self.phase = PHASE_UPGRADE
             endpoint.write(forwarded)
             if not key:
@@ -312,9 +309,7 @@ class WebSocketFlow(Flow):
                 # answer it (an Upgrade GET is idempotent).
                 if exchange.received or kind is not BodyKind.NONE:
                     raise
-                target.release()
-                self.target = None
-                self.listener.budget.open -= 1
+                self.drop_target()
                 error, last = exc, target
                 continue
             await self._answer(upstream, head, key, raw_response, response_rest, rest, exchange)
