@@ -45,8 +45,8 @@ async def test_discarded_members_do_not_tick_and_are_not_kept_alive() -> None:
     ticker = Ticker(resolution=0.05)
     log: list[tuple[str, float]] = []
     member = Member("gone", log, ticker)
-    slot = ticker.add(member, 0.1)
-    ticker.discard(member, slot)
+    bucket = ticker.add(member, 0.1)
+    ticker.discard(member, bucket)
     reference = weakref.ref(member)
     del member
     gc.collect()

@@ -5,15 +5,20 @@ Both sockets are asyncio Protocols (``Endpoint``); nothing on the hot path alloc
 crossed over: when one side's transport asks us to stop writing (``pause_writing``), we stop reading
 the other side, and resume when it drains. Half-close (EOF) is propagated where the transport can
 send one. Every close has a deadline: a peer that never reads cannot pin a connection.
+
+An idle session must cost little memory (``loadtest hold``), so a running relay holds no bound
+methods: each endpoint's ``on_data`` is the peer endpoint itself (or, for WebSocket, the direction
+object that tracks frames), and the rarer events (EOF, loss, backpressure) reach the relay through
+the endpoint's ``owner``. Ten bound methods were ~640 bytes per session.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
-from wsproxy.ticker import Ticker
+from wsproxy.ticker import TickBucket, Ticker
 
 # Bytes a transport may buffer toward a slow reader before the other side is paused. 64 KiB is
 # asyncio's default high-water mark; the low mark resumes reading once a quarter is left.
@@ -43,12 +48,25 @@ def _ignore_lost(exc: Exception | None) -> None:
     return None
 
 
+class EndpointOwner(Protocol):
+    """What takes an endpoint's events once a relay runs (a ``Relay``)."""
+
+    def endpoint_eof(self, endpoint: Endpoint) -> bool: ...
+
+    def endpoint_lost(self, endpoint: Endpoint, exc: Exception | None) -> None: ...
+
+    def endpoint_pause_writing(self, endpoint: Endpoint) -> None: ...
+
+    def endpoint_resume_writing(self, endpoint: Endpoint) -> None: ...
+
+
 class Endpoint(asyncio.Protocol):
     """One socket of a proxied connection (client side or target side).
 
-    Its callbacks are plain attributes, so a flow rewires them as it moves from handshake to relay
-    without creating new objects. It remembers whether its transport asked to pause writing, so the
-    relay can start in the right backpressure state.
+    During a handshake its callbacks are plain attributes, so a flow rewires them as it moves from
+    step to step. Once a relay runs, ``owner`` takes the events instead and ``on_data`` is
+    whatever consumes the bytes (calling an endpoint writes to its socket). It remembers whether
+    its transport asked to pause writing, so the relay can start in the right backpressure state.
     """
 
     __slots__ = (
@@ -61,6 +79,8 @@ class Endpoint(asyncio.Protocol):
         "on_made",
         "on_pause_writing",
         "on_resume_writing",
+        "owner",
+        "relayed",
         "tls",
         "transport",
         "write_paused",
@@ -73,10 +93,16 @@ class Endpoint(asyncio.Protocol):
         self.write_paused = False
         self._linger: asyncio.TimerHandle | None = None
         self.held = b""
+        self.relayed = 0  # bytes a relay wrote to this socket on the peer's behalf
+        self.owner: EndpointOwner | None = None
         self.on_made: Callable[[], None] = _nothing
         # Until a flow takes over, bytes are held (and reading paused), never dropped: an event
         # loop may deliver data before a pause_reading() in connection_made takes effect.
         self.on_data: Callable[[bytes], None] = self.hold
+        self.release_callbacks()
+
+    def release_callbacks(self) -> None:
+        """Back to the defaults (dropping what a handshake wired in, and what it references)."""
         self.on_eof: Callable[[], bool] = _keep_open
         self.on_lost: Callable[[Exception | None], None] = _ignore_lost
         self.on_pause_writing: Callable[[], None] = _nothing
@@ -89,29 +115,51 @@ class Endpoint(asyncio.Protocol):
         self.tls = transport.get_extra_info("sslcontext") is not None
         self.transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         # No TCP_NODELAY here: uvloop sets it on every TCP transport it makes (a test checks).
-        self.on_made()
+        made, self.on_made = self.on_made, _nothing
+        made()
 
     def data_received(self, data: bytes) -> None:
         self.on_data(data)
 
     def eof_received(self) -> bool:
+        owner = self.owner
+        keep = owner.endpoint_eof(self) if owner is not None else self.on_eof()
         # Asking to stay open after EOF only draws a warning on a TLS transport.
-        return self.on_eof() and not self.tls
+        return keep and not self.tls
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        self.on_lost(exc)
+        owner = self.owner
+        if owner is not None:
+            owner.endpoint_lost(self, exc)
+        else:
+            self.on_lost(exc)
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        self.on_pause_writing()
+        owner = self.owner
+        if owner is not None:
+            owner.endpoint_pause_writing(self)
+        else:
+            self.on_pause_writing()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.on_resume_writing()
+        owner = self.owner
+        if owner is not None:
+            owner.endpoint_resume_writing(self)
+        else:
+            self.on_resume_writing()
+
+    def __call__(self, data: bytes) -> None:
+        """Relay mode: bytes from the peer, written here (the peer's ``on_data`` is this)."""
+        self.relayed += len(data)  # also the log line's bytes and the idle check's clock
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
 
     # --- helpers that are safe in every state ---------------------------------------------------
 
@@ -191,11 +239,18 @@ class Endpoint(asyncio.Protocol):
         return int(local[1]) if isinstance(local, tuple) and len(local) >= 2 else 0
 
 
+class RelayOwner(Protocol):
+    """Who hears that a relay ended (its flow)."""
+
+    def relay_done(self, relay: Relay) -> None: ...
+
+
 class Relay:
     """Moves bytes both ways between two connected endpoints until both are closed.
 
-    ``bytes_in`` counts client→target bytes, ``bytes_out`` target→client. ``on_done`` runs once,
-    after both sockets are gone; ``reason`` says why the connection ended (the first cause wins).
+    ``bytes_in`` counts client→target bytes, ``bytes_out`` target→client. ``owner.relay_done``
+    runs once, after both sockets are gone; ``reason`` says why the connection ended (the first
+    cause wins).
     """
 
     __slots__ = (
@@ -203,13 +258,11 @@ class Relay:
         "_done",
         "_idle_mark",
         "_idle_since",
-        "_idle_slot",
         "_idle_timeout",
         "_loop",
-        "_on_done",
+        "_owner",
         "_target_eof",
-        "bytes_in",
-        "bytes_out",
+        "_tick_bucket",
         "client",
         "reason",
         "target",
@@ -222,24 +275,32 @@ class Relay:
         target: Endpoint,
         *,
         idle_timeout: float,
-        on_done: Callable[[Relay], None],
+        owner: RelayOwner,
         ticker: Ticker,
     ) -> None:
         self.client = client
         self.target = target
-        self.bytes_in = 0
-        self.bytes_out = 0
         self.reason: str | None = None
         self._idle_timeout = idle_timeout
-        self._on_done = on_done
+        self._owner = owner
         self._client_eof = False
         self._target_eof = False
         self._done = False
         self.ticker = ticker
-        self._idle_slot: int | None = None
+        self._tick_bucket: TickBucket | None = None
         self._idle_mark = -1
         self._idle_since = 0.0
         self._loop = asyncio.get_running_loop()
+
+    @property
+    def bytes_in(self) -> int:
+        """Client → target bytes relayed."""
+        return self.target.relayed
+
+    @property
+    def bytes_out(self) -> int:
+        """Target → client bytes relayed."""
+        return self.client.relayed
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -250,16 +311,7 @@ class Relay:
         # Bytes handed over by the handshake came first; bytes held since then follow them.
         to_target += client.take_held()
         to_client += target.take_held()
-        client.on_data = self.from_client
-        target.on_data = self.from_target
-        client.on_eof = self._client_eof_received
-        target.on_eof = self._target_eof_received
-        client.on_lost = self._client_lost
-        target.on_lost = self._target_lost
-        client.on_pause_writing = target.pause_reading
-        client.on_resume_writing = target.resume_reading
-        target.on_pause_writing = client.pause_reading
-        target.on_resume_writing = client.resume_reading
+        self._wire(client, target)
         if client.lost:
             self._client_lost(None)
             return
@@ -267,15 +319,23 @@ class Relay:
             self._target_lost(None)
             return
         if to_target:
-            self.from_client(to_target)
+            client.on_data(to_target)
         if to_client:
-            self.from_target(to_client)
+            target.on_data(to_client)
         if not target.write_paused:
             client.resume_reading()
         if not client.write_paused:
             target.resume_reading()
         self._idle_since = self._loop.time()
-        self._schedule_idle_check()
+        self._schedule_tick()
+
+    def _wire(self, client: Endpoint, target: Endpoint) -> None:
+        """Point both endpoints at this relay: bytes straight to the peer socket."""
+        for endpoint in (client, target):
+            endpoint.release_callbacks()
+            endpoint.owner = self
+        client.on_data = target
+        target.on_data = client
 
     def close(self, reason: str) -> None:
         """Flush and close both sides."""
@@ -296,15 +356,25 @@ class Relay:
     def done(self) -> bool:
         return self._done
 
-    # --- hot path -------------------------------------------------------------------------------
+    # --- endpoint events (EndpointOwner) --------------------------------------------------------
 
-    def from_client(self, data: bytes) -> None:
-        self.bytes_in += len(data)  # also the log line's bytes and the idle check's clock
-        self.target.write(data)
+    def endpoint_eof(self, endpoint: Endpoint) -> bool:
+        if endpoint is self.client:
+            return self._client_eof_received()
+        return self._target_eof_received()
 
-    def from_target(self, data: bytes) -> None:
-        self.bytes_out += len(data)  # also the log line's bytes and the idle check's clock
-        self.client.write(data)
+    def endpoint_lost(self, endpoint: Endpoint, exc: Exception | None) -> None:
+        if endpoint is self.client:
+            self._client_lost(exc)
+        else:
+            self._target_lost(exc)
+
+    def endpoint_pause_writing(self, endpoint: Endpoint) -> None:
+        # Crossed backpressure: a side that cannot take more stops the other from reading.
+        (self.target if endpoint is self.client else self.client).pause_reading()
+
+    def endpoint_resume_writing(self, endpoint: Endpoint) -> None:
+        (self.target if endpoint is self.client else self.client).resume_reading()
 
     # --- half-close and loss ----------------------------------------------------------------------
 
@@ -338,22 +408,31 @@ class Relay:
         if self._done or not (self.client.lost and self.target.lost):
             return
         self._done = True
-        if self._idle_slot is not None:
-            self.ticker.discard(self, self._idle_slot)
-            self._idle_slot = None
-        self._on_done(self)
+        if self._tick_bucket is not None:
+            self.ticker.discard(self, self._tick_bucket)
+            self._tick_bucket = None
+        self._owner.relay_done(self)
 
     # --- idle timeout ---------------------------------------------------------------------------
 
-    def _schedule_idle_check(self) -> None:
+    def _schedule_tick(self) -> None:
+        self._tick_bucket = self.ticker.add(self, self._next_tick_delay())
+
+    def _reschedule_tick(self) -> None:
+        """Something is due sooner than the tick that waits: move it."""
+        if self._tick_bucket is not None:
+            self.ticker.discard(self, self._tick_bucket)
+            self._schedule_tick()
+
+    def _next_tick_delay(self) -> float:
         # Checking the byte counters a few times per timeout keeps the hot path free of clock
         # reads; the connection closes between 1 and 1.25 timeouts after the last byte moved
         # (plus the ticker's resolution).
-        self._idle_slot = self.ticker.add(self, self._idle_timeout / 8)
+        return self._idle_timeout / 8
 
     def tick(self) -> None:
-        """The idle check, called by the ticker."""
-        self._idle_slot = None
+        """The idle check, called by the ticker (the relay's only timer while it runs)."""
+        self._tick_bucket = None
         if self._done:
             return
         now = self._loop.time()
@@ -364,7 +443,7 @@ class Relay:
         elif now - self._idle_since >= self._idle_timeout:
             self.on_idle()
             return
-        self._schedule_idle_check()
+        self._schedule_tick()
 
     def on_idle(self) -> None:
         """No byte moved either way for ``idle_timeout`` seconds."""

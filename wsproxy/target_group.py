@@ -41,6 +41,11 @@ class Target:
     connect_failures: int = 0
     healthy_since: float | None = None  # loop time of the last move to healthy (slow start)
     ramp: float = 1.0  # slow start: the share of its weight the target gets now, 0-1
+    # ``str(address)``, made once: every connection's log record names its target.
+    label: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.label = str(self.address)
 
     @property
     def effective_weight(self) -> float:
@@ -53,7 +58,7 @@ class Target:
         self.active -= 1
 
     def __str__(self) -> str:
-        return str(self.address)
+        return self.label
 
 
 @dataclass(slots=True, eq=False)

@@ -17,6 +17,11 @@ class Tickable(Protocol):
     def tick(self) -> None: ...
 
 
+# What ``add`` returns and ``discard`` takes: the member's bucket itself, not its slot number, so a
+# scheduled member costs no int object of its own.
+TickBucket = set[Tickable]
+
+
 class Ticker:
     """``add(member, delay)`` calls ``member.tick()`` once, ``delay`` seconds from now (rounded
     up to ``resolution``); ``discard`` takes it back."""
@@ -30,25 +35,24 @@ class Ticker:
         self._due = 0  # the slot the loop timer is set for
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    def add(self, member: Tickable, delay: float) -> int:
-        """Schedule ``member``; returns its slot (for ``discard``)."""
+    def add(self, member: Tickable, delay: float) -> TickBucket:
+        """Schedule ``member``; returns its bucket (for ``discard``)."""
         loop = self._loop
         if loop is None:
             loop = self._loop = asyncio.get_running_loop()
         slot = math.ceil((loop.time() + delay) / self.resolution)
         bucket = self._buckets.get(slot)
         if bucket is None:
-            self._buckets[slot] = {member}
+            bucket = self._buckets[slot] = {member}
             if self._handle is None or slot < self._due:
                 self._arm(loop, slot)
         else:
             bucket.add(member)
-        return slot
+        return bucket
 
-    def discard(self, member: Tickable, slot: int) -> None:
-        bucket = self._buckets.get(slot)
-        if bucket is not None:
-            bucket.discard(member)
+    def discard(self, member: Tickable, bucket: TickBucket) -> None:
+        """Take ``member`` back (harmless once its bucket has fired)."""
+        bucket.discard(member)
 
     def __len__(self) -> int:
         return sum(len(bucket) for bucket in self._buckets.values())

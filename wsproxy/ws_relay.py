@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable
 
 from wsproxy.errors import FrameError
-from wsproxy.relay import Endpoint, Relay
+from wsproxy.relay import Endpoint, Relay, RelayOwner
 from wsproxy.ticker import Ticker
 from wsproxy.wire.wsframe import (
     CLOSE_BAD_GATEWAY,
@@ -38,59 +38,57 @@ CLOSE_TIMEOUT_SECONDS = 5.0
 
 
 class _Direction:
-    """One direction of the session: its tracker and the Close the proxy wants to inject into it."""
+    """One direction of the session: its tracker, the Close the proxy wants to inject into it,
+    and the sending endpoint's ``on_data`` (calling it forwards bytes toward ``sink``)."""
 
-    __slots__ = ("close_frame", "closes_at_send", "sent", "stop", "tracker")
+    __slots__ = (
+        "close_frame",
+        "closes_at_send",
+        "ping_due",
+        "ping_interval",
+        "ping_mark",
+        "ping_payload",
+        "pong_buf",
+        "rate_limited",
+        "received",
+        "relay",
+        "sent",
+        "sink",
+        "stop",
+        "tracker",
+    )
 
-    def __init__(self, tracker: FrameTracker) -> None:
+    def __init__(self, relay: WebSocketRelay, tracker: FrameTracker, sink: Endpoint) -> None:
+        self.relay = relay
         self.tracker = tracker
+        self.sink = sink
+        self.received = 0  # bytes the sender sent this way (log line, idle check, keepalive)
+        # Keepalive of the sender (RFC 6455 §5.5.2), whose pongs come this way: when it has sent
+        # nothing for ``ping_interval`` seconds it is pinged; no pong in time ends the session.
+        self.ping_interval = 0.0  # 0: off
+        self.ping_due = 0.0  # loop time of the next silence check, or of the pong's deadline
+        self.ping_mark = -1  # ``received`` at the last check
+        self.ping_payload: bytes | None = None  # our ping that awaits its pong
+        self.pong_buf = b""  # a Pong frame split across reads, while pongs are filtered
+        self.rate_limited = False  # the sender's messages are charged to the rate limit
         self.close_frame = b""
         self.stop = STOP_NONE  # set while a Close waits for a boundary
         self.sent = False  # a Close (ours or the sender's own) has gone out in this direction
         self.closes_at_send = 0
 
+    def __call__(self, data: bytes) -> None:
+        self.received += len(data)
+        relay = self.relay
+        if self.ping_payload is not None or self.pong_buf:
+            relay._forward_filtering_pongs(self, data)
+        else:
+            relay._forward(self, self.sink, data)
+        if self.rate_limited:
+            relay._spend_tokens()
+
     def at(self, stop: int) -> bool:
         tracker = self.tracker
         return tracker.at_frame_boundary if stop == STOP_FRAME else tracker.at_message_boundary
-
-
-class _Prober:
-    """Keepalive of one side of a session (RFC 6455 §5.5.2): when that side has sent nothing
-    for ``interval`` seconds, ping it; no pong within the relay's ping timeout ends the session.
-    It sits on the listener's ticker (the relay is already there for its idle check)."""
-
-    __slots__ = ("expiry", "interval", "mark", "payload", "pong_buf", "relay", "slot", "to_client")
-
-    def __init__(self, relay: WebSocketRelay, interval: float, *, to_client: bool) -> None:
-        self.relay = relay
-        self.interval = interval
-        self.to_client = to_client  # True: pings the client; False: pings the target
-        self.expiry = False  # False: the next silence check; True: the wait for our pong
-        self.slot: int | None = None
-        self.mark = -1  # the side's byte count at the last check
-        self.payload: bytes | None = None  # our ping that awaits its pong
-        self.pong_buf = b""  # a Pong frame split across reads, while pongs are filtered
-
-    @property
-    def filtering(self) -> bool:
-        return self.payload is not None or bool(self.pong_buf)
-
-    def schedule(self, delay: float, *, expiry: bool = False) -> None:
-        self.cancel()
-        self.expiry = expiry
-        self.slot = self.relay.ticker.add(self, delay)
-
-    def tick(self) -> None:
-        self.slot = None
-        if self.expiry:
-            self.relay._probe_expired(self)  # the relay's own timer
-        else:
-            self.relay._probe_tick(self)
-
-    def cancel(self) -> None:
-        if self.slot is not None:
-            self.relay.ticker.discard(self, self.slot)
-            self.slot = None
 
 
 class WebSocketRelay(Relay):
@@ -98,7 +96,6 @@ class WebSocketRelay(Relay):
 
     __slots__ = (
         "_burst",
-        "_client_probe",
         "_close_deadline",
         "_failing",
         "_mask_key",
@@ -108,7 +105,6 @@ class WebSocketRelay(Relay):
         "_rate_mark",
         "_session_seconds",
         "_session_timer",
-        "_target_probe",
         "_tokens",
         "close_code",
         "close_initiator",
@@ -124,7 +120,7 @@ class WebSocketRelay(Relay):
         *,
         idle_timeout: float,
         max_frame_bytes: int,
-        on_done: Callable[[Relay], None],
+        owner: RelayOwner,
         ticker: Ticker,
         ping_interval: float = 0.0,
         ping_timeout: float = 30.0,
@@ -136,32 +132,33 @@ class WebSocketRelay(Relay):
         max_session_seconds: float = 0.0,
         allow_rsv: bool = False,
     ) -> None:
-        super().__init__(client, target, idle_timeout=idle_timeout, on_done=on_done, ticker=ticker)
+        super().__init__(client, target, idle_timeout=idle_timeout, owner=owner, ticker=ticker)
         self._ping_timeout = ping_timeout
-        self._client_probe: _Prober | None = None
-        self._target_probe: _Prober | None = None
-        if ping_interval > 0:
-            self._client_probe = _Prober(self, ping_interval, to_client=True)
-        if target_ping_interval > 0:
-            self._target_probe = _Prober(self, target_ping_interval, to_client=False)
         self.pings_sent = 0
         # client → target frames must be masked; target → client frames must not be.
         self.upstream = _Direction(
+            self,
             FrameTracker(
                 masked=True,
                 max_frame_bytes=max_frame_bytes,
                 max_message_bytes=max_message_bytes,
                 allow_rsv=allow_rsv,
-            )
+            ),
+            target,
         )
         self.downstream = _Direction(
+            self,
             FrameTracker(
                 masked=False,
                 max_frame_bytes=max_frame_bytes,
                 max_message_bytes=max_message_bytes,
                 allow_rsv=allow_rsv,
-            )
+            ),
+            client,
         )
+        self.upstream.ping_interval = ping_interval
+        self.downstream.ping_interval = target_ping_interval
+        self.upstream.rate_limited = max_messages_per_second > 0
         # Client message rate: a token bucket, refilled on each read (nothing runs when off).
         self._rate = max_messages_per_second
         self._burst = float(messages_burst or max(1.0, max_messages_per_second))
@@ -180,25 +177,28 @@ class WebSocketRelay(Relay):
 
     # --- hot path -------------------------------------------------------------------------------
 
+    @property
+    def bytes_in(self) -> int:
+        return self.upstream.received
+
+    @property
+    def bytes_out(self) -> int:
+        return self.downstream.received
+
     def start(self, to_target: bytes = b"", to_client: bytes = b"") -> None:
         loop = asyncio.get_running_loop()
         self._rate_mark = loop.time()
+        now = loop.time()
+        for direction in (self.upstream, self.downstream):
+            direction.ping_due = now + direction.ping_interval
         super().start(to_target, to_client)
-        for probe in (self._client_probe, self._target_probe):
-            if probe is not None and not self.done:
-                probe.schedule(probe.interval)
         if self._session_seconds > 0 and not self.done:
             self._session_timer = loop.call_later(self._session_seconds, self._session_expired)
 
-    def from_client(self, data: bytes) -> None:
-        self.bytes_in += len(data)  # also the log line's bytes and the idle check's clock
-        probe = self._client_probe
-        if probe is not None and probe.filtering:
-            self._forward_filtering_pongs(probe, data)
-        else:
-            self._forward(self.upstream, self.target, data)
-        if self._rate > 0:
-            self._spend_tokens()
+    def _wire(self, client: Endpoint, target: Endpoint) -> None:
+        super()._wire(client, target)
+        client.on_data = self.upstream
+        target.on_data = self.downstream
 
     def _spend_tokens(self) -> None:
         """Charge the client's new messages to its bucket; over the limit: Close 1008."""
@@ -229,14 +229,6 @@ class WebSocketRelay(Relay):
                 reason="max_session_duration",
             )
 
-    def from_target(self, data: bytes) -> None:
-        self.bytes_out += len(data)  # also the log line's bytes and the idle check's clock
-        probe = self._target_probe
-        if probe is not None and probe.filtering:
-            self._forward_filtering_pongs(probe, data)
-        else:
-            self._forward(self.downstream, self.client, data)
-
     def _forward(self, direction: _Direction, sink: Endpoint, data: bytes) -> None:
         tracker = direction.tracker
         if direction.sent:
@@ -262,16 +254,13 @@ class WebSocketRelay(Relay):
                 self._watch(direction, data[taken:])
         self._check_close_handshake()
 
-    def _forward_filtering_pongs(self, probe: _Prober, data: bytes) -> None:
+    def _forward_filtering_pongs(self, direction: _Direction, data: bytes) -> None:
         """While our ping to one side is outstanding: forward everything that side sends but
         the Pong that answers our ping."""
-        if probe.to_client:
-            direction, sink = self.upstream, self.target
-        else:
-            direction, sink = self.downstream, self.client
+        sink = direction.sink
         tracker = direction.tracker
-        data = probe.pong_buf + data
-        probe.pong_buf = b""
+        data = direction.pong_buf + data
+        direction.pong_buf = b""
         while data:
             if direction.sent or direction.stop:
                 self._forward(direction, sink, data)
@@ -293,13 +282,13 @@ class WebSocketRelay(Relay):
             rest = data[taken:]  # a Pong frame starts here
             parsed = parse_header(rest)
             if parsed is None or len(rest) < parsed[0] + parsed[4]:
-                probe.pong_buf = rest  # at most 14 + 125 bytes: wait for the rest of it
+                direction.pong_buf = rest  # at most 14 + 125 bytes: wait for the rest of it
                 return
             header_len, payload_len, mask = parsed[0], parsed[4], parsed[5]
             frame = rest[: header_len + payload_len]
             tracker.feed(frame)
-            if unmask(frame[header_len:], mask) == probe.payload:
-                self._probe_answered(probe)
+            if unmask(frame[header_len:], mask) == direction.ping_payload:
+                self._pong_received(direction)
             else:
                 sink.write(frame)  # not ours: the other side may be waiting for it
             data = rest[len(frame) :]
@@ -307,37 +296,54 @@ class WebSocketRelay(Relay):
 
     # --- keepalive (RFC 6455 §5.5.2) ------------------------------------------------------------
 
-    def _probe_tick(self, probe: _Prober) -> None:
-        """Every interval: if the side sent nothing since the last tick, ping it."""
-        if self.done or self._close_deadline is not None:
+    def tick(self) -> None:
+        """The relay's one ticker entry: keepalive of both sides, then the idle check."""
+        if not self.done and self._close_deadline is None:
+            now = self._loop.time()
+            for direction in (self.upstream, self.downstream):
+                if direction.ping_interval and now >= direction.ping_due:
+                    self._keepalive(direction, now)
+        super().tick()
+
+    def _next_tick_delay(self) -> float:
+        delay = super()._next_tick_delay()
+        if self._close_deadline is not None:
+            return delay
+        now = self._loop.time()
+        for direction in (self.upstream, self.downstream):
+            if direction.ping_interval:
+                delay = min(delay, direction.ping_due - now)
+        return max(0.0, delay)
+
+    def _keepalive(self, direction: _Direction, now: float) -> None:
+        """Ping a side that sent nothing for its interval; give up on one that did not answer."""
+        if direction.ping_payload is not None:
+            self._ping_expired(direction)
             return
-        heard = self.bytes_in if probe.to_client else self.bytes_out
-        if heard != probe.mark:
-            probe.mark = heard
-            probe.schedule(probe.interval)
+        direction.ping_due = now + direction.ping_interval
+        if direction.received != direction.ping_mark:
+            direction.ping_mark = direction.received
             return
-        toward = self.downstream if probe.to_client else self.upstream
+        toward = self.downstream if direction is self.upstream else self.upstream
         if toward.sent or not toward.tracker.at_frame_boundary:
-            probe.schedule(probe.interval)  # mid-frame toward that side: next time
-            return
-        probe.payload = b"wsproxy:" + os.urandom(8).hex().encode()
-        if probe.to_client:
-            self.client.write(encode_frame(OP_PING, probe.payload))
+            return  # mid-frame toward that side: next time
+        payload = direction.ping_payload = b"wsproxy:" + os.urandom(8).hex().encode()
+        if direction is self.upstream:
+            self.client.write(encode_frame(OP_PING, payload))
         else:
-            self.target.write(encode_frame(OP_PING, probe.payload, mask=self._mask_key()))
+            self.target.write(encode_frame(OP_PING, payload, mask=self._mask_key()))
         self.pings_sent += 1
-        probe.schedule(self._ping_timeout, expiry=True)
+        direction.ping_due = now + self._ping_timeout
 
-    def _probe_answered(self, probe: _Prober) -> None:
-        probe.payload = None
-        probe.mark = self.bytes_in if probe.to_client else self.bytes_out
-        probe.schedule(probe.interval)
+    def _pong_received(self, direction: _Direction) -> None:
+        direction.ping_payload = None
+        direction.ping_mark = direction.received
+        direction.ping_due = self._loop.time() + direction.ping_interval
+        self._reschedule_tick()  # the tick waiting now is the pong's deadline
 
-    def _probe_expired(self, probe: _Prober) -> None:
+    def _ping_expired(self, direction: _Direction) -> None:
         """No pong in time: that side is gone. Tell the other one (1001) and cut it."""
-        if probe.payload is None or self.done:
-            return
-        if probe.to_client:
+        if direction is self.upstream:
             self.set_reason("ping_timeout")
             gone, other, toward_other = self.client, self.target, self.upstream
             why, mask = "client did not answer ping", self._mask_key()
@@ -347,7 +353,7 @@ class WebSocketRelay(Relay):
             why, mask = "target did not answer ping", b""
         if self.close_initiator is None:
             self.close_initiator = "proxy"
-            self.close_code = 1006 if probe.to_client else CLOSE_GOING_AWAY
+            self.close_code = 1006 if direction is self.upstream else CLOSE_GOING_AWAY
         if not toward_other.sent and toward_other.tracker.at_frame_boundary:
             other.write(encode_close(CLOSE_GOING_AWAY, why, mask=mask))
             toward_other.sent = True
@@ -473,9 +479,6 @@ class WebSocketRelay(Relay):
             if self._close_deadline is not None:
                 self._close_deadline.cancel()
                 self._close_deadline = None
-            for probe in (self._client_probe, self._target_probe):
-                if probe is not None:
-                    probe.cancel()
             if self._session_timer is not None:
                 self._session_timer.cancel()
                 self._session_timer = None

@@ -602,7 +602,10 @@ async def test_connection_log_line_is_json_with_every_field(
     assert len(records) == 1
     entry = json.loads(JsonFormatter().format(records[0]))
     assert set(CONNECTION_FIELDS) <= set(entry)
+    fields = [key for key in entry if key in CONNECTION_FIELDS]
+    assert fields == list(CONNECTION_FIELDS), "the documented field order"
     assert entry["target_group"] == "chat" and entry["close_code"] == 1000
+    assert entry["target"] == str(echo_targets[0].address) and entry["host"]
     assert entry["path"] == "/x" and entry["status"] == 101
     assert entry["bytes_in"] > 0 and entry["bytes_out"] > 0
 

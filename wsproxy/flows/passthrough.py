@@ -38,22 +38,23 @@ class PassthroughFlow(Flow):
             raise ClientHelloTimeout(
                 f"no complete ClientHello within {config.client_hello_timeout_seconds:g} s"
             ) from None
-        self.log["sni"] = hello.server_name
+        self.sni = hello.server_name
         upstream = self.listener.upstream(self.listener.sni_router.route(hello.server_name))
-        self.log["target_group"] = upstream.name
+        self.target_group = upstream.name
         self.phase = PHASE_CONNECT
         target, self.target_endpoint = await upstream.dial(
             self.client_ip, Endpoint, self.proxy_header_for(upstream, hello.server_name)
         )
         self.take_target(target)
         replay = bytes(self._reader.buffered) + self.client.take_held()
+        del self._reader, self._hello  # the session may last hours; the ClientHello is replayed
         self.handshake_bytes_in -= len(replay)  # the relay counts them
         self.phase = PHASE_DATA
         self.relay = Relay(
             self.client,
             self.target_endpoint,
             idle_timeout=config.idle_timeout_seconds,
-            on_done=self.relay_done,
+            owner=self,
             ticker=self.listener.ticker,
         )
         self.relay.start(to_target=replay)

@@ -22,9 +22,9 @@ class TcpFlow(Flow):
 
     async def _run(self) -> None:
         upstream = self.listener.upstream(self.listener.config.default_target_group)
-        self.log["target_group"] = upstream.name
+        self.target_group = upstream.name
         target, self.target_endpoint = await upstream.dial(
-            self.client_ip, Endpoint, self.proxy_header_for(upstream, self.log.get("sni"))
+            self.client_ip, Endpoint, self.proxy_header_for(upstream, self.sni)
         )
         self.take_target(target)
         self.phase = PHASE_DATA
@@ -32,7 +32,7 @@ class TcpFlow(Flow):
             self.client,
             self.target_endpoint,
             idle_timeout=self.listener.config.idle_timeout_seconds,
-            on_done=self.relay_done,
+            owner=self,
             ticker=self.listener.ticker,
         )
         self.relay.start()

@@ -163,25 +163,23 @@ class _Exchange:
 class WebSocketFlow(Flow):
     """The WebSocket flow of one client connection (``websocket = true``)."""
 
-    __slots__ = (
-        "_head_buffer",
-        "_head_done",
-    )
+    __slots__ = ()
 
     def begin(self) -> None:
-        self.log.update(host=None, path=None)
-        # Hook the head reader up now, inside connection_made, so no byte can arrive unread.
-        self._head_done = self._start_head_reader()
-        self.spawn(self.guarded(self._run()))
+        # Hook the head reader up now, inside connection_made, so no byte can arrive unread. The
+        # buffer lives in the handshake task only: a session outlives its handshake by hours.
+        buffer = HeadBuffer(self.listener.config.max_request_head_bytes)
+        head = self.read_prelude(buffer.feed, "request head")
+        self.spawn(self.guarded(self._run(buffer, head)))
 
     def fail(self, exc: HttpError) -> bool:
-        self.log["status"] = exc.status
+        self.status = exc.status
         if exc.status >= 500 or isinstance(exc, TargetError):
             log.info("listener '%s': %s", self.listener.name, exc)
         else:
             log.debug("listener '%s': %s", self.listener.name, exc)
-        if self.log.get("target_group") and isinstance(exc, TargetError):
-            self.listener.count_upgrade(str(self.log["target_group"]), exc.reason)
+        if self.target_group and isinstance(exc, TargetError):
+            self.listener.count_upgrade(self.target_group, exc.reason)
         response = error_response(exc)
         self.handshake_bytes_out += len(response)
         self.client.write(response)
@@ -189,13 +187,10 @@ class WebSocketFlow(Flow):
 
     # --- 1. request head ------------------------------------------------------------------------
 
-    def _start_head_reader(self) -> asyncio.Future[tuple[bytes, bytes]]:
-        self._head_buffer = HeadBuffer(self.listener.config.max_request_head_bytes)
-        return self.read_prelude(self._head_buffer.feed, "request head")
-
-    async def _read_request_head(self) -> tuple[bytes, bytes]:
+    async def _read_request_head(
+        self, buffer: HeadBuffer, head: asyncio.Future[tuple[bytes, bytes]]
+    ) -> tuple[bytes, bytes]:
         timeout = self.listener.config.request_head_timeout_seconds
-        head = self._head_done
 
         def expire() -> None:
             # A timer on the future, not asyncio.timeout: a third of the cost per connection.
@@ -203,7 +198,7 @@ class WebSocketFlow(Flow):
                 head.set_exception(
                     RequestTimeout(
                         f"request head not complete within {timeout:g} s "
-                        f"({self._head_buffer.size} bytes received)"
+                        f"({buffer.size} bytes received)"
                     )
                 )
 
@@ -219,15 +214,18 @@ class WebSocketFlow(Flow):
 
     # --- 2. validate and route ------------------------------------------------------------------
 
-    async def _run(self) -> None:
-        raw_head, rest = await self._read_request_head()
+    async def _run(
+        self, buffer: HeadBuffer, head_read: asyncio.Future[tuple[bytes, bytes]]
+    ) -> None:
+        raw_head, rest = await self._read_request_head(buffer, head_read)
+        del buffer, head_read
         try:
             head = parse_request_head(raw_head)
         except MalformedHead as exc:
             raise BadRequest(str(exc)) from None
-        self.log.update(path=head.path[:256])
+        self.path = head.path[:256]
         host = check_host(head)
-        self.log["host"] = host[:256]
+        self.host = host[:256]
         upgrade = wants_upgrade(head)
         key = ""
         if upgrade:
@@ -242,7 +240,7 @@ class WebSocketFlow(Flow):
                 raise BadRequest(str(exc)) from None
         group = self.listener.router.route(host, head.path)
         upstream = self.listener.upstream(group)
-        self.log["target_group"] = group
+        self.target_group = group
         forwarded = self._forwarded_head(head, host, upgrade)
         await self._exchange(upstream, head, forwarded, key, rest, kind, length)
 
@@ -286,7 +284,7 @@ class WebSocketFlow(Flow):
             exchange = _Exchange(self.loop, endpoint)
             self.phase = PHASE_CONNECT
             try:
-                header = self.proxy_header_for(upstream, self.log.get("sni"))
+                header = self.proxy_header_for(upstream, self.sni)
                 await upstream.connect(target, endpoint, header)
             except TargetError as exc:
                 error, last = exc, target
@@ -331,7 +329,7 @@ class WebSocketFlow(Flow):
         except MalformedHead as exc:
             raise BadTargetResponse(f"target sent an invalid response head: {exc}") from None
         if key and is_valid_upgrade_response(response, key):
-            self.log["status"] = response.status
+            self.status = response.status
             extensions = bool(response.get("sec-websocket-extensions"))
             self._open_tunnel(raw_response, response_rest, client_rest, extensions)
             return
@@ -341,7 +339,7 @@ class WebSocketFlow(Flow):
             raise BadTargetResponse(f"target answered {response.status} (1xx) to the request")
         if key:
             self.listener.count_upgrade(upstream.name, "rejected_by_target")
-        self.log["status"] = response.status
+        self.status = response.status
         await self._forward_response(head, response, response_rest, exchange)
 
     async def _until_quiet(self, future: asyncio.Future[Any], quiet_seconds: float) -> None:
@@ -457,7 +455,7 @@ class WebSocketFlow(Flow):
         config = self.listener.config
         if self.target_endpoint is None:
             raise BadTargetResponse("tunnel without a target connection")
-        self.listener.count_upgrade(str(self.log["target_group"]), "ok")
+        self.listener.count_upgrade(str(self.target_group), "ok")
         self.handshake_bytes_out += len(raw_response)
         self.client.write(raw_response)
         relay = WebSocketRelay(
@@ -470,7 +468,7 @@ class WebSocketFlow(Flow):
             messages_burst=config.messages_burst,
             max_session_seconds=config.max_session_seconds,
             allow_rsv=extensions,
-            on_done=self.relay_done,
+            owner=self,
             ticker=self.listener.ticker,
             ping_interval=config.ping_interval_seconds,
             ping_timeout=config.ping_timeout_seconds,
@@ -513,6 +511,6 @@ class WebSocketFlow(Flow):
 
     def relay_done(self, relay: Relay) -> None:
         if isinstance(relay, WebSocketRelay):
-            self.log["close_code"] = relay.close_code
+            self.close_code = relay.close_code
             self.listener.count_session(relay)
         super().relay_done(relay)
