@@ -219,3 +219,39 @@ def test_head_parsing_only_raises_declared_errors(data: bytes, cuts: list[int]) 
 def test_chunked_only_raises_declared_errors(data: bytes) -> None:
     with contextlib.suppress(MalformedBody):
         BodyTracker(BodyKind.CHUNKED).feed(data)
+
+
+# Field lines built from the bytes that matter to the two parsers: token characters, the colon,
+# whitespace, CR/LF, controls, obs-text.
+_FIELD_BYTES = st.sampled_from(list(b'aZ-_:; \t\r\n\x00\x01\x7f\x80\xff"/='))
+
+
+@given(
+    st.lists(
+        st.binary(min_size=0, max_size=12).map(bytes)
+        | st.lists(_FIELD_BYTES, max_size=12).map(bytes),
+        max_size=6,
+    )
+)
+def test_fast_field_parser_agrees_with_the_strict_one(lines: list[bytes]) -> None:
+    """The regex path and the line-by-line path accept the same heads, with the same fields."""
+    from wsproxy.wire.http1 import _field_lines_strictly, _split_head
+
+    raw = b"GET / HTTP/1.1\r\n" + b"".join(line + b"\r\n" for line in lines) + b"\r\n"
+    try:
+        strict: list[tuple[str, str]] | None = _field_lines_strictly(raw)
+    except MalformedHead:
+        strict = None
+    try:
+        fast: list[tuple[str, str]] | None = _split_head(raw)[1]
+    except MalformedHead:
+        fast = None
+    assert fast == strict
+
+
+def test_fast_field_parser_keeps_inner_whitespace_and_obs_text() -> None:
+    head = parse_request_head(
+        b"GET / HTTP/1.1\r\nHost: a\r\nX-A:  one \t two \t\r\nX-B:\r\nX-C: caf\xe9\r\n\r\n"
+    )
+    assert head.headers[1:] == (("X-A", "one \t two"), ("X-B", ""), ("X-C", "caf\xe9"))
+    assert head.get_all("x-a") == ["one \t two"] and head.get("X-C") == "caf\xe9"

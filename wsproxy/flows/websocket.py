@@ -48,7 +48,7 @@ from wsproxy.wire.http1 import (
     replace_headers,
     request_body,
     response_body,
-    serialize_request_head,
+    serialize_request,
     serialize_response_head,
 )
 from wsproxy.wire.upgrade import (
@@ -258,7 +258,7 @@ class WebSocketFlow(Flow):
             drop |= _HOP_BY_HOP
             add += (("Connection", "close"),)
         headers = replace_headers(head.headers, drop, add)
-        return serialize_request_head(RequestHead(head.method, head.target, head.version, headers))
+        return serialize_request(head.method, head.target, head.version, headers)
 
     # --- 3. dial and exchange -------------------------------------------------------------------
 
@@ -344,27 +344,28 @@ class WebSocketFlow(Flow):
 
     async def _until_quiet(self, future: asyncio.Future[Any], quiet_seconds: float) -> None:
         """Wait for ``future`` while bytes keep moving; TimeoutError once none moved for
-        ``quiet_seconds`` (an upload still streaming is not a silent target)."""
+        ``quiet_seconds`` (an upload still streaming is not a silent target). The timer fails
+        the future itself: no second future, no extra wake-up per handshake."""
         loop = self.loop
-        while not future.done():
-            mark = self.handshake_bytes_in + self.handshake_bytes_out
-            # One timer and one callback per wait: asyncio.wait costs several times more.
-            waiter: asyncio.Future[None] = loop.create_future()
+        mark = self.handshake_bytes_in + self.handshake_bytes_out
+        timer: asyncio.TimerHandle | None = None
 
-            def wake(_: object = None, waiter: asyncio.Future[None] = waiter) -> None:
-                if not waiter.done():
-                    waiter.set_result(None)
+        def check() -> None:
+            nonlocal mark, timer
+            if future.done():
+                return
+            moved = self.handshake_bytes_in + self.handshake_bytes_out
+            if moved == mark:
+                future.set_exception(TimeoutError())
+                return
+            mark = moved
+            timer = loop.call_later(quiet_seconds, check)
 
-            timer = loop.call_later(quiet_seconds, wake)
-            future.add_done_callback(wake)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                future.remove_done_callback(wake)
-            if not future.done() and mark == self.handshake_bytes_in + self.handshake_bytes_out:
-                raise TimeoutError
-        future.result()  # re-raise what the callbacks set
+        timer = loop.call_later(quiet_seconds, check)
+        try:
+            await future
+        finally:
+            timer.cancel()
 
     def _stream_request_body(self, body: BodyTracker, rest: bytes, endpoint: Endpoint) -> None:
         """Send a plain request's body (and nothing after it) to the target."""

@@ -34,24 +34,31 @@ class _HeadFields:
     """Case-insensitive lookups over an ordered header list (names keep their original case)."""
 
     headers: Headers
-    _names: tuple[str, ...]  # the header names lower-cased once, in order
+    _index: dict[str, list[str]]  # lower-case name -> its values, in order; built once
 
     def _index_names(self) -> None:
-        object.__setattr__(self, "_names", tuple(key.lower() for key, _ in self.headers))
+        index: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            key = name.lower()
+            values = index.get(key)
+            if values is None:
+                index[key] = [value]
+            else:
+                values.append(value)
+        object.__setattr__(self, "_index", index)
 
     def get_all(self, name: str) -> list[str]:
-        lname = name.lower()
-        headers = self.headers
-        return [headers[i][1] for i, key in enumerate(self._names) if key == lname]
+        values = self._index.get(name.lower())
+        return list(values) if values else []
 
     def get(self, name: str) -> str | None:
-        values = self.get_all(name)
+        values = self._index.get(name.lower())
         return values[0] if values else None
 
     def tokens(self, name: str) -> set[str]:
         """Comma-separated tokens of every ``name`` field, lower-cased (RFC 9110 §5.6.1)."""
         found: set[str] = set()
-        for value in self.get_all(name):
+        for value in self._index.get(name.lower(), ()):
             found.update(part.strip().lower() for part in value.split(",") if part.strip())
         return found
 
@@ -62,7 +69,7 @@ class RequestHead(_HeadFields):
     target: str
     version: str
     headers: Headers
-    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _index: dict[str, list[str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._index_names()
@@ -79,7 +86,7 @@ class ResponseHead(_HeadFields):
     status: int
     reason: str
     headers: Headers
-    _names: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    _index: dict[str, list[str]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self._index_names()
@@ -151,11 +158,31 @@ class HeadBuffer:
                 self._first_line_checked = True
 
 
+# One field line: a token, the colon, optional whitespace, a value of VCHAR, SP, HTAB and obs-text
+# (RFC 9110 §5.5) without its trailing whitespace, CRLF. A head whose field lines all match is
+# parsed by two regex passes in C; anything else goes line by line to find what is wrong.
+_VCHAR = r"[\x21-\x7e\x80-\xff]"
+_FIELD_VALUE = r"(?:" + _VCHAR + r"(?:[\t\x20-\x7e\x80-\xff]*" + _VCHAR + r")?)?"
+_FIELD_LINE = r"(" + _TOKEN.decode() + r"):[ \t]*(" + _FIELD_VALUE + r")[ \t]*\r\n"
+_FIELD_LINE_RE = re.compile(_FIELD_LINE)
+_FIELD_BLOCK_RE = re.compile(r"(?:" + _FIELD_LINE + r")*")
+
+
 def _split_head(raw: bytes) -> tuple[bytes, list[tuple[str, str]]]:
     if not raw.endswith(HEAD_END):
         raise MalformedHead("head does not end with CRLF CRLF")
-    lines = raw[:-4].split(CRLF)
-    first, field_lines = lines[0], lines[1:]
+    first_end = raw.find(CRLF)
+    # Latin-1 maps every byte to one character: names stay ASCII (the regex allows only token
+    # characters there) and values keep obs-text, exactly as the byte-wise parser would.
+    block = raw[first_end + 2 : -2].decode("latin-1")
+    if _FIELD_BLOCK_RE.fullmatch(block):
+        return raw[:first_end], _FIELD_LINE_RE.findall(block)
+    return raw[:first_end], _field_lines_strictly(raw)
+
+
+def _field_lines_strictly(raw: bytes) -> list[tuple[str, str]]:
+    """The slow path, for heads the regex refused: name the first thing that is wrong."""
+    field_lines = raw[:-4].split(CRLF)[1:]
     headers: list[tuple[str, str]] = []
     for line in field_lines:
         if not line:
@@ -174,7 +201,7 @@ def _split_head(raw: bytes) -> tuple[bytes, list[tuple[str, str]]]:
         if _BAD_VALUE_BYTE_RE.search(value):
             raise MalformedHead("control character in a header value")
         headers.append((name.decode("ascii"), value.decode("latin-1")))
-    return first, headers
+    return headers
 
 
 def parse_request_head(raw: bytes) -> RequestHead:
@@ -207,18 +234,23 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     )
 
 
-def _serialize_fields(headers: Headers) -> bytes:
-    return b"".join(f"{name}: {value}\r\n".encode("latin-1") for name, value in headers)
+def serialize_request(method: str, target: str, version: str, headers: Headers) -> bytes:
+    """A request head in canonical form (one pass, no intermediate ``RequestHead``)."""
+    text = "".join([f"{method} {target} {version}\r\n", *_field_lines(headers), "\r\n"])
+    return text.encode("latin-1")
+
+
+def _field_lines(headers: Headers) -> list[str]:
+    return [f"{name}: {value}\r\n" for name, value in headers]
 
 
 def serialize_request_head(head: RequestHead) -> bytes:
-    start = f"{head.method} {head.target} {head.version}\r\n".encode("ascii")
-    return start + _serialize_fields(head.headers) + CRLF
+    return serialize_request(head.method, head.target, head.version, head.headers)
 
 
 def serialize_response_head(head: ResponseHead) -> bytes:
-    start = f"{head.version} {head.status} {head.reason}\r\n".encode("latin-1")
-    return start + _serialize_fields(head.headers) + CRLF
+    start = f"{head.version} {head.status} {head.reason}\r\n"
+    return "".join([start, *_field_lines(head.headers), "\r\n"]).encode("latin-1")
 
 
 def replace_headers(headers: Headers, drop: set[str], add: Headers) -> Headers:
