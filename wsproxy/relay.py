@@ -49,7 +49,7 @@ def _ignore_lost(exc: Exception | None) -> None:
 
 
 class EndpointOwner(Protocol):
-    """What takes an endpoint's events once a relay runs (a ``Relay``)."""
+    """What takes an endpoint's events: a ``Relay``, or a flow's ``HandshakeCallbacks``."""
 
     def endpoint_eof(self, endpoint: Endpoint) -> bool: ...
 
@@ -60,13 +60,42 @@ class EndpointOwner(Protocol):
     def endpoint_resume_writing(self, endpoint: Endpoint) -> None: ...
 
 
+class HandshakeCallbacks:
+    """An endpoint's events during a handshake, as plain attributes a flow rewires step by step.
+
+    It exists only while a handshake runs: a relay replaces it as the endpoint's owner, so an idle
+    session carries none of these slots.
+    """
+
+    __slots__ = ("on_eof", "on_lost", "on_pause_writing", "on_resume_writing")
+
+    def __init__(self) -> None:
+        self.on_eof: Callable[[], bool] = _keep_open
+        self.on_lost: Callable[[Exception | None], None] = _ignore_lost
+        self.on_pause_writing: Callable[[], None] = _nothing
+        self.on_resume_writing: Callable[[], None] = _nothing
+
+    def endpoint_eof(self, endpoint: Endpoint) -> bool:
+        return self.on_eof()
+
+    def endpoint_lost(self, endpoint: Endpoint, exc: Exception | None) -> None:
+        self.on_lost(exc)
+
+    def endpoint_pause_writing(self, endpoint: Endpoint) -> None:
+        self.on_pause_writing()
+
+    def endpoint_resume_writing(self, endpoint: Endpoint) -> None:
+        self.on_resume_writing()
+
+
 class Endpoint(asyncio.Protocol):
     """One socket of a proxied connection (client side or target side).
 
-    During a handshake its callbacks are plain attributes, so a flow rewires them as it moves from
-    step to step. Once a relay runs, ``owner`` takes the events instead and ``on_data`` is
-    whatever consumes the bytes (calling an endpoint writes to its socket). It remembers whether
-    its transport asked to pause writing, so the relay can start in the right backpressure state.
+    Its events go to ``owner``: during a handshake ``callbacks`` (made on first use), whose
+    attributes a flow rewires as it moves from step to step; once a relay runs, the relay itself.
+    ``on_data`` is whatever consumes the bytes (in a relay, calling an endpoint writes to its
+    socket). It remembers whether its transport asked to pause writing, so the relay can start in
+    the right backpressure state.
     """
 
     __slots__ = (
@@ -74,11 +103,7 @@ class Endpoint(asyncio.Protocol):
         "held",
         "lost",
         "on_data",
-        "on_eof",
-        "on_lost",
         "on_made",
-        "on_pause_writing",
-        "on_resume_writing",
         "owner",
         "relayed",
         "tls",
@@ -99,14 +124,16 @@ class Endpoint(asyncio.Protocol):
         # Until a flow takes over, bytes are held (and reading paused), never dropped: an event
         # loop may deliver data before a pause_reading() in connection_made takes effect.
         self.on_data: Callable[[bytes], None] = self.hold
-        self.release_callbacks()
 
-    def release_callbacks(self) -> None:
-        """Back to the defaults (dropping what a handshake wired in, and what it references)."""
-        self.on_eof: Callable[[], bool] = _keep_open
-        self.on_lost: Callable[[Exception | None], None] = _ignore_lost
-        self.on_pause_writing: Callable[[], None] = _nothing
-        self.on_resume_writing: Callable[[], None] = _nothing
+    @property
+    def callbacks(self) -> HandshakeCallbacks:
+        """The handshake's event callbacks; an error once a relay owns the endpoint."""
+        owner = self.owner
+        if owner is None:
+            owner = self.owner = HandshakeCallbacks()
+        elif not isinstance(owner, HandshakeCallbacks):
+            raise RuntimeError("a relay owns this endpoint: its handshake callbacks are gone")
+        return owner
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -123,7 +150,7 @@ class Endpoint(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         owner = self.owner
-        keep = owner.endpoint_eof(self) if owner is not None else self.on_eof()
+        keep = owner.endpoint_eof(self) if owner is not None else True
         # Asking to stay open after EOF only draws a warning on a TLS transport.
         return keep and not self.tls
 
@@ -132,27 +159,18 @@ class Endpoint(asyncio.Protocol):
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        owner = self.owner
-        if owner is not None:
-            owner.endpoint_lost(self, exc)
-        else:
-            self.on_lost(exc)
+        if self.owner is not None:
+            self.owner.endpoint_lost(self, exc)
 
     def pause_writing(self) -> None:
         self.write_paused = True
-        owner = self.owner
-        if owner is not None:
-            owner.endpoint_pause_writing(self)
-        else:
-            self.on_pause_writing()
+        if self.owner is not None:
+            self.owner.endpoint_pause_writing(self)
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        owner = self.owner
-        if owner is not None:
-            owner.endpoint_resume_writing(self)
-        else:
-            self.on_resume_writing()
+        if self.owner is not None:
+            self.owner.endpoint_resume_writing(self)
 
     def __call__(self, data: bytes) -> None:
         """Relay mode: bytes from the peer, written here (the peer's ``on_data`` is this)."""
@@ -218,7 +236,7 @@ class Endpoint(asyncio.Protocol):
         until its own FIN or ``seconds``, then close (nginx's lingering_close, RFC 9112 §9.6).
         """
         self.on_data = _discard
-        self.on_eof = _close_on_eof
+        self.callbacks.on_eof = _close_on_eof
         if not self.write_eof():
             self.close()
             return
@@ -332,8 +350,7 @@ class Relay:
     def _wire(self, client: Endpoint, target: Endpoint) -> None:
         """Point both endpoints at this relay: bytes straight to the peer socket."""
         for endpoint in (client, target):
-            endpoint.release_callbacks()
-            endpoint.owner = self
+            endpoint.owner = self  # the handshake's callbacks (and what they reference) go
         client.on_data = target
         target.on_data = client
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -37,23 +38,19 @@ class Flow:
         "client_cert_subject",
         "client_ip",
         "client_port",
-        "close_code",
         "drain_deadline",
         "draining",
         "finished",
         "handshake_bytes_in",
         "handshake_bytes_out",
-        "host",
         "ip_admitted",
         "listener",
         "loop",
-        "path",
         "phase",
         "proxied",
         "relay",
         "sni",
         "started",
-        "status",
         "target",
         "target_endpoint",
         "target_group",
@@ -61,6 +58,13 @@ class Flow:
         "task",
         "tls_version",
     )
+
+    # Log fields only HTTP flows fill in (``WebSocketFlow`` gives them slots); a stream flow's
+    # line shows them empty without carrying them.
+    host: str | None = None
+    path: str | None = None
+    status: int | None = None
+    close_code: int | None = None
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
@@ -81,12 +85,8 @@ class Flow:
         self.sni: str | None = None
         self.tls_version: str | None = None
         self.client_cert_subject: str | None = None
-        self.host: str | None = None
-        self.path: str | None = None
         self.target_group: str | None = None
         self.target_label: str | None = None  # the target's address, kept after its release
-        self.status: int | None = None
-        self.close_code: int | None = None
         self.handshake_bytes_in = 0
         self.handshake_bytes_out = 0
         self.client_cert: ClientCertificate | None = None
@@ -97,14 +97,17 @@ class Flow:
     # --- lifecycle ------------------------------------------------------------------------------
 
     def _accepted(self) -> None:
-        self.client_ip, self.client_port = self.client.peer_address
+        ip, self.client_port = self.client.peer_address
+        # One string per address, shared: behind another load balancer a few addresses carry
+        # every connection.
+        self.client_ip = sys.intern(ip)
         # TLS listeners check the limits before the handshake; plain ones here, before any byte.
         refusal = self.listener.refusal() if self.listener.tls is None else None
         self.listener.flow_started(self)
         if refusal is not None:
             self._refuse(refusal, self.listener.refusal_detail(refusal))
             return
-        self.client.on_lost = self._client_lost_early
+        self.client.callbacks.on_lost = self._client_lost_early
         if self.proxied is not None:  # read before the TLS handshake by the listener
             self._use_proxy_header(self.proxied)
         if self.listener.tls is not None and not self._check_tls():
@@ -233,7 +236,7 @@ class Flow:
             return True
 
         client.on_data = on_data
-        client.on_eof = on_eof
+        client.callbacks.on_eof = on_eof
         held = client.take_held()
         if held:
             on_data(held)

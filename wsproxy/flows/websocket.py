@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wsproxy.errors import (
     BadRequest,
@@ -60,6 +60,9 @@ from wsproxy.wire.upgrade import (
 )
 from wsproxy.wire.wsframe import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, STOP_FRAME
 from wsproxy.ws_relay import WebSocketRelay
+
+if TYPE_CHECKING:
+    from wsproxy.listener import Listener
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +132,8 @@ class _Exchange:
         self.received = 0
         self._buffer = HeadBuffer(MAX_RESPONSE_HEAD_BYTES)
         endpoint.on_data = self._head_data
-        endpoint.on_eof = self._eof
-        endpoint.on_lost = self._lost
+        endpoint.callbacks.on_eof = self._eof
+        endpoint.callbacks.on_lost = self._lost
 
     def _head_data(self, data: bytes) -> None:
         self.received += len(data)
@@ -163,7 +166,12 @@ class _Exchange:
 class WebSocketFlow(Flow):
     """The WebSocket flow of one client connection (``websocket = true``)."""
 
-    __slots__ = ()
+    __slots__ = ("close_code", "host", "path", "status")
+
+    def __init__(self, listener: Listener) -> None:
+        super().__init__(listener)
+        self.host = self.path = None
+        self.status = self.close_code = None
 
     def begin(self) -> None:
         # Hook the head reader up now, inside connection_made, so no byte can arrive unread. The
@@ -390,8 +398,8 @@ class WebSocketFlow(Flow):
                 client.resume_reading()
 
         client.on_data = on_data
-        endpoint.on_pause_writing = client.pause_reading
-        endpoint.on_resume_writing = on_target_drained
+        endpoint.callbacks.on_pause_writing = client.pause_reading
+        endpoint.callbacks.on_resume_writing = on_target_drained
         rest += client.take_held()
         if rest:
             self.handshake_bytes_in -= len(rest)  # counted already with the head
@@ -430,8 +438,8 @@ class WebSocketFlow(Flow):
                 exchange.finished.set_result("http_forwarded")
 
         endpoint.on_data = on_data
-        client.on_pause_writing = endpoint.pause_reading
-        client.on_resume_writing = endpoint.resume_reading
+        client.callbacks.on_pause_writing = endpoint.pause_reading
+        client.callbacks.on_resume_writing = endpoint.resume_reading
         rest += endpoint.take_held()
         if rest:
             on_data(rest)
