@@ -2,7 +2,8 @@
 
 Scenarios: echo, throughput, connect, hold, sweep (against any WebSocket endpoint), compare
 (wsproxy vs direct vs HAProxy vs nginx, see compare.py), scaling (wsproxy with 1 worker vs N,
-see scaling.py) and setup (installs HAProxy and nginx).
+see scaling.py), session-memory (where an idle session's bytes go, see session_memory.py) and
+setup (installs HAProxy and nginx).
 Each scenario prints one JSON line on stdout, then a human summary; progress goes to stderr.
 """
 
@@ -112,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtest import scaling
 
     scaling.add_parser(commands)
+    from loadtest import session_memory
+
+    session_memory.add_parser(commands)
     commands.add_parser("setup", help="install HAProxy and nginx (Debian) where missing")
     return parser
 
@@ -132,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.scaling import run_scaling
 
         return run_scaling(args)
+    if args.command == "session-memory":
+        from loadtest.session_memory import run_session_memory
+
+        return run_session_memory(args)
     if args.command in ("echo", "throughput", "connect"):
         emit(run_scenario(args.command, args))
     elif args.command == "hold":

@@ -125,3 +125,15 @@ async def test_scaling_runs_one_worker_beside_two(tmp_path: Path) -> None:
         assert all(entry["rate"] > 0 and entry["errors"] == 0 for entry in summary[kind].values())
         assert all(entry["cpu_us_per_op"] > 0 for entry in summary[kind].values())
     assert (out / "scaling.md").read_text().startswith("wsproxy scaling:")
+
+
+async def test_session_memory_attributes_an_idle_session_to_lines() -> None:
+    result, text = await loadtest(
+        "session-memory", "--mode", "websocket", "--sessions", "40", "--top", "30", timeout=120
+    )
+    assert result["scenario"] == "session-memory" and result["sessions"] == 40
+    assert result["errors"] == {}
+    assert result["bytes_per_session"] > 1000  # two sockets cannot cost less
+    # The frame trackers of the websocket relay are among the lines an idle session keeps.
+    assert any("ws_relay.py" in line["where"] for line in result["lines"])
+    assert "bytes per idle session" in text

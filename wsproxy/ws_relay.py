@@ -196,7 +196,9 @@ class WebSocketRelay(Relay):
             self._session_timer = loop.call_later(self._session_seconds, self._session_expired)
 
     def _wire(self, client: Endpoint, target: Endpoint) -> None:
-        super()._wire(client, target)
+        for endpoint in (client, target):
+            endpoint.owner = self  # the handshake's callbacks (and what they reference) go
+        # Every byte goes through a frame tracker (no ``peer``): calling a direction forwards.
         client.on_data = self.upstream
         target.on_data = self.downstream
 

@@ -43,7 +43,13 @@ def bound_methods_of(owners: tuple[type, ...]) -> int:
 
 
 def check_relay_wiring(relay: Relay) -> None:
-    for endpoint in (relay.client, relay.target):
+    client, target = relay.client, relay.target
+    if isinstance(relay, WebSocketRelay):  # every byte through a frame tracker
+        assert (client.on_data, target.on_data) == (relay.upstream, relay.downstream)
+        assert client.peer is None and target.peer is None
+    else:  # each endpoint writes what it reads straight to the other
+        assert client.peer is target and target.peer is client
+    for endpoint in (client, target):
         assert endpoint.owner is relay
         assert not isinstance(endpoint.on_data, types.MethodType)
         with pytest.raises(RuntimeError, match="relay owns this endpoint"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from typing import TYPE_CHECKING, Any
 
 from wsproxy.errors import (
@@ -231,9 +232,11 @@ class WebSocketFlow(Flow):
             head = parse_request_head(raw_head)
         except MalformedHead as exc:
             raise BadRequest(str(exc)) from None
-        self.path = head.path[:256]
+        # Interned: every session of a service names the same host and few paths, and the log
+        # fields live as long as the session.
+        self.path = sys.intern(head.path[:256])
         host = check_host(head)
-        self.host = host[:256]
+        self.host = sys.intern(host[:256])
         upgrade = wants_upgrade(head)
         key = ""
         if upgrade:
