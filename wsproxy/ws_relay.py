@@ -254,7 +254,8 @@ class WebSocketRelay(Relay):
             self._inject(direction, sink)
             if taken < len(data):
                 self._watch(direction, data[taken:])
-        self._check_close_handshake()
+        if self._close_deadline is not None:  # a call per chunk saved while no Close is pending
+            self._check_close_handshake()
 
     def _forward_filtering_pongs(self, direction: _Direction, data: bytes) -> None:
         """While our ping to one side is outstanding: forward everything that side sends but
