@@ -353,10 +353,15 @@ class Relay:
         self._schedule_tick()
 
     def _wire(self, client: Endpoint, target: Endpoint) -> None:
-        """Point both endpoints at this relay: bytes straight to the peer socket."""
+        """Take both endpoints' events over; their handshake callbacks (and what those
+        reference) go."""
         for endpoint in (client, target):
-            endpoint.owner = self  # the handshake's callbacks (and what they reference) go
-            endpoint.on_data = _discard  # the handshake's reader goes too
+            endpoint.owner = self
+        self._route_data(client, target)
+
+    def _route_data(self, client: Endpoint, target: Endpoint) -> None:
+        """Opaque bytes: each endpoint writes what it reads straight to the other."""
+        client.on_data = target.on_data = _discard  # the handshake's readers go
         client.peer = target
         target.peer = client
 

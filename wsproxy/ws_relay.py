@@ -82,7 +82,7 @@ class _Direction:
         if self.ping_payload is not None or self.pong_buf:
             relay._forward_filtering_pongs(self, data)
         else:
-            relay._forward(self, self.sink, data)
+            relay._forward(self, data)
         if self.rate_limited:
             relay._spend_tokens()
 
@@ -187,17 +187,14 @@ class WebSocketRelay(Relay):
 
     def start(self, to_target: bytes = b"", to_client: bytes = b"") -> None:
         loop = asyncio.get_running_loop()
-        self._rate_mark = loop.time()
-        now = loop.time()
+        now = self._rate_mark = loop.time()
         for direction in (self.upstream, self.downstream):
             direction.ping_due = now + direction.ping_interval
         super().start(to_target, to_client)
         if self._session_seconds > 0 and not self.done:
             self._session_timer = loop.call_later(self._session_seconds, self._session_expired)
 
-    def _wire(self, client: Endpoint, target: Endpoint) -> None:
-        for endpoint in (client, target):
-            endpoint.owner = self  # the handshake's callbacks (and what they reference) go
+    def _route_data(self, client: Endpoint, target: Endpoint) -> None:
         # Every byte goes through a frame tracker (no ``peer``): calling a direction forwards.
         client.on_data = self.upstream
         target.on_data = self.downstream
@@ -231,7 +228,8 @@ class WebSocketRelay(Relay):
                 reason="max_session_duration",
             )
 
-    def _forward(self, direction: _Direction, sink: Endpoint, data: bytes) -> None:
+    def _forward(self, direction: _Direction, data: bytes) -> None:
+        sink = direction.sink
         tracker = direction.tracker
         if direction.sent:
             self._watch(direction, data)
@@ -251,7 +249,7 @@ class WebSocketRelay(Relay):
         if tracker.closes != closes:
             self._note_peer_close(direction)
         if direction.stop and direction.at(direction.stop):
-            self._inject(direction, sink)
+            self._inject(direction)
             if taken < len(data):
                 self._watch(direction, data[taken:])
         if self._close_deadline is not None:  # a call per chunk saved while no Close is pending
@@ -266,7 +264,7 @@ class WebSocketRelay(Relay):
         direction.pong_buf = b""
         while data:
             if direction.sent or direction.stop:
-                self._forward(direction, sink, data)
+                self._forward(direction, data)
                 return
             closes = tracker.closes
             try:
@@ -331,10 +329,8 @@ class WebSocketRelay(Relay):
         if toward.sent or not toward.tracker.at_frame_boundary:
             return  # mid-frame toward that side: next time
         payload = direction.ping_payload = b"wsproxy:" + os.urandom(8).hex().encode()
-        if direction is self.upstream:
-            self.client.write(encode_frame(OP_PING, payload))
-        else:
-            self.target.write(encode_frame(OP_PING, payload, mask=self._mask_key()))
+        mask = self._mask_key() if toward is self.upstream else b""  # the target gets masked
+        toward.sink.write(encode_frame(OP_PING, payload, mask=mask))
         self.pings_sent += 1
         direction.ping_due = now + self._ping_timeout
 
@@ -345,23 +341,24 @@ class WebSocketRelay(Relay):
         self._reschedule_tick()  # the tick waiting now is the pong's deadline
 
     def _ping_expired(self, direction: _Direction) -> None:
-        """No pong in time: that side is gone. Tell the other one (1001) and cut it."""
-        if direction is self.upstream:
+        """No pong in time: that side is gone. Tell the other one (1001) and cut it.
+
+        ``direction`` carries what the silent side sends, so it leads to the other side."""
+        client_gone = direction is self.upstream
+        if client_gone:
             self.set_reason("ping_timeout")
-            gone, other, toward_other = self.client, self.target, self.upstream
-            why, mask = "client did not answer ping", self._mask_key()
+            gone, why, mask = self.client, "client did not answer ping", self._mask_key()
         else:
             self.set_reason("target_ping_timeout")
-            gone, other, toward_other = self.target, self.client, self.downstream
-            why, mask = "target did not answer ping", b""
+            gone, why, mask = self.target, "target did not answer ping", b""
         if self.close_initiator is None:
             self.close_initiator = "proxy"
-            self.close_code = 1006 if direction is self.upstream else CLOSE_GOING_AWAY
-        if not toward_other.sent and toward_other.tracker.at_frame_boundary:
-            other.write(encode_close(CLOSE_GOING_AWAY, why, mask=mask))
-            toward_other.sent = True
+            self.close_code = 1006 if client_gone else CLOSE_GOING_AWAY
+        if not direction.sent and direction.tracker.at_frame_boundary:
+            direction.sink.write(encode_close(CLOSE_GOING_AWAY, why, mask=mask))
+            direction.sent = True
         gone.abort()
-        other.close()
+        direction.sink.close()
 
     def _watch(self, direction: _Direction, data: bytes) -> None:
         """Follow frames a peer sends after the proxy closed that direction, for its Close reply."""
@@ -398,9 +395,9 @@ class WebSocketRelay(Relay):
         if self.close_initiator is None:
             self.close_initiator = "proxy"
             self.close_code = client_code
-        for direction, sink, code, mask in (
-            (self.downstream, self.client, client_code, False),
-            (self.upstream, self.target, target_code, True),
+        for direction, code, mask in (
+            (self.downstream, client_code, False),
+            (self.upstream, target_code, True),
         ):
             if direction.sent or direction.stop:
                 continue
@@ -409,14 +406,14 @@ class WebSocketRelay(Relay):
             )
             direction.stop = stop
             if direction.at(stop):
-                self._inject(direction, sink)
+                self._inject(direction)
         if self._close_deadline is None and not self.done:
             loop = asyncio.get_running_loop()
             self._close_deadline = loop.call_later(timeout, self._close_timed_out)
         self._check_close_handshake()
 
-    def _inject(self, direction: _Direction, sink: Endpoint) -> None:
-        sink.write(direction.close_frame)
+    def _inject(self, direction: _Direction) -> None:
+        direction.sink.write(direction.close_frame)
         direction.sent = True
         direction.stop = STOP_NONE
         # The side we closed answers in the opposite direction; remember how many Close frames
@@ -473,8 +470,7 @@ class WebSocketRelay(Relay):
             client_code=client_code, target_code=target_code, stop=STOP_FRAME, reason=exc.reason
         )
         if not offender.sent:
-            sink = self.target if direction is self.upstream else self.client
-            self._inject(offender, sink)
+            self._inject(offender)
         self._check_close_handshake()
 
     def _maybe_done(self) -> None:
@@ -521,18 +517,19 @@ class WebSocketRelay(Relay):
         )
 
     def _client_lost(self, exc: Exception | None) -> None:
-        self._say_goodbye(self.upstream, self.target, "client went away")
+        self._say_goodbye(self.upstream, "client went away")
         super()._client_lost(exc)
 
     def _target_lost(self, exc: Exception | None) -> None:
-        self._say_goodbye(self.downstream, self.client, "target went away")
+        self._say_goodbye(self.downstream, "target went away")
         if self._awaiting_client_reply():
             self._check_close_handshake()
             return
         super()._target_lost(exc)
 
-    def _say_goodbye(self, direction: _Direction, sink: Endpoint, why: str) -> None:
+    def _say_goodbye(self, direction: _Direction, why: str) -> None:
         """One side vanished without a Close: send the other a 1001 if its stream allows it."""
+        sink = direction.sink
         if direction.sent or not direction.tracker.at_frame_boundary or not sink.open:
             return
         mask = self._mask_key() if direction is self.upstream else b""

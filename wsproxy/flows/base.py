@@ -308,7 +308,7 @@ class Flow:
 
     def log_record(self, bytes_in: int, bytes_out: int, reason: str) -> dict[str, Any]:
         """The connection log line, in ``CONNECTION_FIELDS`` order."""
-        record = {
+        return {
             "client": f"{self.client_ip}:{self.client_port}",
             "listener": self.listener.name,
             "sni": self.sni,
@@ -326,7 +326,6 @@ class Flow:
             "reason": reason,
             "termination": termination(reason, self.phase),
         }
-        return record
 
     def take_target(self, target: Target) -> None:
         """This flow now holds a connection to ``target``: counted for the balancers
