@@ -64,7 +64,7 @@ def referenced_metrics() -> dict[str, set[str]]:
     }
 
 
-# Only a supervisor (workers > 1) has these; tests/test_workers.py scrapes them.
+# Only a supervisor (workers > 1) has these; tests/process/test_workers.py scrapes them.
 WORKERS_ONLY = {"wsproxy_workers", "wsproxy_worker_restarts_total"}
 
 

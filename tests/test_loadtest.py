@@ -135,5 +135,5 @@ async def test_session_memory_attributes_an_idle_session_to_lines() -> None:
     assert result["errors"] == {}
     assert result["bytes_per_session"] > 1000  # two sockets cannot cost less
     # The frame trackers of the websocket relay are among the lines an idle session keeps.
-    assert any("ws_relay.py" in line["where"] for line in result["lines"])
+    assert any("relay/websocket.py" in line["where"] for line in result["lines"])
     assert "bytes per idle session" in text

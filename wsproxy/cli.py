@@ -18,10 +18,11 @@ from typing import Any
 
 import uvloop
 
-from wsproxy import __version__, logs, systemd
+from wsproxy import __version__
 from wsproxy.address import parse_address
 from wsproxy.config import Config, load_config
 from wsproxy.errors import ConfigError
+from wsproxy.ops import logs, systemd
 
 EX_CONFIG = 78
 log = logging.getLogger("wsproxy")
@@ -136,8 +137,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     async def serve(stop: asyncio.Event) -> int:
         from wsproxy.errors import WorkerUnavailable
+        from wsproxy.process.supervisor import WorkerPool, supervised_proxy
         from wsproxy.proxy import Proxy
-        from wsproxy.supervisor import WorkerPool, supervised_proxy
 
         pool: WorkerPool | None = None
         if config.proxy.worker_count() > 1:
@@ -177,7 +178,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from wsproxy.worker import run_worker
+    from wsproxy.process.worker import run_worker
 
     # Ctrl-C in a terminal reaches the whole process group: the supervisor decides for all.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -19,16 +19,16 @@ from wsproxy.flows.base import Flow
 from wsproxy.flows.passthrough import PassthroughFlow
 from wsproxy.flows.tcp import TcpFlow
 from wsproxy.flows.websocket import WebSocketFlow
-from wsproxy.logs import CONNECTION_FIELDS, log_connection, log_event
-from wsproxy.metrics import ListenerStats, LiveCounts, close_code_label
-from wsproxy.relay import Endpoint
+from wsproxy.ops.logs import CONNECTION_FIELDS, log_connection, log_event
+from wsproxy.ops.metrics import ListenerStats, LiveCounts, close_code_label
+from wsproxy.ops.termination import PHASE_ACCEPT, PHASE_PROXY_HEADER, PHASE_TLS, termination
+from wsproxy.relay.relay import Endpoint
+from wsproxy.relay.ticker import Ticker
+from wsproxy.relay.websocket import WebSocketRelay
 from wsproxy.routing import Router, Rule, SniRouter
-from wsproxy.termination import PHASE_ACCEPT, PHASE_PROXY_HEADER, PHASE_TLS, termination
-from wsproxy.ticker import Ticker
+from wsproxy.targets.target_group import Upstream
 from wsproxy.tls import ServerTls, classify_handshake_failure
-from wsproxy.upstream import Upstream
 from wsproxy.wire.proxyproto import ProxyHeader, ProxyHeaderReader
-from wsproxy.ws_relay import WebSocketRelay
 
 log = logging.getLogger(__name__)
 

@@ -12,21 +12,21 @@ from collections.abc import Coroutine
 from enum import StrEnum
 from typing import Any, Protocol
 
-from wsproxy import logs, systemd
 from wsproxy.address import Address
-from wsproxy.admin import AdminServer
-from wsproxy.balancer import make_balancer
 from wsproxy.config import Config, ListenerConfig, TargetGroupConfig, TargetTls, load_config
 from wsproxy.descriptors import DescriptorBudget
 from wsproxy.errors import ConfigError, TargetExists, WsproxyError
-from wsproxy.health_checker import HealthChecker
 from wsproxy.listener import Listener
-from wsproxy.logs import log_event
-from wsproxy.loop_lag import LoopLagMonitor
-from wsproxy.metrics import Histogram, ListenerStats, Metrics, ProxyCollector
-from wsproxy.target_group import Target, TargetGroup, TargetState, log_target_state
+from wsproxy.ops import logs, systemd
+from wsproxy.ops.admin import AdminServer
+from wsproxy.ops.logs import log_event
+from wsproxy.ops.loop_lag import LoopLagMonitor
+from wsproxy.ops.metrics import Histogram, ListenerStats, Metrics, ProxyCollector
+from wsproxy.targets.balancer import make_balancer
+from wsproxy.targets.checker import HealthChecker
+from wsproxy.targets.target import Target, TargetGroup, TargetState, log_target_state
+from wsproxy.targets.target_group import Upstream
 from wsproxy.tls import ServerTls, target_context
-from wsproxy.upstream import Upstream
 
 log = logging.getLogger(__name__)
 

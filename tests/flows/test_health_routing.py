@@ -12,7 +12,7 @@ from tests.helpers.servers import closed_port
 from tests.helpers.wsraw import upgrade_request
 from wsproxy.address import Address
 from wsproxy.demo import EchoTarget
-from wsproxy.target_group import TargetState
+from wsproxy.targets.target import TargetState
 
 CHECK = """
 [target_groups.chat.health_check]

@@ -20,9 +20,9 @@ from tests.flows.test_tcp import tcp_config
 from tests.flows.test_websocket import ws_config
 from tests.helpers.wsraw import RawWebSocket
 from wsproxy.demo import EchoTarget
-from wsproxy.relay import Endpoint, HandshakeCallbacks, Relay
+from wsproxy.relay.relay import Endpoint, HandshakeCallbacks, Relay
+from wsproxy.relay.websocket import WebSocketRelay
 from wsproxy.wire.wsframe import OP_TEXT
-from wsproxy.ws_relay import WebSocketRelay
 
 SESSIONS = 20
 HANDSHAKE_ONLY = ("HeadBuffer", "ClientHelloReader", "HandshakeCallbacks", "_Exchange")

@@ -14,6 +14,7 @@ from tests.helpers.servers import RawServer, upgrading_target
 from tests.helpers.wsraw import RawWebSocket
 from wsproxy.address import Address
 from wsproxy.demo import EchoTarget
+from wsproxy.relay.websocket import WebSocketRelay
 from wsproxy.wire.wsframe import (
     OP_CLOSE,
     OP_PING,
@@ -23,7 +24,6 @@ from wsproxy.wire.wsframe import (
     parse_header,
     unmask,
 )
-from wsproxy.ws_relay import WebSocketRelay
 
 RawServers = Callable[..., Awaitable[RawServer]]
 

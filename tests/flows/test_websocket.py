@@ -587,7 +587,7 @@ async def test_shutdown_sends_1001_at_a_message_boundary(
 async def test_connection_log_line_is_json_with_every_field(
     make_proxy: ProxyFactory, echo_targets: list[EchoTarget], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from wsproxy.logs import CONNECTION_FIELDS, JsonFormatter
+    from wsproxy.ops.logs import CONNECTION_FIELDS, JsonFormatter
 
     proxy = await make_proxy(ws_config(("chat", [echo_targets[0].address])))
     with caplog.at_level(logging.INFO, logger="wsproxy.access"):

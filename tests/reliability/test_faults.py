@@ -29,8 +29,8 @@ from wsproxy.config import load_config
 from wsproxy.demo import EchoTarget
 from wsproxy.flows.websocket import WebSocketFlow
 from wsproxy.proxy import Proxy
-from wsproxy.target_group import TargetState
-from wsproxy.ws_relay import WebSocketRelay
+from wsproxy.relay.websocket import WebSocketRelay
+from wsproxy.targets.target import TargetState
 
 
 class TargetProcess:

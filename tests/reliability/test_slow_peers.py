@@ -16,7 +16,7 @@ from tests.helpers.servers import RawServer
 from wsproxy.address import Address
 from wsproxy.demo import EchoTarget
 from wsproxy.proxy import Proxy
-from wsproxy.relay import WRITE_HIGH_WATER
+from wsproxy.relay.relay import WRITE_HIGH_WATER
 
 READ_CHUNK = 256 * 1024  # uvloop reads up to this much at once
 

@@ -9,17 +9,17 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from wsproxy.errors import ClientCertRejected, ClientClosed, HttpError, WireError, WsproxyError
-from wsproxy.logs import connection_logging, log_connection
-from wsproxy.metrics import LiveCounts
-from wsproxy.relay import Endpoint, Relay
-from wsproxy.target_group import Target
-from wsproxy.termination import PHASE_ACCEPT, PHASE_PROXY_HEADER, PHASE_REQUEST, termination
+from wsproxy.ops.logs import connection_logging, log_connection
+from wsproxy.ops.metrics import LiveCounts
+from wsproxy.ops.termination import PHASE_ACCEPT, PHASE_PROXY_HEADER, PHASE_REQUEST, termination
+from wsproxy.relay.relay import Endpoint, Relay
+from wsproxy.targets.target import Target
 from wsproxy.tls import ClientCertificate
 from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, ProxyHeader, ProxyHeaderReader, encode_v2
 
 if TYPE_CHECKING:
     from wsproxy.listener import Listener
-    from wsproxy.upstream import Upstream
+    from wsproxy.targets.target_group import Upstream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -10,8 +10,8 @@ import asyncio
 
 from wsproxy.errors import ClientHelloTimeout
 from wsproxy.flows.base import Flow
-from wsproxy.relay import Endpoint, Relay
-from wsproxy.termination import PHASE_CONNECT, PHASE_DATA
+from wsproxy.ops.termination import PHASE_CONNECT, PHASE_DATA
+from wsproxy.relay.relay import Endpoint, Relay
 from wsproxy.wire.clienthello import ClientHello, ClientHelloReader
 
 

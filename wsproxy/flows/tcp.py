@@ -9,8 +9,8 @@ uvloop 0.23 crashed under connection churn on a ``pause_reading()`` (tests/test_
 from __future__ import annotations
 
 from wsproxy.flows.base import Flow
-from wsproxy.relay import Endpoint, Relay
-from wsproxy.termination import PHASE_CONNECT, PHASE_DATA
+from wsproxy.ops.termination import PHASE_CONNECT, PHASE_DATA
+from wsproxy.relay.relay import Endpoint, Relay
 
 
 class TcpFlow(Flow):

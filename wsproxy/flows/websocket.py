@@ -33,11 +33,12 @@ from wsproxy.errors import (
     WireError,
 )
 from wsproxy.flows.base import Flow
-from wsproxy.metrics import LiveCounts
-from wsproxy.relay import Endpoint, Relay
-from wsproxy.target_group import Target
-from wsproxy.termination import PHASE_CONNECT, PHASE_DATA, PHASE_UPGRADE
-from wsproxy.upstream import MAX_ATTEMPTS, Upstream
+from wsproxy.ops.metrics import LiveCounts
+from wsproxy.ops.termination import PHASE_CONNECT, PHASE_DATA, PHASE_UPGRADE
+from wsproxy.relay.relay import Endpoint, Relay
+from wsproxy.relay.websocket import WebSocketRelay
+from wsproxy.targets.target import Target
+from wsproxy.targets.target_group import MAX_ATTEMPTS, Upstream
 from wsproxy.wire.http1 import (
     BodyKind,
     BodyTracker,
@@ -60,7 +61,6 @@ from wsproxy.wire.upgrade import (
     wants_upgrade,
 )
 from wsproxy.wire.wsframe import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, STOP_FRAME
-from wsproxy.ws_relay import WebSocketRelay
 
 if TYPE_CHECKING:
     from wsproxy.listener import Listener

@@ -7,8 +7,8 @@ import time
 
 from prometheus_client.core import HistogramMetricFamily
 
-from wsproxy.loop_lag import LoopLagMonitor
-from wsproxy.metrics import Histogram
+from wsproxy.ops.loop_lag import LoopLagMonitor
+from wsproxy.ops.metrics import Histogram
 
 
 def test_histogram_buckets_are_cumulative_and_le_is_inclusive() -> None:

@@ -15,13 +15,13 @@ import os
 import socket
 from typing import Any
 
-from wsproxy.admin import listener_rows
 from wsproxy.config import load_config
-from wsproxy.control import Channel, Message
 from wsproxy.listener import Listener
+from wsproxy.ops.admin import listener_rows
+from wsproxy.process.control import Channel, Message
+from wsproxy.process.target_sync import apply_snapshot
 from wsproxy.proxy import Proxy, Role, file_digest
-from wsproxy.target_group import Target
-from wsproxy.target_sync import apply_snapshot
+from wsproxy.targets.target import Target
 
 log = logging.getLogger(__name__)
 

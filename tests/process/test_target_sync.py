@@ -6,15 +6,15 @@ import asyncio
 
 from wsproxy.address import Address
 from wsproxy.config import parse_config
-from wsproxy.health import REASON_PASSIVE
-from wsproxy.proxy import Proxy, Role
-from wsproxy.target_group import Target, TargetState
-from wsproxy.target_sync import (
+from wsproxy.process.target_sync import (
     apply_snapshot,
     mark_passive_unhealthy,
     snapshot_key,
     target_snapshot,
 )
+from wsproxy.proxy import Proxy, Role
+from wsproxy.targets.health import REASON_PASSIVE
+from wsproxy.targets.target import Target, TargetState
 
 CONFIG = """
 [admin]

@@ -19,7 +19,7 @@ from tests.flows.test_websocket import exchange_raw, ws_config
 from tests.helpers.servers import closed_port
 from tests.helpers.wsraw import upgrade_request
 from wsproxy.demo import EchoTarget
-from wsproxy.logs import JsonFormatter, NonBlockingHandler
+from wsproxy.ops.logs import JsonFormatter, NonBlockingHandler
 from wsproxy.proxy import Proxy
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from wsproxy.target_group import Target, TargetState
+from wsproxy.targets.target import Target, TargetState
 
 HISTORY = 10
 

@@ -29,14 +29,14 @@ from prometheus_client.registry import Collector
 
 from wsproxy.address import Address
 from wsproxy.config import Config
-from wsproxy.control import Channel, Message, make_pair
 from wsproxy.errors import WorkerUnavailable
 from wsproxy.listener import Listener, bind_listening_socket
-from wsproxy.logs import log_event
-from wsproxy.metrics import Metrics, ProxyCollector
+from wsproxy.ops.logs import log_event
+from wsproxy.ops.metrics import Metrics, ProxyCollector
+from wsproxy.process.control import Channel, Message, make_pair
+from wsproxy.process.target_sync import mark_passive_unhealthy, snapshot_key, target_snapshot
+from wsproxy.process.worker import CONTROL_FD_ENV
 from wsproxy.proxy import Proxy, Role, file_digest
-from wsproxy.target_sync import mark_passive_unhealthy, snapshot_key, target_snapshot
-from wsproxy.worker import CONTROL_FD_ENV
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from wsproxy.metrics import Histogram
+from wsproxy.ops.metrics import Histogram
 
 # From "nothing to see" (1 ms, timer granularity) to "sessions are visibly stalled" (seconds).
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)

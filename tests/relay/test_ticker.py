@@ -6,7 +6,7 @@ import asyncio
 import gc
 import weakref
 
-from wsproxy.ticker import Ticker
+from wsproxy.relay.ticker import Ticker
 
 
 class Member:

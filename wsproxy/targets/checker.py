@@ -7,10 +7,10 @@ import logging
 import random
 
 from wsproxy.config import HealthCheckConfig
-from wsproxy.health import CheckResult, record_check
-from wsproxy.probe import run_probe
-from wsproxy.target_group import Target, TargetState, log_target_state
-from wsproxy.upstream import Upstream
+from wsproxy.targets.health import CheckResult, record_check
+from wsproxy.targets.probe import run_probe
+from wsproxy.targets.target import Target, TargetState, log_target_state
+from wsproxy.targets.target_group import Upstream
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from wsproxy.address import Address
-from wsproxy.logs import log_event
+from wsproxy.ops.logs import log_event
 
 log = logging.getLogger(__name__)
 

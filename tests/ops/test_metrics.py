@@ -16,7 +16,7 @@ from tests.helpers.pki import Pki, make_pki
 from tests.helpers.process import parse_metrics
 from tests.helpers.tools import require_tool
 from wsproxy.demo import EchoTarget
-from wsproxy.metrics import close_code_label
+from wsproxy.ops.metrics import close_code_label
 
 # Every family issue #5 names, exactly so (counters with their _total).
 REQUIRED = (

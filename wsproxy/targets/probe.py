@@ -16,7 +16,7 @@ import struct
 from wsproxy.address import Address
 from wsproxy.config import HealthCheckConfig
 from wsproxy.errors import WireError
-from wsproxy.health import status_matches
+from wsproxy.targets.health import status_matches
 from wsproxy.wire.http1 import HeadBuffer, parse_response_head
 from wsproxy.wire.proxyproto import encode_v2
 from wsproxy.wire.upgrade import is_valid_upgrade_response

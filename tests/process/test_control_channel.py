@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from wsproxy.control import Channel, Message, make_pair
 from wsproxy.errors import WorkerUnavailable
+from wsproxy.process.control import Channel, Message, make_pair
 
 
 async def test_requests_replies_and_sockets() -> None:

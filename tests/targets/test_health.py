@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from wsproxy.address import Address
-from wsproxy.health import (
+from wsproxy.targets.health import (
     REASON_FAILED,
     REASON_PASSIVE,
     REASON_TIMEOUT,
@@ -19,7 +19,7 @@ from wsproxy.health import (
     record_connect_failure,
     status_matches,
 )
-from wsproxy.target_group import Target, TargetState
+from wsproxy.targets.target import Target, TargetState
 
 
 def run(results: list[bool], healthy: int, unhealthy: int) -> list[TargetState]:

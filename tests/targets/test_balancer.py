@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wsproxy.address import Address
-from wsproxy.balancer import LeastConnections, RandomTwo, RoundRobin, SourceIp
-from wsproxy.target_group import Target
+from wsproxy.targets.balancer import LeastConnections, RandomTwo, RoundRobin, SourceIp
+from wsproxy.targets.target import Target
 
 
 def targets(weights: list[int], active: list[int] | None = None) -> list[Target]:
@@ -113,8 +113,8 @@ def test_source_ip_is_sticky_and_weighted() -> None:
 
 
 def test_slow_start_grows_a_new_targets_share_linearly() -> None:
-    from wsproxy.health import update_ramps
-    from wsproxy.target_group import TargetState
+    from wsproxy.targets.health import update_ramps
+    from wsproxy.targets.target import TargetState
 
     old, new = targets([1, 1])
     old.state = new.state = TargetState.HEALTHY

@@ -18,7 +18,7 @@ from wsproxy.config import load_config
 from wsproxy.demo import EchoTarget
 from wsproxy.proxy import Proxy
 
-UNIT = Path(__file__).resolve().parent.parent / "deploy" / "systemd" / "wsproxy.service"
+UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "wsproxy.service"
 
 
 def unit_for_this_machine(tmp_path: Path) -> Path:

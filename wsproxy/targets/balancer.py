@@ -15,7 +15,7 @@ from typing import Protocol
 
 from wsproxy.address import Address
 from wsproxy.config import Algorithm
-from wsproxy.target_group import Target
+from wsproxy.targets.target import Target
 
 
 class Balancer(Protocol):

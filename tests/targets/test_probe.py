@@ -13,7 +13,7 @@ from tests.helpers.pki import make_pki
 from tests.helpers.servers import RawServer, closed_port, fixed_response, read_head
 from wsproxy.config import HealthCheckConfig
 from wsproxy.demo import EchoTarget
-from wsproxy.probe import run_probe
+from wsproxy.targets.probe import run_probe
 from wsproxy.wire.proxyproto import ProxyHeaderReader
 
 RawServers = Callable[..., Awaitable[RawServer]]

@@ -14,8 +14,8 @@ from aiohttp import web
 from wsproxy import __version__
 from wsproxy.address import Address, parse_address
 from wsproxy.errors import TargetExists
-from wsproxy.logs import log_event
-from wsproxy.metrics import snapshot_listeners
+from wsproxy.ops.logs import log_event
+from wsproxy.ops.metrics import snapshot_listeners
 
 if TYPE_CHECKING:
     from wsproxy.proxy import Proxy
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The status page is one self-contained file: no external assets, so it works offline.
-_STATUS_PAGE = resources.files("wsproxy").joinpath("status.html").read_text(encoding="utf-8")
+_STATUS_PAGE = resources.files("wsproxy.ops").joinpath("status.html").read_text(encoding="utf-8")
 # Its inline script and style only, and fetches to this origin only.
 _STATUS_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "

@@ -12,7 +12,6 @@ import ssl
 import time
 from collections.abc import Callable
 
-from wsproxy.balancer import Balancer
 from wsproxy.config import Algorithm, TargetGroupConfig, TargetTls
 from wsproxy.errors import (
     NoTargets,
@@ -21,10 +20,11 @@ from wsproxy.errors import (
     TargetRefused,
     TargetTlsFailed,
 )
-from wsproxy.health import HealthRecord, record_connect_failure, update_ramps
-from wsproxy.metrics import TargetGroupStats
-from wsproxy.relay import Endpoint
-from wsproxy.target_group import Target, TargetGroup, log_target_state
+from wsproxy.ops.metrics import TargetGroupStats
+from wsproxy.relay.relay import Endpoint
+from wsproxy.targets.balancer import Balancer
+from wsproxy.targets.health import HealthRecord, record_connect_failure, update_ramps
+from wsproxy.targets.target import Target, TargetGroup, log_target_state
 from wsproxy.tls import target_context
 
 log = logging.getLogger(__name__)

@@ -11,12 +11,12 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from wsproxy.address import parse_address
-from wsproxy.health import REASON_PASSIVE
-from wsproxy.target_group import Target, TargetState, log_target_state
+from wsproxy.targets.health import REASON_PASSIVE
+from wsproxy.targets.target import Target, TargetState, log_target_state
 
 if TYPE_CHECKING:
     from wsproxy.proxy import Proxy
-    from wsproxy.upstream import Upstream
+    from wsproxy.targets.target_group import Upstream
 
 Snapshot = dict[str, list[dict[str, Any]]]
 _GONE = (TargetState.DRAINING, TargetState.UNUSED)

@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol, cast
 
-from wsproxy.ticker import TickBucket, Ticker
+from wsproxy.relay.ticker import TickBucket, Ticker
 
 # Bytes a transport may buffer toward a slow reader before the other side is paused. 64 KiB is
 # asyncio's default high-water mark; the low mark resumes reading once a quarter is left.

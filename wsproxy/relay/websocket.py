@@ -14,8 +14,8 @@ import os
 from collections.abc import Callable
 
 from wsproxy.errors import FrameError
-from wsproxy.relay import Endpoint, Relay, RelayOwner
-from wsproxy.ticker import Ticker
+from wsproxy.relay.relay import Endpoint, Relay, RelayOwner
+from wsproxy.relay.ticker import Ticker
 from wsproxy.wire.wsframe import (
     CLOSE_BAD_GATEWAY,
     CLOSE_GOING_AWAY,

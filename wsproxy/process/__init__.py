@@ -1,0 +1,1 @@
+"""Several worker processes: the supervisor, a worker, their control channel, target-state sync."""

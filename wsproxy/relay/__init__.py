@@ -1,0 +1,1 @@
+"""Moving bytes between a client and a target: the byte pump, the WebSocket adapter, the ticker."""

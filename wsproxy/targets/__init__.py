@@ -1,0 +1,1 @@
+"""Target groups and their targets: balancing, health (state machine, probes, checker)."""
