@@ -114,7 +114,7 @@ async def test_changed_targets_apply_and_live_sessions_keep_flowing(
         for ws in live.sockets:
             message = await ws.receive(timeout=5)
             assert message.type is aiohttp.WSMsgType.CLOSE and ws.close_code == 1001
-        await wait_for(lambda: len(proxy.upstreams["chat"].group.targets) == 1)
+        await wait_for(lambda: len(proxy.target_groups["chat"].targets) == 1)
         assert proxy.reloads["success"] >= 3
     finally:
         await live.close()

@@ -26,7 +26,7 @@ from wsproxy.relay.relay import Endpoint
 from wsproxy.relay.ticker import Ticker
 from wsproxy.relay.websocket import WebSocketRelay
 from wsproxy.routing import Router, Rule, SniRouter
-from wsproxy.targets.target_group import Upstream
+from wsproxy.targets.target_group import TargetGroup
 from wsproxy.tls import ServerTls, classify_handshake_failure
 from wsproxy.wire.proxyproto import ProxyHeader, ProxyHeaderReader
 
@@ -67,7 +67,7 @@ class Listener:
         self,
         name: str,
         config: ListenerConfig,
-        upstreams: Mapping[str, Upstream],
+        target_groups: Mapping[str, TargetGroup],
         stats: ListenerStats | None = None,
         budget: DescriptorBudget | None = None,
     ) -> None:
@@ -88,7 +88,7 @@ class Listener:
         self.ticker = Ticker()  # idle checks of every session of this listener
         self.flows: set[Flow] = set()
         self.address: Address | None = None
-        self._upstreams = upstreams
+        self._target_groups = target_groups
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
@@ -376,10 +376,10 @@ class Listener:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def upstream(self, name: str | None) -> Upstream:
+    def target_group(self, name: str | None) -> TargetGroup:
         if name is None:
             raise NoRoute(f"listener '{self.name}': no rule matched and no default_target_group")
-        return self._upstreams[name]
+        return self._target_groups[name]
 
     def flow_started(self, flow: Flow) -> None:
         self.budget.open += 1
@@ -407,7 +407,7 @@ class Listener:
 
     def count_session(self, relay: WebSocketRelay) -> None:
         stats = self.stats
-        inbound, outbound = relay.upstream.tracker, relay.downstream.tracker
+        inbound, outbound = relay.to_target.tracker, relay.to_client.tracker
         stats.messages_in += inbound.messages
         stats.messages_out += outbound.messages
         stats.frames_in += inbound.frames

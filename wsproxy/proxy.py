@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from wsproxy.address import Address
 from wsproxy.config import Config, ListenerConfig, TargetGroupConfig, TargetTls, load_config
 from wsproxy.descriptors import DescriptorBudget
-from wsproxy.errors import ConfigError, TargetExists, WsproxyError
+from wsproxy.errors import ConfigError, WsproxyError
 from wsproxy.listener import Listener
 from wsproxy.ops import logs, systemd
 from wsproxy.ops.admin import AdminServer
@@ -24,8 +24,8 @@ from wsproxy.ops.loop_lag import LoopLagMonitor
 from wsproxy.ops.metrics import Histogram, ListenerStats, Metrics, ProxyCollector
 from wsproxy.targets.balancer import make_balancer
 from wsproxy.targets.checker import HealthChecker
-from wsproxy.targets.target import Target, TargetGroup, TargetState, log_target_state
-from wsproxy.targets.target_group import Upstream
+from wsproxy.targets.target import Target
+from wsproxy.targets.target_group import TargetGroup
 from wsproxy.tls import ServerTls, target_context
 
 log = logging.getLogger(__name__)
@@ -105,8 +105,8 @@ class Proxy:
         self.binding: ListenerBinding = binding or OwnSockets()
         self.workers: WorkerControl | None = None  # set by the supervisor
         self._rng = rng = rng or random.Random()  # noqa: S311  # balancing, not cryptography
-        self.upstreams: dict[str, Upstream] = {
-            name: self._build_upstream(name, group_config)
+        self.target_groups: dict[str, TargetGroup] = {
+            name: self._build_target_group(name, group_config)
             for name, group_config in config.target_groups.items()
         }
         self.descriptors = DescriptorBudget.from_rlimit()  # shared by every listener
@@ -123,11 +123,9 @@ class Proxy:
         if config.admin.enabled and role is not Role.WORKER:
             self.admin = AdminServer(self, config.admin.address)
         # Workers take target states from their supervisor: each target is probed once.
-        self.health_checkers = [
-            HealthChecker(upstream, upstream.config.health_check, rng)
-            for upstream in self.upstreams.values()
-            if upstream.config.health_check is not None and role is not Role.WORKER
-        ]
+        self.health_checkers: dict[str, HealthChecker] = {}
+        for group in self.target_groups.values():
+            self._add_checker(group)
         self.retired: list[Listener] = []  # replaced by a reload; their sessions still run
         self.reloads: dict[str, int] = {"success": 0, "error": 0}
         self.last_reload_ok = True
@@ -140,11 +138,10 @@ class Proxy:
 
     def _build_listener(self, name: str, config: ListenerConfig) -> Listener:
         stats = self.listener_stats.setdefault(name, ListenerStats())
-        return Listener(name, config, self.upstreams, stats, self.descriptors)
+        return Listener(name, config, self.target_groups, stats, self.descriptors)
 
-    def _build_upstream(self, name: str, config: TargetGroupConfig) -> Upstream:
-        group = TargetGroup(name, [Target(t.address, t.weight) for t in config.targets])
-        return Upstream(config, group, make_balancer(config.algorithm, self._rng))
+    def _build_target_group(self, name: str, config: TargetGroupConfig) -> TargetGroup:
+        return TargetGroup(name, config, make_balancer(config.algorithm, self._rng))
 
     async def start(self) -> None:
         """Bind every listener (and the admin listener); on failure, nothing stays bound."""
@@ -153,7 +150,7 @@ class Proxy:
                 await self.binding.start(listener)
             if self.admin is not None:
                 await self.admin.start()
-            for checker in self.health_checkers:
+            for checker in self.health_checkers.values():
                 checker.start()
             self._loop_lag.start()
             watch = self.config.proxy.watch_config and self.role is not Role.WORKER
@@ -200,8 +197,10 @@ class Proxy:
         await self.drain(grace)
         if self._stopped.is_set():
             return
-        for checker in self.health_checkers:
+        for checker in self.health_checkers.values():
             await checker.stop()
+        for group in self.target_groups.values():
+            await group.close()
         if self.workers is not None:
             await self.workers.stop()
         self._loop_lag.stop()
@@ -218,7 +217,7 @@ class Proxy:
         connections = sum(len(listener.flows) for listener in self.metric_listeners())
         return (
             f"{len(self.listeners)} listener(s), {connections} connection(s), "
-            f"{len(self.upstreams)} target group(s)"
+            f"{len(self.target_groups)} target group(s)"
         )
 
     # --- what /metrics reads (ProxyView) ---------------------------------------------------------
@@ -228,8 +227,8 @@ class Proxy:
         self.retired = [listener for listener in self.retired if listener.flows]
         return [*self.listeners.values(), *self.retired]
 
-    def metric_target_groups(self) -> list[Upstream]:
-        return list(self.upstreams.values())
+    def metric_target_groups(self) -> list[TargetGroup]:
+        return list(self.target_groups.values())
 
     def reload_status(self) -> tuple[dict[str, int], bool, float]:
         return self.reloads, self.last_reload_ok, self.last_reload_success_time
@@ -316,9 +315,9 @@ class Proxy:
     async def _apply(self, new: Config) -> None:
         # 1. Prepare everything that can fail, with no effect on traffic yet.
         added_groups = {
-            name: self._build_upstream(name, group_config)
+            name: self._build_target_group(name, group_config)
             for name, group_config in new.target_groups.items()
-            if name not in self.upstreams
+            if name not in self.target_groups
         }
         refreshed_tls = {
             name: ServerTls(name, listener.config.tls, alpn=listener.tls.alpn)
@@ -330,9 +329,9 @@ class Proxy:
         fresh_contexts = {
             name: target_context(name, group_config.tls or TargetTls())
             for name, group_config in new.target_groups.items()
-            if group_config.protocol == "tls" and name in self.upstreams
+            if group_config.protocol == "tls" and name in self.target_groups
         }
-        self.upstreams.update(added_groups)
+        self.target_groups.update(added_groups)
         started: list[Listener] = []
         replaced = {
             name: self._build_listener(name, config)
@@ -347,7 +346,7 @@ class Proxy:
             for listener in started:
                 self.binding.stop(listener)
             for name in added_groups:
-                del self.upstreams[name]
+                del self.target_groups[name]
             raise
         # 2. Commit: nothing below fails.
         for name, tls in refreshed_tls.items():
@@ -366,51 +365,41 @@ class Proxy:
         self.listeners = listeners
         for name, group_config in new.target_groups.items():
             if name not in added_groups:
-                self._update_group(self.upstreams[name], group_config, fresh_contexts.get(name))
-        for name in [n for n in self.upstreams if n not in new.target_groups]:
-            upstream = self.upstreams[name]
-            for target in list(upstream.group.targets):
-                if target.state not in (TargetState.DRAINING, TargetState.UNUSED):
-                    self.deregister(name, target.address)
+                self._update_group(self.target_groups[name], group_config, fresh_contexts.get(name))
+        for name in [n for n in self.target_groups if n not in new.target_groups]:
+            self.target_groups[name].deregister_all()
         for name in added_groups:
-            self._start_checker(self.upstreams[name])
+            self._add_checker(self.target_groups[name], start=True)
 
     def _update_group(
-        self, upstream: Upstream, config: TargetGroupConfig, context: ssl.SSLContext | None
+        self, group: TargetGroup, config: TargetGroupConfig, context: ssl.SSLContext | None
     ) -> None:
         if context is not None:
-            upstream.ssl_context = context  # new TLS material for new dials only
-        if config == upstream.config:
+            group.ssl_context = context  # new TLS material for new dials only
+        if config == group.config:
             return
-        old = upstream.config
-        upstream.config = config
+        old = group.config
+        group.config = config
         if config.algorithm != old.algorithm:
-            upstream.balancer = make_balancer(config.algorithm, self._rng)
-        wanted = {t.address: t.weight for t in config.targets}
-        for target in list(upstream.group.targets):
-            if target.address in wanted:
-                target.weight = wanted.pop(target.address)
-            elif target.state not in (TargetState.DRAINING, TargetState.UNUSED):
-                self.deregister(upstream.name, target.address)
-        for address, weight in wanted.items():
-            upstream.group.targets.append(Target(address, weight))
+            group.balancer = make_balancer(config.algorithm, self._rng)
+        group.reconcile(config)
         if config.health_check != old.health_check:
-            for checker in [c for c in self.health_checkers if c.upstream is upstream]:
-                self.health_checkers.remove(checker)
+            checker = self.health_checkers.pop(group.name, None)
+            if checker is not None:
                 self._spawn(checker.stop())
-            self._start_checker(upstream)
-        else:
-            for checker in self.health_checkers:
-                if checker.upstream is upstream:
-                    for target in upstream.group.targets:
-                        checker.watch(target)
+            self._add_checker(group, start=True)
+        elif group.name in self.health_checkers:
+            self.health_checkers[group.name].start()  # probes the new targets
 
-    def _start_checker(self, upstream: Upstream) -> None:
-        if upstream.config.health_check is None or self.role is Role.WORKER:
+    def _add_checker(self, group: TargetGroup, *, start: bool = False) -> None:
+        """The active checks of ``group``, if it has any; workers take states from their
+        supervisor instead, so each target is probed once."""
+        check = group.config.health_check
+        if check is None or self.role is Role.WORKER:
             return
-        checker = HealthChecker(upstream, upstream.config.health_check, self._rng)
-        self.health_checkers.append(checker)
-        checker.start()
+        checker = self.health_checkers[group.name] = HealthChecker(group, check, self._rng)
+        if start:
+            checker.start()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -421,59 +410,14 @@ class Proxy:
 
     def register(self, group_name: str, address: Address, weight: int) -> Target:
         """Add a target (state ``initial``); raises ``KeyError`` / ``TargetExists``."""
-        upstream = self.upstreams[group_name]
-        if upstream.group.find(address) is not None:
-            raise TargetExists(f"target {address} is already in target group '{group_name}'")
-        target = Target(address, weight)
-        upstream.group.targets.append(target)
-        for checker in self.health_checkers:
-            if checker.upstream is upstream:
-                checker.watch(target)
-        log.info("target group '%s': registered %s (weight %d)", group_name, address, weight)
+        group = self.target_groups[group_name]
+        target = group.register(address, weight)
+        checker = self.health_checkers.get(group_name)
+        if checker is not None:
+            checker.watch(target)
         return target
 
     def deregister(self, group_name: str, address: Address) -> Target:
-        """Start draining a target: no new connections; its sessions are closed spread over the
-        group's ``deregistration_delay_seconds``; then it becomes ``unused`` and is removed."""
-        upstream = self.upstreams[group_name]
-        target = upstream.group.find(address)
-        if target is None:
-            raise KeyError(address)
-        if target.state in (TargetState.DRAINING, TargetState.UNUSED):
-            raise TargetExists(f"target {address} is already {target.state.value}")
-        before = target.state
-        target.state = TargetState.DRAINING
-        target.reason = "Target.DeregistrationInProgress"
-        log_target_state(group_name, target, before, "deregistered")
-        self._spawn(self._drain_target(upstream, target))
-        return target
-
-    async def _drain_target(self, upstream: Upstream, target: Target) -> None:
-        delay = upstream.config.deregistration_delay_seconds
-        loop = asyncio.get_running_loop()
-        flows = [
-            flow
-            for listener in self.metric_listeners()  # retired listeners' sessions too
-            for flow in listener.flows
-            if flow.target is target
-        ]
-        log.info(
-            "target group '%s': draining %s: %d session(s) over %g s",
-            upstream.name,
-            target.address,
-            len(flows),
-            delay,
-        )
-        # Spread the closes so the clients reconnect gradually, not in one storm.
-        for index, flow in enumerate(flows):
-            at = delay * index / len(flows)
-            loop.call_later(at, flow.drain, max(0.0, delay - at))
-        await asyncio.sleep(delay)
-        for flow in [f for listener in self.metric_listeners() for f in listener.flows]:
-            if flow.target is target:
-                flow.abort()
-        target.state = TargetState.UNUSED
-        target.reason = "Target.NotRegistered"
-        if target in upstream.group.targets:
-            upstream.group.targets.remove(target)
-        log_target_state(upstream.name, target, TargetState.DRAINING, "deregistration done")
+        """Start draining a target (see ``TargetGroup.deregister``); raises ``KeyError`` /
+        ``TargetExists``."""
+        return self.target_groups[group_name].deregister(address)

@@ -53,7 +53,7 @@ async def test_a_killed_target_leaves_and_comes_back(
 ) -> None:
     a, b = echo_targets[0], echo_targets[1]
     proxy = await make_proxy(config([a.address, b.address]))
-    group = proxy.upstreams["chat"].group
+    group = proxy.target_groups["chat"]
     await wait_for(lambda: all(t.state is TargetState.HEALTHY for t in group.targets))
     address = listener_address(proxy)
     port = b.address.port
@@ -81,7 +81,7 @@ async def test_first_probe_runs_at_once(
     dead = await closed_port()
     slow_check = CHECK.replace("interval_seconds = 0.5", "interval_seconds = 30")
     proxy = await make_proxy(config([echo_targets[0].address, dead], check=slow_check))
-    group = proxy.upstreams["chat"].group
+    group = proxy.target_groups["chat"]
     await wait_for(lambda: group.targets[1].state is TargetState.UNHEALTHY, timeout=3)
     assert group.targets[0].state is TargetState.HEALTHY
 
@@ -92,24 +92,24 @@ async def test_passive_checks_mark_a_refusing_target_at_once(
     dead = await closed_port()
     proxy = await make_proxy(config([dead, echo_targets[0].address], check=""))
     address = listener_address(proxy)
-    upstream = proxy.upstreams["chat"]
+    group = proxy.target_groups["chat"]
     for _ in range(8):
         await echo_once(address)
-    assert upstream.group.targets[0].state is TargetState.UNHEALTHY
+    assert group.targets[0].state is TargetState.UNHEALTHY
     # then it was no longer tried
-    assert upstream.stats.connect_errors_by_reason() == {"refused": 3}
+    assert group.stats.connect_errors_by_reason() == {"refused": 3}
 
 
 async def test_all_unhealthy_rejects_or_fails_open(make_proxy: ProxyFactory) -> None:
     dead = [await closed_port(), await closed_port()]
     reject = await make_proxy(config(dead, extra='when_all_unhealthy = "reject"'))
-    group = reject.upstreams["chat"].group
+    group = reject.target_groups["chat"]
     await wait_for(lambda: all(t.state is TargetState.UNHEALTHY for t in group.targets))
     response = await exchange_raw(listener_address(reject), upgrade_request())
     assert status_of(response) == 503
     fail_open = await make_proxy(config(dead))
-    group = fail_open.upstreams["chat"].group
+    group = fail_open.target_groups["chat"]
     await wait_for(lambda: all(t.state is TargetState.UNHEALTHY for t in group.targets))
     response = await exchange_raw(listener_address(fail_open), upgrade_request())
     assert status_of(response) == 502  # tried the unhealthy targets anyway, as NLB does
-    assert fail_open.upstreams["chat"].failing_open
+    assert fail_open.target_groups["chat"].failing_open

@@ -45,7 +45,7 @@ def bound_methods_of(owners: tuple[type, ...]) -> int:
 def check_relay_wiring(relay: Relay) -> None:
     client, target = relay.client, relay.target
     if isinstance(relay, WebSocketRelay):  # every byte through a frame tracker
-        assert (client.on_data, target.on_data) == (relay.upstream, relay.downstream)
+        assert (client.on_data, target.on_data) == (relay.to_target, relay.to_client)
         assert client.peer is None and target.peer is None
     else:  # each endpoint writes what it reads straight to the other
         assert client.peer is target and target.peer is client

@@ -85,7 +85,7 @@ async def test_target_tls_failures_are_502_never_plaintext(
     assert status_of(response) == 502
     assert wss_target.sessions == 0
     if name != "no client certificate":  # TLS 1.3: the target refuses only after the handshake
-        assert proxy.upstreams["secure"].stats.connect_errors_by_reason() == {"tls": 1}
+        assert proxy.target_groups["secure"].stats.connect_errors_by_reason() == {"tls": 1}
 
 
 def test_target_tls_files_are_checked(pki: Pki, tmp_path: object) -> None:

@@ -442,7 +442,7 @@ async def test_refused_target_is_skipped(
             async with session.ws_connect(f"ws://{listener_address(proxy)}/") as ws:
                 await ws.send_str("x")
                 assert await ws.receive_str(timeout=5) == "x"
-    assert proxy.upstreams["chat"].stats.connect_errors_by_reason()["refused"] >= 2
+    assert proxy.target_groups["chat"].stats.connect_errors_by_reason()["refused"] >= 2
 
 
 async def test_all_targets_refusing_is_a_502(make_proxy: ProxyFactory) -> None:
@@ -451,7 +451,7 @@ async def test_all_targets_refusing_is_a_502(make_proxy: ProxyFactory) -> None:
     response = await exchange_raw(listener_address(proxy), upgrade_request())
     assert status_of(response) == 502
     assert (
-        proxy.upstreams["chat"].stats.connect_errors_by_reason()["refused"] == 3
+        proxy.target_groups["chat"].stats.connect_errors_by_reason()["refused"] == 3
     )  # a, b, a: never twice in a row
 
 

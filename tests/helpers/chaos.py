@@ -2,7 +2,7 @@
 toxics can be changed while it runs.
 
 Put it between wsproxy and a target (or a client and wsproxy). Toxics, per direction
-(``upstream`` = toward the target, ``downstream`` = back):
+(``to_target`` = toward the target, ``to_client`` = back):
 - ``latency``: seconds added before each chunk is forwarded;
 - ``bandwidth``: bytes per second (0 = unlimited);
 - ``slicer``: forward at most this many bytes per write (1 = byte by byte);
@@ -51,8 +51,8 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 class ChaosRelay:
     def __init__(self, target: Address) -> None:
         self.target = target
-        self.upstream = Toxics()
-        self.downstream = Toxics()
+        self.to_target = Toxics()
+        self.to_client = Toxics()
         self.black_hole = False
         self.address = Address("127.0.0.1", 0)
         self.accepted = 0
@@ -96,8 +96,8 @@ class ChaosRelay:
             )
             link.target = target_writer
             link.tasks = [
-                asyncio.create_task(self._pump(reader, target_writer, self.upstream, link)),
-                asyncio.create_task(self._pump(target_reader, writer, self.downstream, link)),
+                asyncio.create_task(self._pump(reader, target_writer, self.to_target, link)),
+                asyncio.create_task(self._pump(target_reader, writer, self.to_client, link)),
             ]
             await asyncio.gather(*link.tasks, return_exceptions=True)
         except (OSError, asyncio.CancelledError):

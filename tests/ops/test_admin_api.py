@@ -61,7 +61,7 @@ async def test_register_routes_new_connections_and_rejects_bad_calls(
                 assert "error" in await r.json()
         async with session.post(f"{api}/chat/targets", data=b"{not json") as r:
             assert r.status == 400
-    assert len(proxy.upstreams["chat"].group.targets) == 2  # nothing else changed
+    assert len(proxy.target_groups["chat"].targets) == 2  # nothing else changed
 
 
 async def test_deregistration_drains_sessions_spread_over_the_delay(
@@ -106,7 +106,7 @@ async def test_deregistration_drains_sessions_spread_over_the_delay(
                 await ws.send_str("x")
                 await ws.receive_str(timeout=5)
         assert second.sessions == 4  # no new session reached it
-        await wait_for(lambda: len(proxy.upstreams["chat"].group.targets) == 1, timeout=5)
+        await wait_for(lambda: len(proxy.target_groups["chat"].targets) == 1, timeout=5)
         for ws in sockets:
             await ws.close()
 

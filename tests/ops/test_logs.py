@@ -120,7 +120,7 @@ async def test_lifecycle_events_are_json_with_their_fields(
             + "[target_groups.chat.health_check]\ninterval_seconds = 0.5\n"
             "timeout_seconds = 0.2\nhealthy_threshold = 1\n"
         )
-        await wait_for(lambda: proxy.upstreams["chat"].group.targets[0].state == "healthy")
+        await wait_for(lambda: proxy.target_groups["chat"].targets[0].state == "healthy")
         await proxy.drain(grace=0.5)
     events = [json.loads(JsonFormatter().format(r)) for r in caplog.records if hasattr(r, "event")]
     by_kind = {entry["event"]: entry for entry in events}

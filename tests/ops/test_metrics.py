@@ -89,7 +89,7 @@ async def test_every_family_counts_what_happened_and_promtool_accepts_it(
     assert proxy.admin is not None
     admin = f"http://{proxy.admin.address}"
     address = listener_address(proxy)
-    await wait_for(lambda: proxy.upstreams["echo"].group.targets[0].state == "healthy")
+    await wait_for(lambda: proxy.target_groups["echo"].targets[0].state == "healthy")
     client_host = "evil-host.example"
     connector = aiohttp.TCPConnector(ssl=client_context(pki, alice_cert, alice_key))
     async with aiohttp.ClientSession(connector=connector) as session:

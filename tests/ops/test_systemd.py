@@ -142,7 +142,7 @@ targets = [{listed}]
             ws = await session.ws_connect(f"ws://{listener_address(proxy)}/")
             swap_configmap(mount, "..2026_11_28_15_01_00.2", text(*echo_targets[:2]))
             await wait_for(lambda: proxy.reloads["success"] == 1, timeout=5)
-            addresses = [t.address for t in proxy.upstreams["chat"].group.targets]
+            addresses = [t.address for t in proxy.target_groups["chat"].targets]
             assert echo_targets[1].address in addresses
             await ws.send_str("kept")  # an established session is untouched by the reload
             assert await ws.receive_str(timeout=5) == "kept"

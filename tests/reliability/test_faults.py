@@ -117,7 +117,7 @@ async def test_a_killed_target_ends_only_its_sessions_and_leaks_nothing(
         for index in range(6):
             async with client.ws_connect(url) as ws:
                 await echo_once(ws, f"new {index}")
-        target = proxy.upstreams["echo"].group.find(doomed.address)
+        target = proxy.target_groups["echo"].find(doomed.address)
         assert target is not None and target.state is TargetState.UNHEALTHY
         for ws in sockets:
             await ws.close()
@@ -142,7 +142,7 @@ async def test_a_reset_during_the_upgrade_is_retried_and_after_it_is_not(
     chaos = ChaosRelay(echo_targets[0].address)
     await chaos.start()
     try:
-        chaos.downstream.limit_data = 0  # the target's first byte (its 101) turns into a reset
+        chaos.to_client.limit_data = 0  # the target's first byte (its 101) turns into a reset
         proxy = await make_proxy(
             ws_config(("echo", [chaos.address, echo_targets[1].address]), algorithm="round_robin")
         )
@@ -152,7 +152,7 @@ async def test_a_reset_during_the_upgrade_is_retried_and_after_it_is_not(
                 await echo_once(ws, "retried")
             assert chaos.accepted == 1 and echo_targets[1].sessions == 1
 
-            chaos.downstream.limit_data = None
+            chaos.to_client.limit_data = None
             ws = await client.ws_connect(url)
             while chaos.accepted < 2:  # round robin: the next session goes through the relay
                 await ws.close()
@@ -182,7 +182,7 @@ async def test_connect_timeout_is_honoured_within_20_percent(make_proxy: ProxyFa
         waited = time.monotonic() - started
     assert status_of(response) == 504
     assert 0.8 <= waited <= 1.2, waited
-    assert proxy.upstreams["chat"].stats.connect_errors[(str(address), "timeout")] == 1
+    assert proxy.target_groups["chat"].stats.connect_errors[(str(address), "timeout")] == 1
 
 
 async def test_a_black_holed_target_times_out_is_marked_down_and_avoided(
@@ -202,7 +202,7 @@ async def test_a_black_holed_target_times_out_is_marked_down_and_avoided(
                 ),
             )
         )
-        group = proxy.upstreams["echo"].group
+        group = proxy.target_groups["echo"]
         black = group.find(chaos.address)
         assert black is not None
         await wait_for(lambda: black.state is TargetState.UNHEALTHY, timeout=5)
@@ -234,7 +234,7 @@ async def test_sessions_to_a_target_black_holed_mid_session_end_through_keepaliv
             await echo_once(ws, "before")
             await asyncio.sleep(1.0)  # silent but alive: pings answered, pongs not forwarded
             await echo_once(ws, "still alive")
-            chaos.upstream.stall = chaos.downstream.stall = True  # the target vanishes, no FIN
+            chaos.to_target.stall = chaos.to_client.stall = True  # the target vanishes, no FIN
             started = time.monotonic()
             message = await ws.receive(timeout=5)
             waited = time.monotonic() - started
@@ -279,14 +279,14 @@ async def test_hysteresis_holds_while_a_target_flaps(make_proxy: ProxyFactory) -
                 ),
             )
         )
-        upstream = proxy.upstreams["echo"]
+        group = proxy.target_groups["echo"]
         await asyncio.sleep(4.0)  # ~8 probes, alternating ok / failed
         assert answers >= 6
-        target = upstream.group.targets[0]
+        target = group.targets[0]
         # initial -> healthy on the first (ok) result, then never two failures or three
         # successes in a row: no routing change after that first one.
         assert target.state is TargetState.HEALTHY
-        assert upstream.stats.transitions.get(str(address), 0) == 0
+        assert group.stats.transitions.get(str(address), 0) == 0
     finally:
         server.close()
 
@@ -354,7 +354,7 @@ async def test_fifty_reloads_in_ten_seconds_drop_no_session_and_leak_nothing(
     assert min(exchanged) > 20
     # The last valid generation won: variant(50).
     assert proxy.config.listeners["edge"].rules[0].path_prefix == "/v2"
-    weights = {t.address: t.weight for t in proxy.upstreams["echo"].group.targets}
+    weights = {t.address: t.weight for t in proxy.target_groups["echo"].targets}
     assert weights[echo_targets[0].address] == 1
     assert fds_after <= fds + 4, (fds, fds_after)
     assert rss_after - rss < 20 * 1024 * 1024, (rss, rss_after)

@@ -40,7 +40,7 @@ async def byte_by_byte() -> AsyncIterator[list[ChaosRelay]]:
 
 async def slicer_in_front_of(address: Address, relays: list[ChaosRelay]) -> Address:
     relay = ChaosRelay(address)
-    relay.upstream.slicer = 1  # client -> proxy: one byte per write
+    relay.to_target.slicer = 1  # client -> proxy: one byte per write
     relays.append(relay)
     return await relay.start()
 

@@ -19,7 +19,7 @@ from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, ProxyHeader, ProxyHeader
 
 if TYPE_CHECKING:
     from wsproxy.listener import Listener
-    from wsproxy.targets.target_group import Upstream
+    from wsproxy.targets.target_group import TargetGroup
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -41,6 +41,7 @@ class Flow:
         "drain_deadline",
         "draining",
         "finished",
+        "group",
         "handshake_bytes_in",
         "handshake_bytes_out",
         "ip_admitted",
@@ -53,7 +54,6 @@ class Flow:
         "started",
         "target",
         "target_endpoint",
-        "target_group",
         "target_label",
         "task",
         "tls_version",
@@ -85,7 +85,7 @@ class Flow:
         self.sni: str | None = None
         self.tls_version: str | None = None
         self.client_cert_subject: str | None = None
-        self.target_group: str | None = None
+        self.group: TargetGroup | None = None  # the routed target group
         self.target_label: str | None = None  # the target's address, kept after its release
         self.handshake_bytes_in = 0
         self.handshake_bytes_out = 0
@@ -327,24 +327,33 @@ class Flow:
             "termination": termination(reason, self.phase),
         }
 
+    @property
+    def target_group(self) -> str | None:
+        """The routed target group's name (the log line's and the metrics' label)."""
+        return self.group.name if self.group is not None else None
+
     def take_target(self, target: Target) -> None:
-        """This flow now holds a connection to ``target``: counted for the balancers
-        (``acquire``), in the descriptor budget and in the log record."""
-        target.acquire()
+        """This flow now holds a connection to ``target`` of its group: counted for the
+        balancers and indexed for draining (``TargetGroup.attach``), in the descriptor budget and
+        in the log record."""
+        if self.group is None:
+            raise RuntimeError("take_target before the flow was routed to a target group")
+        self.group.attach(target, self)
         self.target = target
         self.listener.budget.open += 1
         self.target_label = target.label
 
     def drop_target(self) -> None:
         """Give the target connection back (a retry elsewhere, or the end of the flow)."""
-        if self.target is not None:
-            self.target.release()
+        target = self.target
+        if target is not None and self.group is not None:
+            self.group.detach(target, self)
             self.target = None
             self.listener.budget.open -= 1
 
-    def proxy_header_for(self, upstream: Upstream, sni: str | None = None) -> bytes:
-        """The PROXY v2 header ``upstream`` wants before the first byte, or nothing."""
-        return self.proxy_header(sni) if upstream.config.proxy_protocol_v2 else b""
+    def proxy_header_for(self, group: TargetGroup, sni: str | None = None) -> bytes:
+        """The PROXY v2 header ``group`` wants before the first byte, or nothing."""
+        return self.proxy_header(sni) if group.config.proxy_protocol_v2 else b""
 
     def proxy_header(self, sni: str | None = None) -> bytes:
         """A PROXY v2 header for this connection (used when the target group asks for one)."""

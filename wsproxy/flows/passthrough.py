@@ -39,11 +39,11 @@ class PassthroughFlow(Flow):
                 f"no complete ClientHello within {config.client_hello_timeout_seconds:g} s"
             ) from None
         self.sni = hello.server_name
-        upstream = self.listener.upstream(self.listener.sni_router.route(hello.server_name))
-        self.target_group = upstream.name
+        group = self.listener.target_group(self.listener.sni_router.route(hello.server_name))
+        self.group = group
         self.phase = PHASE_CONNECT
-        target, self.target_endpoint = await upstream.dial(
-            self.client_ip, Endpoint, self.proxy_header_for(upstream, hello.server_name)
+        target, self.target_endpoint = await group.dial(
+            self.client_ip, Endpoint, self.proxy_header_for(group, hello.server_name)
         )
         self.take_target(target)
         replay = bytes(self._reader.buffered) + self.client.take_held()

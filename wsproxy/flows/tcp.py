@@ -21,10 +21,9 @@ class TcpFlow(Flow):
         self.spawn(self.guarded(self._run()))
 
     async def _run(self) -> None:
-        upstream = self.listener.upstream(self.listener.config.default_target_group)
-        self.target_group = upstream.name
-        target, self.target_endpoint = await upstream.dial(
-            self.client_ip, Endpoint, self.proxy_header_for(upstream, self.sni)
+        group = self.group = self.listener.target_group(self.listener.config.default_target_group)
+        target, self.target_endpoint = await group.dial(
+            self.client_ip, Endpoint, self.proxy_header_for(group, self.sni)
         )
         self.take_target(target)
         self.phase = PHASE_DATA

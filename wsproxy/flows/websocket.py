@@ -24,7 +24,6 @@ from wsproxy.errors import (
     HttpError,
     MalformedBody,
     MalformedHead,
-    NoTargets,
     RequestTimeout,
     TargetClosed,
     TargetError,
@@ -38,7 +37,7 @@ from wsproxy.ops.termination import PHASE_CONNECT, PHASE_DATA, PHASE_UPGRADE
 from wsproxy.relay.relay import Endpoint, Relay
 from wsproxy.relay.websocket import WebSocketRelay
 from wsproxy.targets.target import Target
-from wsproxy.targets.target_group import MAX_ATTEMPTS, Upstream
+from wsproxy.targets.target_group import RetryElsewhere, TargetGroup
 from wsproxy.wire.http1 import (
     BodyKind,
     BodyTracker,
@@ -187,8 +186,8 @@ class WebSocketFlow(Flow):
             log.info("listener '%s': %s", self.listener.name, exc)
         else:
             log.debug("listener '%s': %s", self.listener.name, exc)
-        if self.target_group and isinstance(exc, TargetError):
-            self.listener.count_upgrade(self.target_group, exc.reason)
+        if self.group is not None and isinstance(exc, TargetError):
+            self.listener.count_upgrade(self.group.name, exc.reason)
         response = error_response(exc)
         self.handshake_bytes_out += len(response)
         self.client.write(response)
@@ -249,11 +248,9 @@ class WebSocketFlow(Flow):
                 kind, length = request_body(head)
             except MalformedHead as exc:
                 raise BadRequest(str(exc)) from None
-        group = self.listener.router.route(host, head.path)
-        upstream = self.listener.upstream(group)
-        self.target_group = group
+        group = self.group = self.listener.target_group(self.listener.router.route(host, head.path))
         forwarded = self._forwarded_head(head, host, upgrade)
-        await self._exchange(upstream, head, forwarded, key, rest, kind, length)
+        await self._exchange(group, head, forwarded, key, rest, kind, length)
 
     def _forwarded_head(self, head: RequestHead, host: str, upgrade: bool) -> bytes:
         drop = set(_FORWARDED)
@@ -275,7 +272,7 @@ class WebSocketFlow(Flow):
 
     async def _exchange(
         self,
-        upstream: Upstream,
+        group: TargetGroup,
         head: RequestHead,
         forwarded: bytes,
         key: str,
@@ -283,23 +280,18 @@ class WebSocketFlow(Flow):
         kind: BodyKind,
         length: int,
     ) -> None:
-        config = upstream.config
-        last: Target | None = None
-        error: TargetError | None = None
-        for _attempt in range(MAX_ATTEMPTS):
-            target = upstream.pick(self.client_ip, avoid=last)
-            if target is None:
-                break
-            endpoint = Endpoint()
-            self.target_endpoint = endpoint
-            exchange = _Exchange(self.loop, endpoint)
+        config = group.config
+        # The exchange of the attempt under way (a retry starts a new one on a new endpoint).
+        attempt: list[_Exchange] = []
+
+        def make_endpoint() -> Endpoint:
+            endpoint = self.target_endpoint = Endpoint()
+            attempt[:] = [_Exchange(self.loop, endpoint)]  # reads from the first byte on
             self.phase = PHASE_CONNECT
-            try:
-                header = self.proxy_header_for(upstream, self.sni)
-                await upstream.connect(target, endpoint, header)
-            except TargetError as exc:
-                error, last = exc, target
-                continue
+            return endpoint
+
+        async def send_head(target: Target, endpoint: Endpoint) -> None:
+            exchange = attempt[0]
             self.take_target(target)
             self.phase = PHASE_UPGRADE
             endpoint.write(forwarded)
@@ -307,7 +299,6 @@ class WebSocketFlow(Flow):
                 self._stream_request_body(BodyTracker(kind, length), rest, endpoint)
             try:
                 await self._until_quiet(exchange.head, config.handshake_timeout_seconds)
-                raw_response, response_rest = exchange.head.result()
             except TimeoutError:
                 raise TargetHandshakeTimeout(
                     f"target {target.address} did not answer within "
@@ -319,15 +310,17 @@ class WebSocketFlow(Flow):
                 if exchange.received or kind is not BodyKind.NONE:
                     raise
                 self.drop_target()
-                error, last = exc, target
-                continue
-            await self._answer(upstream, head, key, raw_response, response_rest, rest, exchange)
-            return
-        raise error or NoTargets(f"target group '{upstream.name}' has no target to try")
+                raise RetryElsewhere(exc) from None
+
+        header = self.proxy_header_for(group, self.sni)
+        await group.dial(self.client_ip, make_endpoint, header, send_head)
+        exchange = attempt[0]
+        raw_response, response_rest = exchange.head.result()
+        await self._answer(group, head, key, raw_response, response_rest, rest, exchange)
 
     async def _answer(
         self,
-        upstream: Upstream,
+        group: TargetGroup,
         head: RequestHead,
         key: str,
         raw_response: bytes,
@@ -349,7 +342,7 @@ class WebSocketFlow(Flow):
         if response.status < 200:
             raise BadTargetResponse(f"target answered {response.status} (1xx) to the request")
         if key:
-            self.listener.count_upgrade(upstream.name, "rejected_by_target")
+            self.listener.count_upgrade(group.name, "rejected_by_target")
         self.status = response.status
         await self._forward_response(head, response, response_rest, exchange)
 
@@ -516,7 +509,7 @@ class WebSocketFlow(Flow):
         counts = super().live_counts()
         relay = self.relay
         if isinstance(relay, WebSocketRelay):
-            inbound, outbound = relay.upstream.tracker, relay.downstream.tracker
+            inbound, outbound = relay.to_target.tracker, relay.to_client.tracker
             counts.messages_in, counts.messages_out = inbound.messages, outbound.messages
             counts.frames_in, counts.frames_out = inbound.frames, outbound.frames
         return counts

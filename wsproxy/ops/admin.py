@@ -120,7 +120,7 @@ class AdminServer:
 
     async def _register(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if name not in self._proxy.upstreams:
+        if name not in self._proxy.target_groups:
             return _error(404, f"no target group {name!r}")
         try:
             body = await request.json()
@@ -146,7 +146,7 @@ class AdminServer:
 
     async def _deregister(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if name not in self._proxy.upstreams:
+        if name not in self._proxy.target_groups:
             return _error(404, f"no target group {name!r}")
         try:
             address = parse_address(request.match_info["address"])
@@ -158,7 +158,7 @@ class AdminServer:
             return _error(404, f"no target {address} in target group {name!r}")
         except TargetExists as exc:
             return _error(409, str(exc))
-        delay = self._proxy.upstreams[name].config.deregistration_delay_seconds
+        delay = self._proxy.target_groups[name].config.deregistration_delay_seconds
         return web.json_response(
             {"address": str(address), "state": target.state.value, "delay_seconds": delay},
             status=202,
@@ -217,10 +217,10 @@ class AdminServer:
         return web.json_response({"workers": workers.describe()})
 
     def _describe(self, name: str) -> dict[str, object]:
-        upstream = self._proxy.upstreams[name]
+        group = self._proxy.target_groups[name]
         targets = []
-        for target in upstream.group.targets:
-            record = upstream.records.get(id(target))
+        for target in group.targets:
+            record = group.records.get(target)
             history = list(record.history) if record else []
             targets.append(
                 {
@@ -236,8 +236,8 @@ class AdminServer:
             )
         return {
             "name": name,
-            "algorithm": upstream.config.algorithm.value,
-            "failing_open": upstream.failing_open,
+            "algorithm": group.config.algorithm.value,
+            "failing_open": group.failing_open,
             "targets": targets,
         }
 
@@ -245,12 +245,12 @@ class AdminServer:
         if self._proxy.workers is not None:
             await self._proxy.workers.refresh()  # active connections live in the workers
         return web.json_response(
-            {"target_groups": [self._describe(name) for name in sorted(self._proxy.upstreams)]}
+            {"target_groups": [self._describe(name) for name in sorted(self._proxy.target_groups)]}
         )
 
     async def _target_group(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
-        if name not in self._proxy.upstreams:
+        if name not in self._proxy.target_groups:
             return _error(404, f"no target group {name!r}")
         if self._proxy.workers is not None:
             await self._proxy.workers.refresh()

@@ -203,7 +203,7 @@ class ListenerView(Protocol):
 
 @dataclass(slots=True)
 class TargetGroupStats:
-    """Counts of one target group, by target address; kept on its ``Upstream``."""
+    """Counts of one target group, by target address; kept on its ``TargetGroup``."""
 
     connect_errors: Counter[tuple[str, str]] = field(default_factory=Counter)  # (target, reason)
     health_checks: Counter[tuple[str, str]] = field(default_factory=Counter)  # (target, result)

@@ -56,7 +56,9 @@ class SupervisorSockets:
     def __init__(self, slots: int) -> None:
         self.slots = slots
         self._bound: dict[tuple[str, Address], list[socket.socket]] = {}
-        self._users: dict[tuple[str, Address], set[int]] = {}
+        # The listener objects using each socket set (a reload's replacement and the one it
+        # replaces overlap); keyed by the object, never its recycled id().
+        self._users: dict[tuple[str, Address], set[Listener]] = {}
 
     async def start(self, listener: Listener) -> None:
         key = (listener.name, listener.config.address)
@@ -64,7 +66,7 @@ class SupervisorSockets:
         if sockets is None:
             sockets = self._bind(listener)
             self._bound[key] = sockets
-        self._users.setdefault(key, set()).add(id(listener))
+        self._users.setdefault(key, set()).add(listener)
         host, port = sockets[0].getsockname()[:2]
         listener.address = Address(str(host), int(port))
         log_event(log, "listener_up", "listener '%s' listening on %s", listener.name,
@@ -94,7 +96,7 @@ class SupervisorSockets:
         users = self._users.get(key)
         if users is None:
             return
-        users.discard(id(listener))
+        users.discard(listener)
         if not users:
             for sock in self._bound.pop(key):
                 sock.close()
@@ -197,7 +199,7 @@ class WorkerPool:
             "path": proxy.path,
             "digest": digest,
             "listeners": names,
-            "targets": target_snapshot(proxy.upstreams, asyncio.get_running_loop().time()),
+            "targets": target_snapshot(proxy.target_groups, asyncio.get_running_loop().time()),
         }
         try:
             reply = await channel.request(init, START_TIMEOUT, sockets)
@@ -257,10 +259,10 @@ class WorkerPool:
             for sock in socks:
                 sock.close()  # workers never send sockets
             if message.get("op") == "passive_unhealthy":
-                upstream = self._proxy.upstreams.get(str(message.get("target_group")))
-                if upstream is not None:
+                group = self._proxy.target_groups.get(str(message.get("target_group")))
+                if group is not None:
                     detail = f"worker {slot.index}: {message.get('detail')}"
-                    mark_passive_unhealthy(upstream, str(message.get("target")), detail)
+                    mark_passive_unhealthy(group, str(message.get("target")), detail)
                 return None
             return {"error": f"unknown operation {message.get('op')!r}"}
 
@@ -269,9 +271,9 @@ class WorkerPool:
     async def _sync_targets(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            key = snapshot_key(self._proxy.upstreams)
+            key = snapshot_key(self._proxy.target_groups)
             if key != self._synced:
-                snapshot = target_snapshot(self._proxy.upstreams, loop.time())
+                snapshot = target_snapshot(self._proxy.target_groups, loop.time())
                 for _, channel in self._live():
                     with contextlib.suppress(WorkerUnavailable):
                         channel.send({"op": "targets", "targets": snapshot})
@@ -352,8 +354,8 @@ class WorkerPool:
 
         await asyncio.gather(*(fetch(slot, channel) for slot, channel in self._live()))
         # The supervisor's targets carry no connections of their own: show the workers' sum.
-        for name, upstream in self._proxy.upstreams.items():
-            for target in upstream.group.targets:
+        for name, group in self._proxy.target_groups.items():
+            for target in group.targets:
                 key = str(target.address)
                 target.active = sum(
                     int(slot.report.get("targets", {}).get(name, {}).get(key, 0))

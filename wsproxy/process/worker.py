@@ -121,7 +121,7 @@ class Worker:
         return {"errors": errors}
 
     def _report_passive_failures(self, proxy: Proxy) -> None:
-        for name, upstream in proxy.upstreams.items():
+        for name, group in proxy.target_groups.items():
 
             def report(target: Target, detail: str, group: str = name) -> None:
                 if self.channel is not None and not self.channel.closed.is_set():
@@ -134,15 +134,15 @@ class Worker:
                         }
                     )
 
-            upstream.on_passive_unhealthy = report
+            group.on_passive_unhealthy = report
 
     def _report(self, proxy: Proxy) -> Message:
         return {
             "metrics": _metric_families(proxy),
             "listeners": listener_rows(proxy),
             "targets": {
-                name: {str(t.address): t.active for t in upstream.group.targets}
-                for name, upstream in proxy.upstreams.items()
+                name: {str(t.address): t.active for t in group.targets}
+                for name, group in proxy.target_groups.items()
             },
             "connections": sum(len(listener.flows) for listener in proxy.metric_listeners()),
             "reloads": proxy.reloads,

@@ -108,9 +108,9 @@ class WebSocketRelay(Relay):
         "_tokens",
         "close_code",
         "close_initiator",
-        "downstream",
         "pings_sent",
-        "upstream",
+        "to_client",
+        "to_target",
     )
 
     def __init__(
@@ -136,7 +136,7 @@ class WebSocketRelay(Relay):
         self._ping_timeout = ping_timeout
         self.pings_sent = 0
         # client → target frames must be masked; target → client frames must not be.
-        self.upstream = _Direction(
+        self.to_target = _Direction(
             self,
             FrameTracker(
                 masked=True,
@@ -146,7 +146,7 @@ class WebSocketRelay(Relay):
             ),
             target,
         )
-        self.downstream = _Direction(
+        self.to_client = _Direction(
             self,
             FrameTracker(
                 masked=False,
@@ -156,9 +156,9 @@ class WebSocketRelay(Relay):
             ),
             client,
         )
-        self.upstream.ping_interval = ping_interval
-        self.downstream.ping_interval = target_ping_interval
-        self.upstream.rate_limited = max_messages_per_second > 0
+        self.to_target.ping_interval = ping_interval
+        self.to_client.ping_interval = target_ping_interval
+        self.to_target.rate_limited = max_messages_per_second > 0
         # Client message rate: a token bucket, refilled on each read (nothing runs when off).
         self._rate = max_messages_per_second
         self._burst = float(messages_burst or max(1.0, max_messages_per_second))
@@ -179,16 +179,16 @@ class WebSocketRelay(Relay):
 
     @property
     def bytes_in(self) -> int:
-        return self.upstream.received
+        return self.to_target.received
 
     @property
     def bytes_out(self) -> int:
-        return self.downstream.received
+        return self.to_client.received
 
     def start(self, to_target: bytes = b"", to_client: bytes = b"") -> None:
         loop = asyncio.get_running_loop()
         now = self._rate_mark = loop.time()
-        for direction in (self.upstream, self.downstream):
+        for direction in (self.to_target, self.to_client):
             direction.ping_due = now + direction.ping_interval
         super().start(to_target, to_client)
         if self._session_seconds > 0 and not self.done:
@@ -196,14 +196,14 @@ class WebSocketRelay(Relay):
 
     def _route_data(self, client: Endpoint, target: Endpoint) -> None:
         # Every byte goes through a frame tracker (no ``peer``): calling a direction forwards.
-        client.on_data = self.upstream
-        target.on_data = self.downstream
+        client.on_data = self.to_target
+        target.on_data = self.to_client
 
     def _spend_tokens(self) -> None:
         """Charge the client's new messages to its bucket; over the limit: Close 1008."""
-        messages = self.upstream.tracker.messages
+        messages = self.to_target.tracker.messages
         used = messages - self._rate_counted
-        if not used or self.upstream.sent:
+        if not used or self.to_target.sent:
             return
         self._rate_counted = messages
         now = asyncio.get_running_loop().time()
@@ -301,7 +301,7 @@ class WebSocketRelay(Relay):
         """The relay's one ticker entry: keepalive of both sides, then the idle check."""
         if not self.done and self._close_deadline is None:
             now = self._loop.time()
-            for direction in (self.upstream, self.downstream):
+            for direction in (self.to_target, self.to_client):
                 if direction.ping_interval and now >= direction.ping_due:
                     self._keepalive(direction, now)
         super().tick()
@@ -311,7 +311,7 @@ class WebSocketRelay(Relay):
         if self._close_deadline is not None:
             return delay
         now = self._loop.time()
-        for direction in (self.upstream, self.downstream):
+        for direction in (self.to_target, self.to_client):
             if direction.ping_interval:
                 delay = min(delay, direction.ping_due - now)
         return max(0.0, delay)
@@ -325,11 +325,11 @@ class WebSocketRelay(Relay):
         if direction.received != direction.ping_mark:
             direction.ping_mark = direction.received
             return
-        toward = self.downstream if direction is self.upstream else self.upstream
+        toward = self.to_client if direction is self.to_target else self.to_target
         if toward.sent or not toward.tracker.at_frame_boundary:
             return  # mid-frame toward that side: next time
         payload = direction.ping_payload = b"wsproxy:" + os.urandom(8).hex().encode()
-        mask = self._mask_key() if toward is self.upstream else b""  # the target gets masked
+        mask = self._mask_key() if toward is self.to_target else b""  # the target gets masked
         toward.sink.write(encode_frame(OP_PING, payload, mask=mask))
         self.pings_sent += 1
         direction.ping_due = now + self._ping_timeout
@@ -344,7 +344,7 @@ class WebSocketRelay(Relay):
         """No pong in time: that side is gone. Tell the other one (1001) and cut it.
 
         ``direction`` carries what the silent side sends, so it leads to the other side."""
-        client_gone = direction is self.upstream
+        client_gone = direction is self.to_target
         if client_gone:
             self.set_reason("ping_timeout")
             gone, why, mask = self.client, "client did not answer ping", self._mask_key()
@@ -373,7 +373,7 @@ class WebSocketRelay(Relay):
     def _note_peer_close(self, direction: _Direction) -> None:
         """A Close frame from one side passed through: the proxy must not inject another there."""
         if self.close_initiator is None:
-            self.close_initiator = "client" if direction is self.upstream else "target"
+            self.close_initiator = "client" if direction is self.to_target else "target"
             self.close_code = direction.tracker.close_code
         direction.sent = True
         direction.stop = STOP_NONE
@@ -396,8 +396,8 @@ class WebSocketRelay(Relay):
             self.close_initiator = "proxy"
             self.close_code = client_code
         for direction, code, mask in (
-            (self.downstream, client_code, False),
-            (self.upstream, target_code, True),
+            (self.to_client, client_code, False),
+            (self.to_target, target_code, True),
         ):
             if direction.sent or direction.stop:
                 continue
@@ -418,7 +418,7 @@ class WebSocketRelay(Relay):
         direction.stop = STOP_NONE
         # The side we closed answers in the opposite direction; remember how many Close frames
         # it had sent so far, so its answer is recognised.
-        reply = self.upstream if direction is self.downstream else self.downstream
+        reply = self.to_target if direction is self.to_client else self.to_client
         direction.closes_at_send = reply.tracker.closes
 
     def _side_finished(self, direction: _Direction, endpoint: Endpoint) -> bool:
@@ -428,14 +428,14 @@ class WebSocketRelay(Relay):
             return True
         if not direction.sent or direction.closes_at_send < 0:
             return False
-        reply = self.upstream if direction is self.downstream else self.downstream
+        reply = self.to_target if direction is self.to_client else self.to_client
         return reply.tracker.closes > direction.closes_at_send
 
     def _check_close_handshake(self) -> None:
         if self._close_deadline is None:
             return
-        if self._side_finished(self.downstream, self.client) and self._side_finished(
-            self.upstream, self.target
+        if self._side_finished(self.to_client, self.client) and self._side_finished(
+            self.to_target, self.target
         ):
             self.client.close()
             self.target.close()
@@ -449,16 +449,16 @@ class WebSocketRelay(Relay):
 
     def _violation(self, direction: _Direction, exc: FrameError) -> None:
         """A side broke RFC 6455 or a limit: tell it why, tell the other side we are going away."""
-        if direction is self.upstream:
+        if direction is self.to_target:
             client_code, target_code = exc.close_code, CLOSE_GOING_AWAY
             if exc.offset < 0:
                 # Part of the bad frame's header already reached the target: no clean Close there.
-                self.upstream.sent = True
+                self.to_target.sent = True
                 self.target.close()
         else:
             client_code, target_code = CLOSE_BAD_GATEWAY, exc.close_code
             if exc.offset < 0:
-                self.downstream.sent = True
+                self.to_client.sent = True
                 self.client.close()
         # The offending direction is now at a frame boundary (just before the bad frame).
         offender = direction
@@ -484,7 +484,7 @@ class WebSocketRelay(Relay):
         super()._maybe_done()
 
     def _handshake_complete(self) -> bool:
-        return bool(self.upstream.tracker.closes and self.downstream.tracker.closes)
+        return bool(self.to_target.tracker.closes and self.to_client.tracker.closes)
 
     def _client_eof_received(self) -> bool:
         if self._handshake_complete():
@@ -507,21 +507,21 @@ class WebSocketRelay(Relay):
 
         The target may hang up meanwhile; the client's socket stays open so that its Close
         handshake completes cleanly (a client whose socket drops first reports 1006)."""
-        direction = self.downstream
+        direction = self.to_client
         return (
             self._close_deadline is not None
             and direction.sent
             and direction.closes_at_send >= 0
-            and self.upstream.tracker.closes <= direction.closes_at_send
+            and self.to_target.tracker.closes <= direction.closes_at_send
             and self.client.open
         )
 
     def _client_lost(self, exc: Exception | None) -> None:
-        self._say_goodbye(self.upstream, "client went away")
+        self._say_goodbye(self.to_target, "client went away")
         super()._client_lost(exc)
 
     def _target_lost(self, exc: Exception | None) -> None:
-        self._say_goodbye(self.downstream, "target went away")
+        self._say_goodbye(self.to_client, "target went away")
         if self._awaiting_client_reply():
             self._check_close_handshake()
             return
@@ -532,7 +532,7 @@ class WebSocketRelay(Relay):
         sink = direction.sink
         if direction.sent or not direction.tracker.at_frame_boundary or not sink.open:
             return
-        mask = self._mask_key() if direction is self.upstream else b""
+        mask = self._mask_key() if direction is self.to_target else b""
         sink.write(encode_close(CLOSE_GOING_AWAY, why, mask=mask))
         direction.sent = True
         if self.close_initiator is None:

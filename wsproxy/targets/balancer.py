@@ -11,7 +11,7 @@ import hashlib
 import math
 import random
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, assert_never
 
 from wsproxy.address import Address
 from wsproxy.config import Algorithm
@@ -107,10 +107,17 @@ class SourceIp:
 
 
 def make_balancer(algorithm: Algorithm, rng: random.Random) -> Balancer:
-    if algorithm is Algorithm.ROUND_ROBIN:
-        return RoundRobin()
-    if algorithm is Algorithm.LEAST_CONNECTIONS:
-        return LeastConnections(rng)
-    if algorithm is Algorithm.RANDOM_TWO:
-        return RandomTwo(rng)
-    return SourceIp()
+    """The balancer for ``algorithm``; a value not handled here fails loudly (``assert_never``:
+    mypy flags a new ``Algorithm`` member left out, and at run time it raises), never a silent
+    fallback to some other algorithm."""
+    match algorithm:
+        case Algorithm.ROUND_ROBIN:
+            return RoundRobin()
+        case Algorithm.LEAST_CONNECTIONS:
+            return LeastConnections(rng)
+        case Algorithm.RANDOM_TWO:
+            return RandomTwo(rng)
+        case Algorithm.SOURCE_IP:
+            return SourceIp()
+        case _:
+            assert_never(algorithm)

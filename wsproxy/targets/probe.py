@@ -12,6 +12,7 @@ import base64
 import os
 import ssl
 import struct
+from typing import assert_never
 
 from wsproxy.address import Address
 from wsproxy.config import HealthCheckConfig
@@ -70,11 +71,17 @@ async def _probe(
             writer.write(encode_v2(None, None, local=True))
         if use_tls and tls is not None:
             await writer.start_tls(tls, server_hostname=server_name or target.host)
-        if check.protocol == "tcp":
-            return "connected"
-        if check.protocol in ("http", "https"):
-            return await _http(check, target, reader, writer)
-        return await _websocket(check, target, reader, writer)
+        # Every protocol is named: a value added to the config but not here fails loudly
+        # (mypy and assert_never), instead of being probed as some other protocol.
+        match check.protocol:
+            case "tcp":
+                return "connected"
+            case "http" | "https":
+                return await _http(check, target, reader, writer)
+            case "websocket":
+                return await _websocket(check, target, reader, writer)
+            case _:
+                assert_never(check.protocol)
     finally:
         writer.close()
 
