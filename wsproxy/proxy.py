@@ -12,6 +12,7 @@ from collections.abc import Coroutine
 from enum import StrEnum
 from typing import Any, Protocol
 
+from wsproxy import config_diff
 from wsproxy.address import Address
 from wsproxy.config import Config, ListenerConfig, TargetGroupConfig, TargetTls, load_config
 from wsproxy.descriptors import DescriptorBudget
@@ -100,6 +101,7 @@ class Proxy:
         binding: ListenerBinding | None = None,
     ) -> None:
         self.config = config
+        self._tls_digests = config_diff.read_digests(config)  # what the next reload compares to
         self.path = path  # the file reloads read again
         self.role = role
         self.binding: ListenerBinding = binding or OwnSockets()
@@ -274,7 +276,9 @@ class Proxy:
             return self._reload_failed([str(issue) for issue in exc.issues])
         except (OSError, WsproxyError) as exc:
             return self._reload_failed([str(exc)])
-        self.config = new
+        tls_digests = config_diff.read_digests(new)
+        changes = config_diff.diff(self.config, new, self._tls_digests, tls_digests)
+        self.config, self._tls_digests = new, tls_digests
         if self.workers is not None:
             errors = await self.workers.reload(source, digest)
             if errors:
@@ -282,7 +286,9 @@ class Proxy:
         self.reloads["success"] += 1
         self.last_reload_ok = True
         self.last_reload_success_time = time.time()
-        log_event(log, "reload", "reloaded %s", source, result="success", file=str(source))
+        log_event(log, "reload", "reloaded %s: %s", source, config_diff.summary(changes),
+                  result="success", file=str(source),
+                  changes=[change.as_dict() for change in changes])  # fmt: skip
         return []
 
     async def _watch_config(self, path: str) -> None:

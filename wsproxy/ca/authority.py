@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +20,7 @@ from wsproxy.ca.store import (
     CAStore,
     Index,
     IndexEntry,
+    Settings,
     check_name,
     read_private_key_file,
     write_atomic,
@@ -81,6 +84,33 @@ def _key_usage(**granted: bool) -> x509.KeyUsage:
     return x509.KeyUsage(**{bit: granted.get(bit, False) for bit in bits})
 
 
+def check_crl_url(url: str) -> str:
+    """An ``http://`` URL with a host, fit for a CRL Distribution Point; raises ``CAError``.
+
+    Plain http only: RFC 5280 §4.2.1.13 has an HTTP distribution point serve one DER CRL, and the
+    CRL carries its own signature; an https URL would need a revocation check of its own, so
+    TLS stacks and scanners expect http (the CA/Browser Forum's Baseline Requirements do too).
+    """
+    hint = "e.g. http://wsproxy.internal:9900/v1/crl (the admin listener serves the CRL there)"
+    if not url.isascii() or any(char.isspace() or not char.isprintable() for char in url):
+        raise CAError(f"--crl-url {url!r}: must be ASCII without spaces (percent-encode them)")
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme != "http":
+        raise CAError(
+            f"--crl-url {url!r}: must be an http:// URL (clients fetch CRLs over plain HTTP; "
+            f"the CRL is signed, so it needs no TLS); {hint}"
+        )
+    try:
+        _ = parsed.port  # reading it parses it: a bad port raises here
+    except ValueError as exc:
+        raise CAError(f"--crl-url {url!r}: {exc}; {hint}") from None
+    if not parsed.hostname:
+        raise CAError(f"--crl-url {url!r}: names no host; {hint}")
+    if parsed.fragment:
+        raise CAError(f"--crl-url {url!r}: a fragment (#...) means nothing to a CRL client")
+    return url
+
+
 def _iso(moment: dt.datetime) -> str:
     return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -92,6 +122,7 @@ class Issued:
     cert_path: str
     key_path: str
     not_after: dt.datetime
+    crl_urls: tuple[str, ...] = ()  # its CRL Distribution Points
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,11 +143,13 @@ class CertificateAuthority:
 
     # --- init -----------------------------------------------------------------------------------
 
-    def init(self, name: str = "wsproxy CA") -> x509.Certificate:
-        """Create the root; refuses to overwrite an existing CA."""
+    def init(self, name: str = "wsproxy CA", crl_urls: Sequence[str] = ()) -> x509.Certificate:
+        """Create the root; refuses to overwrite an existing CA. ``crl_urls`` (http) go into
+        every certificate it issues, as their CRL Distribution Points."""
         store = self.store
         if store.exists():
             raise CAError(f"a CA already exists in {store.ca_dir}; refusing to overwrite it")
+        urls = [check_crl_url(url) for url in crl_urls]
         now = self.clock.now()
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -140,6 +173,7 @@ class CertificateAuthority:
         write_atomic(store.ca_key, _key_pem(key), 0o600)
         write_atomic(store.ca_cert, cert.public_bytes(serialization.Encoding.PEM), 0o644)
         store.issued_dir.mkdir(parents=True, exist_ok=True)
+        store.save_settings(Settings(crl_urls=urls))
         index = Index()
         store.save_index(index)
         self._write_crl(cert, key, index)
@@ -159,6 +193,20 @@ class CertificateAuthority:
         if key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki):
             raise CAError(f"{self.store.ca_key} does not match {self.store.ca_cert}")
         return cert, key
+
+    @property
+    def settings(self) -> Settings:
+        self.store.require()
+        return self.store.load_settings()
+
+    def set_crl_urls(self, crl_urls: Sequence[str]) -> Settings:
+        """Replace the CRL URLs written into certificates issued from now on (``[]``: none).
+        Certificates issued before keep what they carry; re-issue them to change it."""
+        urls = [check_crl_url(url) for url in crl_urls]
+        settings = self.settings
+        settings.crl_urls = urls
+        self.store.save_settings(settings)
+        return settings
 
     @property
     def ca_certificate(self) -> x509.Certificate:
@@ -215,6 +263,7 @@ class CertificateAuthority:
         if days <= 0:
             raise CAError(f"--days must be > 0, got {days}")
         ca_cert, ca_key = self._load_ca()
+        crl_urls = self.store.load_settings().crl_urls
         index = self.store.load_index()
         current = [e for e in index.certificates if e.name == name and e.status == "valid"]
         if current:
@@ -254,6 +303,16 @@ class CertificateAuthority:
         )
         if sans:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        if crl_urls:
+            # One distribution point, several names: the same CRL at each URL (RFC 5280
+            # §4.2.1.13, which also asks for the extension to be non-critical).
+            point = x509.DistributionPoint(
+                full_name=[x509.UniformResourceIdentifier(url) for url in crl_urls],
+                relative_name=None,
+                reasons=None,
+                crl_issuer=None,
+            )
+            builder = builder.add_extension(x509.CRLDistributionPoints([point]), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
         store = self.store
         chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(
@@ -274,7 +333,12 @@ class CertificateAuthority:
         )
         store.save_index(index)
         return Issued(
-            name, serial, str(store.leaf_cert(name)), str(store.leaf_key(name)), not_after
+            name,
+            serial,
+            str(store.leaf_cert(name)),
+            str(store.leaf_key(name)),
+            not_after,
+            tuple(crl_urls),
         )
 
     # --- revocation -----------------------------------------------------------------------------

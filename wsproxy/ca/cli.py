@@ -27,6 +27,11 @@ def add_parser(commands: Any) -> None:
         "init", parents=[common], help=f"create the root (ECDSA P-256, {CA_DAYS} days)"
     )
     init.add_argument("--name", default="wsproxy CA", help="the root's common name")
+    crl_url_help = (
+        "http URL where clients fetch the CRL, written into every certificate issued from now on "
+        "(repeatable), e.g. http://wsproxy.internal:9900/v1/crl"
+    )
+    init.add_argument("--crl-url", action="append", default=[], help=crl_url_help)
 
     issue = actions.add_parser("issue", help="issue a server or client certificate")
     kinds = issue.add_subparsers(dest="kind", required=True)
@@ -49,6 +54,14 @@ def add_parser(commands: Any) -> None:
     revoke.add_argument("--reason", choices=list(REASONS), default="unspecified")
 
     actions.add_parser("crl", parents=[common], help="publish a fresh CRL (valid 7 days)")
+    settings = actions.add_parser(
+        "settings", parents=[common], help="show or change what the CA writes into certificates"
+    )
+    urls = settings.add_mutually_exclusive_group()
+    urls.add_argument("--crl-url", action="append", help=crl_url_help)
+    urls.add_argument(
+        "--no-crl-url", action="store_true", help="issue certificates without a CRL location"
+    )
     actions.add_parser("list", parents=[common], help="every certificate issued, with its status")
 
     export = actions.add_parser(
@@ -71,9 +84,19 @@ def _dispatch(authority: CertificateAuthority, args: argparse.Namespace) -> int:
     store = authority.store
     command = args.ca_command
     if command == "init":
-        cert = authority.init(args.name)
+        cert = authority.init(args.name, args.crl_url)
         until = f"{cert.not_valid_after_utc:%Y-%m-%d}"
         print(f"created CA '{args.name}' in {store.ca_dir} (valid until {until})")
+        for url in args.crl_url:
+            print(f"  CRL distribution point of the certificates it issues: {url}")
+        return 0
+    if command == "settings":
+        if args.no_crl_url or args.crl_url:
+            current = authority.set_crl_urls(args.crl_url or [])
+        else:
+            current = authority.settings
+        shown = " ".join(current.crl_urls) or "none (certificates name no CRL location)"
+        print(f"crl_urls: {shown}\n  ({store.settings_file})")
         return 0
     if command == "issue":
         if args.kind == "server":
@@ -84,6 +107,8 @@ def _dispatch(authority: CertificateAuthority, args: argparse.Namespace) -> int:
             f"issued {args.kind} certificate '{issued.name}' serial {issued.serial:x}, "
             f"valid until {issued.not_after:%Y-%m-%d}\n  {issued.cert_path}\n  {issued.key_path}"
         )
+        for url in issued.crl_urls:
+            print(f"  CRL distribution point: {url}")
         return 0
     if command == "revoke":
         entry = authority.revoke(args.certificate, args.reason)

@@ -2,7 +2,7 @@
 
 Layout under the CA directory::
 
-    ca/ca.pem  ca/ca.key  ca/index.json  ca/crl.pem
+    ca/ca.pem  ca/ca.key  ca/index.json  ca/crl.pem  ca/settings.json
     issued/NAME.pem (leaf + chain)  issued/NAME.key  issued/NAME.p12
 
 Every write goes to a temporary file in the same directory, is fsynced, then renamed over the
@@ -25,6 +25,7 @@ from wsproxy.errors import CAError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 INDEX_VERSION = 1
+SETTINGS_VERSION = 1
 
 
 def check_name(name: str) -> str:
@@ -106,6 +107,15 @@ class Index:
         )
 
 
+@dataclass
+class Settings:
+    """What the CA remembers between commands (``ca/settings.json``; absent: the defaults)."""
+
+    version: int = SETTINGS_VERSION
+    # Written as the CRL Distribution Points of every certificate issued afterwards.
+    crl_urls: list[str] = field(default_factory=list)
+
+
 class CAStore:
     """Paths and persistence for one CA directory."""
 
@@ -117,6 +127,7 @@ class CAStore:
         self.ca_key = self.ca_dir / "ca.key"
         self.index_file = self.ca_dir / "index.json"
         self.crl_file = self.ca_dir / "crl.pem"
+        self.settings_file = self.ca_dir / "settings.json"
 
     def leaf_cert(self, name: str) -> Path:
         return self.issued_dir / f"{check_name(name)}.pem"
@@ -162,3 +173,32 @@ class CAStore:
         data: dict[str, Any] = asdict(index)
         text = json.dumps(data, indent=2, sort_keys=True) + "\n"
         write_atomic(self.index_file, text.encode(), 0o644)
+
+    def load_settings(self) -> Settings:
+        """The CA's settings; the defaults when the file is absent (a CA made before it existed)."""
+        try:
+            raw = json.loads(self.settings_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return Settings()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CAError(
+                f"{self.settings_file} is corrupted ({exc}); restore it from a backup, or delete "
+                f"it and set the CRL URL again: `wsproxy ca settings --dir {self.root} "
+                "--crl-url URL`"
+            ) from None
+        try:
+            if raw.get("version") != SETTINGS_VERSION:
+                raise CAError(f"{self.settings_file}: unsupported version {raw.get('version')!r}")
+            urls = raw["crl_urls"]
+            if not isinstance(urls, list) or not all(isinstance(url, str) for url in urls):
+                raise TypeError("crl_urls must be a list of strings")
+            return Settings(raw["version"], urls)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CAError(
+                f"{self.settings_file} does not have the expected fields ({exc}); set them "
+                f"again: `wsproxy ca settings --dir {self.root} --crl-url URL`"
+            ) from None
+
+    def save_settings(self, settings: Settings) -> None:
+        text = json.dumps(asdict(settings), indent=2, sort_keys=True) + "\n"
+        write_atomic(self.settings_file, text.encode(), 0o644)

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from wsproxy import __version__
 from wsproxy.address import Address, parse_address
 from wsproxy.errors import TargetExists
+from wsproxy.ops import status_page
 from wsproxy.ops.logs import log_event
 from wsproxy.ops.metrics import snapshot_listeners
 
@@ -23,7 +28,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # The status page is one self-contained file: no external assets, so it works offline.
-_STATUS_PAGE = resources.files("wsproxy.ops").joinpath("status.html").read_text(encoding="utf-8")
+_STATUS_PAGE = status_page.StatusTemplate(
+    resources.files("wsproxy.ops").joinpath("status.html").read_text(encoding="utf-8")
+)
 # Its inline script and style only, and fetches to this origin only.
 _STATUS_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -42,6 +49,21 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+# RFC 2585 §4.2 registers application/pkix-crl for a DER CRL, which is what an HTTP CRL
+# Distribution Point must serve (RFC 5280 §4.2.1.13); the PEM form is for people and tools.
+CRL_DER_TYPE = "application/pkix-crl"
+CRL_PEM_TYPE = "application/x-pem-file"
+
+
+def crl_files(proxy: Proxy) -> dict[str, str]:
+    """Listener name -> the CRL file it checks client certificates against (``tls.crl``)."""
+    return {
+        name: listener.tls.crl
+        for name, listener in sorted(proxy.config.listeners.items())
+        if listener.tls is not None and listener.tls.crl
+    }
 
 
 def listener_rows(proxy: Proxy) -> list[dict[str, Any]]:
@@ -80,12 +102,17 @@ class AdminServer:
         self._token = Path(token_file).read_text(encoding="utf-8").strip() if token_file else None
 
     async def start(self) -> None:
-        app = web.Application(middlewares=[self._auth])
+        app = web.Application(middlewares=[self._json_errors, self._auth])
+        app.router.add_get("/", self._root)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/status", self._status_page)
         app.router.add_get("/v1/listeners", self._listeners)
+        app.router.add_get("/v1/crl", self._crl)
+        app.router.add_get("/v1/crl.pem", self._crl)
+        app.router.add_get("/v1/listeners/{name}/crl", self._crl)
+        app.router.add_get("/v1/listeners/{name}/crl.pem", self._crl)
         app.router.add_get("/v1/workers", self._workers)
         app.router.add_get("/v1/target-groups", self._target_groups)
         app.router.add_get("/v1/target-groups/{name}", self._target_group)
@@ -117,6 +144,82 @@ class AdminServer:
         if not hmac.compare_digest(header.encode(), expected.encode()):
             return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         return await handler(request)
+
+    @web.middleware
+    async def _json_errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every error as JSON ``{"error": ...}``: aiohttp's own 404, 405 (with ``Allow``), 413
+        and the like, and an unexpected exception (logged with its traceback, answered 500)."""
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise  # redirects
+            headers = {key: exc.headers[key] for key in ("Allow",) if key in exc.headers}
+            if exc.status == 404:
+                message = (
+                    f"no {request.method} {request.path} here; the admin API is listed in "
+                    "docs/operations.md (GET /status for the status page)"
+                )
+            elif exc.status == 405:
+                allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ())))
+                message = f"{request.method} is not allowed on {request.path}; use {allowed}"
+            else:
+                default = f"{exc.status}: {exc.reason}"
+                message = exc.text if exc.text and exc.text != default else exc.reason
+            return _error(exc.status, message, headers)
+        except Exception:  # the request's boundary: answer it, keep the listener serving
+            log.exception("admin %s %s failed", request.method, request.path)
+            return _error(500, "internal error; the proxy's log has the traceback")
+
+    async def _root(self, request: web.Request) -> web.StreamResponse:
+        # Relative, so the page is found behind a reverse proxy that mounts the admin listener
+        # under a path prefix (the page's own fetches are relative too).
+        raise web.HTTPFound("status")
+
+    async def _crl(self, request: web.Request) -> web.Response:
+        """The current CRL of ``tls.crl``, DER (``/crl``) or PEM (``/crl.pem``), read from the
+        file at every request, so a revocation shows up as soon as ``wsproxy ca revoke`` wrote
+        it. ``/v1/crl`` when every listener checks the same file; per listener otherwise."""
+        files = crl_files(self._proxy)
+        name = request.match_info.get("name")
+        if name is not None:
+            if name not in self._proxy.config.listeners:
+                return _error(404, f"no listener {name!r}")
+            if name not in files:
+                return _error(404, f"listener {name!r} checks no CRL (its tls.crl is not set)")
+            path = files[name]
+        else:
+            distinct = sorted(set(files.values()))
+            if not distinct:
+                return _error(
+                    404,
+                    "no listener checks a CRL; set crl (e.g. the CA's ca/crl.pem) in the "
+                    "[listeners.NAME.tls] of an mTLS listener to publish it here",
+                )
+            if len(distinct) > 1:
+                using = ", ".join(f"{n}: {f}" for n, f in files.items())
+                return _error(
+                    409,
+                    f"listeners check different CRLs ({using}); fetch "
+                    "/v1/listeners/NAME/crl for one of them",
+                )
+            path = distinct[0]
+        try:
+            crl = x509.load_pem_x509_crl(await asyncio.to_thread(Path(path).read_bytes))
+        except OSError as exc:
+            return _error(503, f"cannot read the CRL {path}: {exc.strerror}")
+        except ValueError:
+            return _error(
+                503, f"{path} is not a PEM CRL; publish it again with `wsproxy ca crl --dir DIR`"
+            )
+        pem = request.path.endswith(".pem")
+        encoding = serialization.Encoding.PEM if pem else serialization.Encoding.DER
+        return web.Response(
+            body=crl.public_bytes(encoding),
+            content_type=CRL_PEM_TYPE if pem else CRL_DER_TYPE,
+            # Revocations must show at once: clients may keep a copy but must ask again.
+            headers={"Cache-Control": "no-cache"},
+        )
 
     async def _register(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -191,22 +294,46 @@ class AdminServer:
         body = self._proxy.metrics.render()
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
+    def _has_token(self, request: web.Request) -> bool:
+        """Whether the request may see data: no token configured, or the right one sent."""
+        if self._token is None:
+            return True
+        header = request.headers.get("Authorization", "")
+        return hmac.compare_digest(header.encode(), f"Bearer {self._token}".encode())
+
     async def _status_page(self, request: web.Request) -> web.Response:
+        # The first view is rendered here, so curl and clients without scripts see the states;
+        # the page itself stays open without the token (_auth), so its data needs the token.
+        if self._has_token(request):
+            if self._proxy.workers is not None:
+                await self._proxy.workers.refresh()
+            page = status_page.render(
+                _STATUS_PAGE,
+                version=__version__,
+                draining=self._proxy.draining,
+                listeners=self._listener_rows(),
+                target_groups=[self._describe(name) for name in sorted(self._proxy.upstreams)],
+                now=time.time(),
+            )
+        else:
+            page = status_page.render_locked(_STATUS_PAGE)
         return web.Response(
-            text=_STATUS_PAGE,
+            text=page,
             content_type="text/html",
             headers={"Cache-Control": "no-store", "Content-Security-Policy": _STATUS_CSP},
         )
+
+    def _listener_rows(self) -> list[dict[str, Any]]:
+        """The rows of ``/v1/listeners`` (refresh the workers' counters first)."""
+        workers = self._proxy.workers
+        return workers.listener_rows() if workers is not None else listener_rows(self._proxy)
 
     async def _listeners(self, request: web.Request) -> web.Response:
         proxy = self._proxy
         if proxy.workers is not None:
             await proxy.workers.refresh()
-            listeners = proxy.workers.listener_rows()
-        else:
-            listeners = listener_rows(proxy)
         return web.json_response(
-            {"version": __version__, "draining": proxy.draining, "listeners": listeners}
+            {"version": __version__, "draining": proxy.draining, "listeners": self._listener_rows()}
         )
 
     async def _workers(self, request: web.Request) -> web.Response:
