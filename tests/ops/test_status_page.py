@@ -100,7 +100,7 @@ async def test_curl_sees_target_states_without_running_scripts(
     assert proxy.admin is not None
 
     def state(group: str, address: str) -> TargetState:
-        targets = proxy.upstreams[group].group.targets
+        targets = proxy.target_groups[group].targets
         return next(t.state for t in targets if str(t.address) == address)
 
     await wait_for(

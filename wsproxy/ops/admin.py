@@ -312,7 +312,7 @@ class AdminServer:
                 version=__version__,
                 draining=self._proxy.draining,
                 listeners=self._listener_rows(),
-                target_groups=[self._describe(name) for name in sorted(self._proxy.upstreams)],
+                target_groups=[self._describe(name) for name in sorted(self._proxy.target_groups)],
                 now=time.time(),
             )
         else:
