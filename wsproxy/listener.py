@@ -9,23 +9,21 @@ import os
 import socket
 import time
 from collections.abc import Coroutine, Iterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 from wsproxy.address import Address
 from wsproxy.config import ListenerConfig
 from wsproxy.descriptors import DescriptorBudget
-from wsproxy.errors import NoRoute, TlsConfigError, WireError
+from wsproxy.errors import Reason, TlsConfigError, WireError
 from wsproxy.flows.base import Flow
+from wsproxy.flows.context import FlowContext
 from wsproxy.flows.passthrough import PassthroughFlow
 from wsproxy.flows.tcp import TcpFlow
 from wsproxy.flows.websocket import WebSocketFlow
 from wsproxy.ops.logs import CONNECTION_FIELDS, log_connection, log_event
-from wsproxy.ops.metrics import ListenerStats, LiveCounts, close_code_label
-from wsproxy.ops.termination import PHASE_ACCEPT, PHASE_PROXY_HEADER, PHASE_TLS, termination
+from wsproxy.ops.metrics import ListenerStats, LiveCounts
+from wsproxy.ops.termination import Phase, termination
 from wsproxy.relay.relay import Endpoint
-from wsproxy.relay.ticker import Ticker
-from wsproxy.relay.websocket import WebSocketRelay
-from wsproxy.routing import Router, Rule, SniRouter
 from wsproxy.targets.target_group import TargetGroup
 from wsproxy.tls import ServerTls, classify_handshake_failure
 from wsproxy.wire.proxyproto import ProxyHeader, ProxyHeaderReader
@@ -56,10 +54,6 @@ def _file_stamp(path: str) -> tuple[int, int] | None:
     return info.st_mtime_ns, info.st_size
 
 
-# Reasons that mean the connection ended without being served, counted as rejected.
-_NOT_REJECTED = frozenset(("http_forwarded", "client_closed", "shutdown"))
-
-
 class Listener:
     """Binds ``config.address`` and runs a flow for every connection it accepts."""
 
@@ -73,36 +67,46 @@ class Listener:
     ) -> None:
         self.name = name
         self.config = config
-        self.router = Router(
-            tuple(
-                Rule(rule.target_group, host=rule.host, path_prefix=rule.path_prefix)
-                for rule in config.rules
-            ),
-            config.default_target_group,
-        )
-        self.sni_router = SniRouter(
-            [(rule.sni, rule.target_group) for rule in config.rules if rule.sni is not None],
-            config.default_target_group,
-        )
-        self.stats = stats if stats is not None else ListenerStats()
-        self.ticker = Ticker()  # idle checks of every session of this listener
-        self.flows: set[Flow] = set()
         self.address: Address | None = None
-        self._target_groups = target_groups
         self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._all_closed = asyncio.Event()
         self._socket: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
-        self._handshakes = 0  # TLS handshakes in progress (they count toward max_connections)
-        self._per_ip: dict[str, int] = {}  # open connections per client address, when limited
         self._handshake_room = asyncio.Event()  # set when a handshake slot frees up
-        self.budget = budget if budget is not None else DescriptorBudget.from_rlimit()
-        self.tls: ServerTls | None = None
+        tls = None
         if config.tls is not None:
             # ALPN http/1.1 in websocket mode: the only protocol the flow speaks.
             alpn = ["http/1.1"] if config.websocket else None
-            self.tls = ServerTls(name, config.tls, alpn=alpn)
+            tls = ServerTls(name, config.tls, alpn=alpn)
+        # What the flows see of this listener (they never see the listener itself).
+        self.context = FlowContext(
+            name,
+            config,
+            target_groups,
+            stats if stats is not None else ListenerStats(),
+            budget if budget is not None else DescriptorBudget.from_rlimit(),
+            tls,
+        )
+        self.stats = self.context.stats
+        self.budget = self.context.budget
+        self.ticker = self.context.ticker
+
+    @property
+    def tls(self) -> ServerTls | None:
+        """The current TLS contexts (new handshakes use them; a reload or new CRL swaps them)."""
+        return self.context.tls
+
+    @tls.setter
+    def tls(self, tls: ServerTls | None) -> None:
+        self.context.tls = tls
+
+    @property
+    def flows(self) -> set[Flow]:
+        """The connections open now (from accept until their log line)."""
+        # Only flows this listener made join its context's set (in Flow._accepted).
+        return cast(set[Flow], self.context.connections)
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        return self.context.spawn(coro)
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -138,7 +142,7 @@ class Listener:
         (a server created with ssl= would only log it) and counted."""
         loop = asyncio.get_running_loop()
         while True:
-            if self._handshakes >= self.config.max_handshakes_in_flight:
+            if self.context.handshakes >= self.config.max_handshakes_in_flight:
                 # Leave further connections in the kernel's backlog until a handshake ends.
                 self.stats.accept_pauses["handshakes"] += 1
                 self._handshake_room.clear()
@@ -148,59 +152,34 @@ class Listener:
                 connection, _ = await loop.sock_accept(listening)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
-                    self.stats.accept_pauses["fd_exhausted"] += 1
+                    self.stats.accept_pauses[Reason.FD_EXHAUSTED] += 1
                 log.warning("listener '%s': accept failed: %s; pausing 0.1 s", self.name, exc)
                 await asyncio.sleep(0.1)  # the condition lasts: never a busy loop
                 continue
-            refusal = self.refusal()
+            refusal = self.context.refusal()
             if refusal is not None:
                 self._refuse(connection, refusal)
             elif self.tls is not None:  # the current contexts: a new CRL swaps them
                 # Counted now, not when the task starts: the next accept must see it.
-                self._handshakes += 1
+                self.context.handshakes += 1
                 self.budget.open += 1
                 self.spawn(self._handshake(connection, self.tls))
 
-    def admit_ip(self, ip: str) -> bool:
-        """Count a connection from ``ip`` unless it is at ``max_connections_per_ip``."""
-        count = self._per_ip.get(ip, 0)
-        if count >= self.config.max_connections_per_ip:
-            return False
-        self._per_ip[ip] = count + 1
-        return True
-
-    def release_ip(self, ip: str) -> None:
-        count = self._per_ip.pop(ip, 0) - 1
-        if count > 0:
-            self._per_ip[ip] = count
-
-    def refusal(self) -> str | None:
-        """Why a connection accepted now must be closed at once, or None."""
-        if self.stats.active + self._handshakes >= self.config.max_connections:
-            return "limit"
-        if self.budget.exhausted:
-            return "fd_exhausted"
-        return None
-
-    def refusal_detail(self, reason: str) -> str:
-        if reason == "limit":
-            return f"over max_connections ({self.config.max_connections})"
-        return f"descriptor budget of the process used up ({self.budget.limit} descriptors)"
-
-    def _refuse(self, connection: socket.socket, reason: str) -> None:
+    def _refuse(self, connection: socket.socket, reason: Reason) -> None:
         try:
             peer = connection.getpeername()
         except OSError:
             peer = ("", 0)
         connection.close()
-        self._ended_unserved(reason, self.refusal_detail(reason), peer, 0.0, PHASE_ACCEPT)
+        detail = self.context.refusal_detail(reason)
+        self._ended_unserved(reason, detail, peer, 0.0, Phase.ACCEPT)
 
     async def _handshake(self, connection: socket.socket, tls: ServerTls) -> None:
         """One counted handshake (the accept loop counted it); the slot frees when it ends."""
         try:
             await self._run_handshake(connection, tls)
         finally:
-            self._handshakes -= 1
+            self.context.handshakes -= 1
             self.budget.open -= 1
             self._handshake_room.set()
 
@@ -218,12 +197,12 @@ class Listener:
                 flow.proxied = await self._read_proxy_header(connection)
             except (WireError, TimeoutError, OSError) as exc:
                 connection.close()
-                reason = exc.reason if isinstance(exc, WireError) else "proxy_protocol_timeout"
+                reason = exc.reason if isinstance(exc, WireError) else Reason.PROXY_PROTOCOL_TIMEOUT
                 if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-                    reason = "client_closed"
+                    reason = Reason.CLIENT_CLOSED
                 elapsed = time.perf_counter() - started
                 detail = str(exc) or reason
-                self._ended_unserved(reason, detail, peer, elapsed, PHASE_PROXY_HEADER)
+                self._ended_unserved(reason, detail, peer, elapsed, Phase.PROXY_HEADER)
                 return
             if flow.proxied.source is not None:
                 peer = flow.proxied.source
@@ -293,21 +272,22 @@ class Listener:
             )
 
     def _handshake_failed(
-        self, reason: str, detail: str, peer: tuple[str, int], duration: float
+        self, reason: Reason, detail: str, peer: tuple[str, int], duration: float
     ) -> None:
         stats = self.stats
         stats.tls_handshakes[reason] += 1
-        if reason.startswith("client_cert_"):
-            stats.client_certs[reason.removeprefix("client_cert_")] += 1
-        self._ended_unserved(reason, detail, peer, duration, PHASE_TLS)
+        result = reason.client_cert_result
+        if result is not None:
+            stats.client_certs[result] += 1
+        self._ended_unserved(reason, detail, peer, duration, Phase.TLS)
 
     def _ended_unserved(
-        self, reason: str, detail: str, peer: tuple[str, int], duration: float, phase: str
+        self, reason: Reason, detail: str, peer: tuple[str, int], duration: float, phase: Phase
     ) -> None:
         """A connection that ended before it became a flow: counted, and its log line."""
         stats = self.stats
         stats.connections += 1
-        if reason != "client_closed":
+        if reason is not Reason.CLIENT_CLOSED:
             stats.rejected[reason] += 1
         log.info("listener '%s': %s:%s %s", self.name, peer[0], peer[1], detail)
         entry = dict.fromkeys(CONNECTION_FIELDS)
@@ -324,8 +304,8 @@ class Listener:
 
     def _new_flow(self) -> Flow:
         if self.config.protocol == "tls_passthrough":
-            return PassthroughFlow(self)
-        return WebSocketFlow(self) if self.config.websocket else TcpFlow(self)
+            return PassthroughFlow(self.context)
+        return WebSocketFlow(self.context) if self.config.websocket else TcpFlow(self.context)
 
     def _accept(self) -> Endpoint:
         return self._new_flow().client
@@ -347,10 +327,9 @@ class Listener:
             delay = spread * index / len(flows) if spread > 0 else 0.0
             loop.call_later(delay, flow.drain, max(0.0, grace - delay))
         if self.flows:
-            self._all_closed.clear()
             try:
                 async with asyncio.timeout(grace):
-                    await self._all_closed.wait()
+                    await self.context.until_all_closed()
             except TimeoutError:
                 log.warning(
                     "listener '%s': %d connection(s) still open after %g s, closing them",
@@ -363,57 +342,7 @@ class Listener:
         await self.close_tasks()
 
     async def close_tasks(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    # --- services for flows ---------------------------------------------------------------------
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
-
-    def target_group(self, name: str | None) -> TargetGroup:
-        if name is None:
-            raise NoRoute(f"listener '{self.name}': no rule matched and no default_target_group")
-        return self._target_groups[name]
-
-    def flow_started(self, flow: Flow) -> None:
-        self.budget.open += 1
-        self.flows.add(flow)
-        self.stats.connections += 1
-        self.stats.active += 1
-
-    def flow_finished(self, flow: Flow, reason: str, bytes_in: int, bytes_out: int) -> None:
-        self.budget.open -= 1  # the client's (the target's went with Flow.drop_target)
-        self.flows.discard(flow)
-        if not self.flows:
-            self._all_closed.set()
-        stats = self.stats
-        stats.active -= 1
-        stats.bytes_in += bytes_in
-        stats.bytes_out += bytes_out
-        if flow.relay is None:
-            if reason not in _NOT_REJECTED:
-                stats.rejected[reason] += 1
-        else:
-            stats.session_seconds.observe(flow.loop.time() - flow.started)
-
-    def count_upgrade(self, target_group: str, result: str) -> None:
-        self.stats.upgrades[(target_group, result)] += 1
-
-    def count_session(self, relay: WebSocketRelay) -> None:
-        stats = self.stats
-        inbound, outbound = relay.to_target.tracker, relay.to_client.tracker
-        stats.messages_in += inbound.messages
-        stats.messages_out += outbound.messages
-        stats.frames_in += inbound.frames
-        stats.frames_out += outbound.frames
-        code = relay.close_code if relay.close_code is not None else 1006
-        stats.closes[(relay.close_initiator or "none", close_code_label(code))] += 1
+        await self.context.close_tasks()
 
     # --- metrics (read at scrape time) ----------------------------------------------------------
 

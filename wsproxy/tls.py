@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from wsproxy.clock import Clock, SystemClock
 from wsproxy.config import ListenerTls, TargetTls
-from wsproxy.errors import ClientCertRejected, ConfigIssue, TlsConfigError
+from wsproxy.errors import ClientCertRejected, ConfigIssue, Reason, TlsConfigError
 
 # Mozilla's "intermediate" TLS 1.2 suites (TLS 1.3 suites are always on and not configurable).
 INTERMEDIATE_CIPHERS = ":".join(
@@ -262,32 +262,32 @@ class ServerTls:
         )
 
 
-def classify_handshake_failure(exc: BaseException) -> tuple[str, str]:
-    """(reason, detail) for a failed server-side handshake; reasons are a closed set."""
+def classify_handshake_failure(exc: BaseException) -> tuple[Reason, str]:
+    """(reason, detail) for a failed server-side handshake."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         result = _VERIFY_RESULTS.get(exc.verify_code, "untrusted")
-        return f"client_cert_{result}", exc.verify_message or str(exc)
+        return Reason.client_cert(result), exc.verify_message or str(exc)
     if isinstance(exc, ssl.SSLError):
         tag = (exc.reason or "").upper()
         if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in tag or "CERTIFICATE_REQUIRED" in tag:
-            return "client_cert_missing", "no client certificate"
+            return Reason.CLIENT_CERT_MISSING, "no client certificate"
         if tag == "HTTP_REQUEST":
-            return "tls_http_request", "plain HTTP sent to a TLS listener"
+            return Reason.TLS_HTTP_REQUEST, "plain HTTP sent to a TLS listener"
         if tag in ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"):
-            return "tls_not_tls", f"bytes that are not a TLS ClientHello ({exc.reason})"
+            return Reason.TLS_NOT_TLS, f"bytes that are not a TLS ClientHello ({exc.reason})"
         if "VERSION" in tag or "UNSUPPORTED_PROTOCOL" in tag:
-            return "tls_protocol_version", f"TLS version refused ({exc.reason})"
+            return Reason.TLS_PROTOCOL_VERSION, f"TLS version refused ({exc.reason})"
         if "CIPHER" in tag:
-            return "tls_no_shared_cipher", f"no cipher in common ({exc.reason})"
-        return "tls_handshake_error", f"TLS handshake failed ({exc.reason or exc})"
+            return Reason.TLS_NO_SHARED_CIPHER, f"no cipher in common ({exc.reason})"
+        return Reason.TLS_HANDSHAKE_ERROR, f"TLS handshake failed ({exc.reason or exc})"
     if isinstance(exc, TimeoutError) or (
         # asyncio and uvloop report ssl_handshake_timeout as this abort.
         isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)
     ):
-        return "tls_handshake_timeout", "TLS handshake did not finish in time"
+        return Reason.TLS_HANDSHAKE_TIMEOUT, "TLS handshake did not finish in time"
     if isinstance(exc, ConnectionError | EOFError):
-        return "client_closed", "client left during the TLS handshake"
-    return "tls_handshake_error", f"TLS handshake failed ({exc!r})"
+        return Reason.CLIENT_CLOSED, "client left during the TLS handshake"
+    return Reason.TLS_HANDSHAKE_ERROR, f"TLS handshake failed ({exc!r})"
 
 
 def check_listener_files(listener: str, config: ListenerTls) -> list[ConfigIssue]:

@@ -89,7 +89,7 @@ async def test_max_connections_per_ip_limits_one_address_not_the_others(
         await again.send_str("again")
         assert await again.receive_str(timeout=5) == "again"
         await asyncio.gather(second.close(), other.close(), again.close())
-    await wait_for(lambda: proxy.listeners["edge"]._per_ip == {})
+    await wait_for(lambda: proxy.listeners["edge"].context._per_ip == {})
 
 
 async def test_handshakes_in_flight_are_bounded_and_later_clients_wait_their_turn(
@@ -106,7 +106,7 @@ async def test_handshakes_in_flight_are_bounded_and_later_clients_wait_their_tur
     async def watch() -> None:
         nonlocal most
         while True:
-            most = max(most, listener._handshakes)
+            most = max(most, listener.context.handshakes)
             await asyncio.sleep(0.005)
 
     watcher = asyncio.create_task(watch())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import os
 import subprocess
 import sys
@@ -126,7 +127,7 @@ async def test_a_killed_target_ends_only_its_sessions_and_leaks_nothing(
     live = [
         o
         for o in gc.get_objects()
-        if (isinstance(o, WebSocketFlow) and o.listener is listener)
+        if (isinstance(o, WebSocketFlow) and o.context is listener.context)
         or (isinstance(o, WebSocketRelay) and o.ticker is listener.ticker)
     ]
     assert live == [], "flows or relays outlived their connections"
@@ -134,6 +135,31 @@ async def test_a_killed_target_ends_only_its_sessions_and_leaks_nothing(
 
 
 # --- 2. resets during and after the upgrade -----------------------------------------------------
+
+
+async def test_a_target_killed_mid_session_is_logged_as_the_target_ending_it(
+    make_proxy: ProxyFactory,
+    target_processes: list[TargetProcess],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Issue 12 §1.2: SIGKILL sends the target's FIN without a Close frame. The client sees
+    1006 and the metric counted 1006, but the log said a clean end (closed, --)."""
+    doomed = target_processes[0]
+    proxy = await make_proxy(ws_config(("echo", [doomed.address])))
+    listener = proxy.listeners["edge"]
+    with caplog.at_level(logging.INFO, logger="wsproxy.access"):
+        async with aiohttp.ClientSession() as client:
+            ws = await client.ws_connect(f"ws://{listener_address(proxy)}/")
+            await echo_once(ws, "before")
+            doomed.kill()
+            message = await ws.receive(timeout=5)
+            assert message.type is aiohttp.WSMsgType.CLOSED and ws.close_code == 1006
+        await wait_for(lambda: listener.stats.active == 0)
+    (entry,) = [r.__dict__["connection"] for r in caplog.records if r.name == "wsproxy.access"]
+    assert (entry["reason"], entry["termination"], entry["close_code"]) == (
+        "target_closed", "SD", None
+    )  # fmt: skip
+    assert listener.stats.closes == {("none", "1006"): 1}
 
 
 async def test_a_reset_during_the_upgrade_is_retried_and_after_it_is_not(

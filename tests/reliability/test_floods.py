@@ -123,8 +123,10 @@ async def test_slowloris_heads_are_cut_at_the_deadline_not_kept_alive_by_each_by
     head = b"GET /slow HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n" + b"X-Pad: y\r\n" * 100
 
     async def trickle() -> float:
-        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
+        # Started before the connect: with 200 clients connecting at once, the proxy may accept
+        # (and start its deadline) well before this coroutine sees open_connection return.
         started = time.monotonic()
+        reader, writer = await asyncio.open_connection("127.0.0.1", proxy.port)
         answer = asyncio.ensure_future(reader.read())  # the 408, whenever it comes
         with contextlib.suppress(ConnectionError):
             for byte in head:

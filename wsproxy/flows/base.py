@@ -6,20 +6,25 @@ import asyncio
 import logging
 import sys
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from wsproxy.errors import ClientCertRejected, ClientClosed, HttpError, WireError, WsproxyError
+from wsproxy.errors import (
+    ClientCertRejected,
+    ClientClosed,
+    HttpError,
+    Reason,
+    WireError,
+    WsproxyError,
+)
+from wsproxy.flows.context import FlowContext
 from wsproxy.ops.logs import connection_logging, log_connection
 from wsproxy.ops.metrics import LiveCounts
-from wsproxy.ops.termination import PHASE_ACCEPT, PHASE_PROXY_HEADER, PHASE_REQUEST, termination
+from wsproxy.ops.termination import Phase, termination
 from wsproxy.relay.relay import Endpoint, Relay
 from wsproxy.targets.target import Target
+from wsproxy.targets.target_group import TargetGroup
 from wsproxy.tls import ClientCertificate
 from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, ProxyHeader, ProxyHeaderReader, encode_v2
-
-if TYPE_CHECKING:
-    from wsproxy.listener import Listener
-    from wsproxy.targets.target_group import TargetGroup
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -38,6 +43,7 @@ class Flow:
         "client_cert_subject",
         "client_ip",
         "client_port",
+        "context",
         "drain_deadline",
         "draining",
         "finished",
@@ -45,7 +51,6 @@ class Flow:
         "handshake_bytes_in",
         "handshake_bytes_out",
         "ip_admitted",
-        "listener",
         "loop",
         "phase",
         "proxied",
@@ -66,8 +71,8 @@ class Flow:
     status: int | None = None
     close_code: int | None = None
 
-    def __init__(self, listener: Listener) -> None:
-        self.listener = listener
+    def __init__(self, context: FlowContext) -> None:
+        self.context = context
         self.loop = asyncio.get_running_loop()
         self.client = Endpoint()
         self.client.on_made = self._accepted
@@ -92,7 +97,7 @@ class Flow:
         self.client_cert: ClientCertificate | None = None
         self.ip_admitted: str | None = None  # counted toward max_connections_per_ip
         self.proxied: ProxyHeader | None = None
-        self.phase = PHASE_REQUEST  # how far the connection got, for its termination code
+        self.phase = Phase.REQUEST  # how far the connection got, for its termination code
 
     # --- lifecycle ------------------------------------------------------------------------------
 
@@ -102,35 +107,35 @@ class Flow:
         # every connection.
         self.client_ip = sys.intern(ip)
         # TLS listeners check the limits before the handshake; plain ones here, before any byte.
-        refusal = self.listener.refusal() if self.listener.tls is None else None
-        self.listener.flow_started(self)
+        refusal = self.context.refusal() if self.context.tls is None else None
+        self.context.started(self)
         if refusal is not None:
-            self._refuse(refusal, self.listener.refusal_detail(refusal))
+            self._refuse(refusal, self.context.refusal_detail(refusal))
             return
         self.client.callbacks.on_lost = self._client_lost_early
         if self.proxied is not None:  # read before the TLS handshake by the listener
             self._use_proxy_header(self.proxied)
-        if self.listener.tls is not None and not self._check_tls():
+        if self.context.tls is not None and not self._check_tls():
             return
-        if self.listener.config.accept_proxy_protocol and self.proxied is None:
+        if self.context.config.accept_proxy_protocol and self.proxied is None:
             self._read_proxy_header()
             return
         self._admit()
 
     def _admit(self) -> None:
         """The per-address limit, once the client's address is known (PROXY header read)."""
-        limit = self.listener.config.max_connections_per_ip
+        limit = self.context.config.max_connections_per_ip
         if limit:
-            if not self.listener.admit_ip(self.client_ip):
-                self._refuse("per_ip_limit", f"over max_connections_per_ip ({limit})")
+            if not self.context.admit_ip(self.client_ip):
+                self._refuse(Reason.PER_IP_LIMIT, f"over max_connections_per_ip ({limit})")
                 return
             self.ip_admitted = self.client_ip
         self.begin()
 
-    def _refuse(self, reason: str, detail: str) -> None:
+    def _refuse(self, reason: Reason, detail: str) -> None:
         """Closed at accept by a limit, before any byte was read or sent."""
-        log.info("listener '%s': %s: %s", self.listener.name, self.client_ip, detail)
-        self.phase = PHASE_ACCEPT
+        log.info("listener '%s': %s: %s", self.context.name, self.client_ip, detail)
+        self.phase = Phase.ACCEPT
         self.client.abort()
         self.finish(reason)
 
@@ -143,11 +148,13 @@ class Flow:
         """Plain listeners behind another load balancer: the PROXY header comes first."""
         reader = ProxyHeaderReader()
         client = self.client
-        self.phase = PHASE_PROXY_HEADER
-        timeout = self.listener.config.proxy_protocol_timeout_seconds
+        self.phase = Phase.PROXY_HEADER
+        timeout = self.context.config.proxy_protocol_timeout_seconds
 
         def expire() -> None:
-            self._proxy_failed("proxy_protocol_timeout", f"no PROXY header within {timeout:g} s")
+            self._proxy_failed(
+                Reason.PROXY_PROTOCOL_TIMEOUT, f"no PROXY header within {timeout:g} s"
+            )
 
         deadline = self.loop.call_later(timeout, expire)
 
@@ -163,7 +170,7 @@ class Flow:
                 return
             deadline.cancel()
             header, rest = result
-            self.phase = PHASE_REQUEST
+            self.phase = Phase.REQUEST
             self._use_proxy_header(header)
             self.handshake_bytes_in -= len(rest)
             client.on_data = client.hold
@@ -175,14 +182,14 @@ class Flow:
         if held:
             on_data(held)
 
-    def _proxy_failed(self, reason: str, detail: str) -> None:
-        log.info("listener '%s': %s: %s", self.listener.name, self.client_ip, detail)
+    def _proxy_failed(self, reason: Reason, detail: str) -> None:
+        log.info("listener '%s': %s: %s", self.context.name, self.client_ip, detail)
         self.client.abort()
         self.finish(reason)
 
     def _check_tls(self) -> bool:
         """Record the TLS facts of this connection; refuse a client certificate OpenSSL let by."""
-        tls = self.listener.tls
+        tls = self.context.tls
         transport = self.client.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport else None
         if tls is None or ssl_object is None:
@@ -194,12 +201,13 @@ class Flow:
         try:
             self.client_cert = tls.client_certificate(ssl_object)
         except ClientCertRejected as exc:
-            self.listener.stats.client_certs[exc.result] += 1
-            log.info("listener '%s': %s: %s", self.listener.name, self.client_ip, exc)
+            self.context.stats.client_certs[exc.result] += 1
+            log.info("listener '%s': %s: %s", self.context.name, self.client_ip, exc)
+            self.phase = Phase.TLS  # a check of the handshake, made just after it
             self.client.abort()
             self.finish(exc.reason)
             return False
-        self.listener.stats.client_certs["ok" if self.client_cert else "none"] += 1
+        self.context.stats.client_certs["ok" if self.client_cert else "none"] += 1
         if self.client_cert is not None:
             self.client_cert_subject = self.client_cert.subject
         return True
@@ -243,25 +251,25 @@ class Flow:
         return done
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        self.task = self.listener.spawn(coro)
+        self.task = self.context.spawn(coro)
 
     def _client_lost_early(self, exc: Exception | None) -> None:
         """The client left during the handshake: stop the handshake task."""
         if self.task is not None and not self.task.done():
             self.task.cancel()
         elif self.relay is None:
-            self.finish("client_closed")
+            self.finish(Reason.CLIENT_CLOSED)
 
     async def guarded(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a handshake coroutine; turn every way it can end into a reason and a finish."""
-        reason = "internal_error"
+        reason = Reason.INTERNAL_ERROR
         answered = False
         try:
             await coro
             self.task = None  # handshake over: a session keeps no finished Task alive
             return
         except asyncio.CancelledError:
-            reason = "client_closed" if self.client.lost else "shutdown"
+            reason = Reason.CLIENT_CLOSED if self.client.lost else Reason.SHUTDOWN
         except HttpError as exc:
             reason = exc.reason
             answered = self.fail(exc)
@@ -269,9 +277,9 @@ class Flow:
             reason = exc.reason
         except WsproxyError as exc:
             reason = exc.reason
-            log.info("listener '%s': %s", self.listener.name, exc)
+            log.info("listener '%s': %s", self.context.name, exc)
         except Exception:  # connection boundary: log once, close this connection, keep serving
-            log.exception("listener '%s': unexpected error in a connection", self.listener.name)
+            log.exception("listener '%s': unexpected error in a connection", self.context.name)
         if self.relay is None:
             if self.target_endpoint is not None:
                 self.target_endpoint.abort()
@@ -286,31 +294,32 @@ class Flow:
 
         Flows without HTTP (stream mode) just close.
         """
-        log.debug("listener '%s': %s", self.listener.name, exc)
+        log.debug("listener '%s': %s", self.context.name, exc)
         return False
 
     def relay_done(self, relay: Relay) -> None:
-        self.finish(relay.reason or "closed")
+        self.finish(relay.reason or Reason.CLOSED)
 
-    def finish(self, reason: str) -> None:
+    def finish(self, reason: Reason) -> None:
         if self.finished:
             return
         self.finished = True
         self.drop_target()
         if self.ip_admitted is not None:
-            self.listener.release_ip(self.ip_admitted)
+            self.context.release_ip(self.ip_admitted)
         relay = self.relay
         bytes_in = self.handshake_bytes_in + (relay.bytes_in if relay else 0)
         bytes_out = self.handshake_bytes_out + (relay.bytes_out if relay else 0)
-        self.listener.flow_finished(self, reason, bytes_in, bytes_out)
+        session = self.loop.time() - self.started if relay is not None else None
+        self.context.finished(self, reason, bytes_in, bytes_out, session)
         if connection_logging():
             log_connection(self.log_record(bytes_in, bytes_out, reason))
 
-    def log_record(self, bytes_in: int, bytes_out: int, reason: str) -> dict[str, Any]:
+    def log_record(self, bytes_in: int, bytes_out: int, reason: Reason) -> dict[str, Any]:
         """The connection log line, in ``CONNECTION_FIELDS`` order."""
         return {
             "client": f"{self.client_ip}:{self.client_port}",
-            "listener": self.listener.name,
+            "listener": self.context.name,
             "sni": self.sni,
             "host": self.host,
             "path": self.path,
@@ -340,7 +349,7 @@ class Flow:
             raise RuntimeError("take_target before the flow was routed to a target group")
         self.group.attach(target, self)
         self.target = target
-        self.listener.budget.open += 1
+        self.context.budget.open += 1
         self.target_label = target.label
 
     def drop_target(self) -> None:
@@ -349,7 +358,7 @@ class Flow:
         if target is not None and self.group is not None:
             self.group.detach(target, self)
             self.target = None
-            self.listener.budget.open -= 1
+            self.context.budget.open -= 1
 
     def proxy_header_for(self, group: TargetGroup, sni: str | None = None) -> bytes:
         """The PROXY v2 header ``group`` wants before the first byte, or nothing."""
@@ -394,20 +403,20 @@ class Flow:
         """Stream mode: opaque bytes have no clean cut, so wait out the grace period, then close."""
         relay = self.relay
         if relay is not None:
-            self.loop.call_later(timeout, relay.close, "draining")
+            self.loop.call_later(timeout, relay.close, Reason.DRAINING)
 
     def revoke(self) -> None:
         """The client's certificate was just revoked: end this connection now."""
-        name = self.listener.name
+        name = self.context.name
         log.info("listener '%s': closing %s: client certificate revoked", name, self.client_ip)
         if self.relay is not None:
-            self.relay.close("client_cert_revoked")
+            self.relay.close(Reason.SESSION_REVOKED)
         else:
             self.abort()
 
     def abort(self) -> None:
         if self.relay is not None:
-            self.relay.abort("shutdown")
+            self.relay.abort(Reason.SHUTDOWN)
         else:
             self.client.abort()
             if self.target_endpoint is not None:

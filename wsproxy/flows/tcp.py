@@ -9,7 +9,7 @@ uvloop 0.23 crashed under connection churn on a ``pause_reading()`` (tests/test_
 from __future__ import annotations
 
 from wsproxy.flows.base import Flow
-from wsproxy.ops.termination import PHASE_CONNECT, PHASE_DATA
+from wsproxy.ops.termination import Phase
 from wsproxy.relay.relay import Endpoint, Relay
 
 
@@ -17,22 +17,22 @@ class TcpFlow(Flow):
     __slots__ = ()
 
     def begin(self) -> None:
-        self.phase = PHASE_CONNECT
+        self.phase = Phase.CONNECT
         self.spawn(self.guarded(self._run()))
 
     async def _run(self) -> None:
-        group = self.group = self.listener.target_group(self.listener.config.default_target_group)
+        group = self.group = self.context.target_group(self.context.config.default_target_group)
         target, self.target_endpoint = await group.dial(
             self.client_ip, Endpoint, self.proxy_header_for(group, self.sni)
         )
         self.take_target(target)
-        self.phase = PHASE_DATA
+        self.phase = Phase.DATA
         self.relay = Relay(
             self.client,
             self.target_endpoint,
-            idle_timeout=self.listener.config.idle_timeout_seconds,
+            idle_timeout=self.context.config.idle_timeout_seconds,
             owner=self,
-            ticker=self.listener.ticker,
+            ticker=self.context.ticker,
         )
         self.relay.start()
         if self.draining:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import TYPE_CHECKING, Any
+from http import HTTPStatus
+from typing import Any
 
 from wsproxy.errors import (
     BadRequest,
@@ -24,6 +25,7 @@ from wsproxy.errors import (
     HttpError,
     MalformedBody,
     MalformedHead,
+    Reason,
     RequestTimeout,
     TargetClosed,
     TargetError,
@@ -32,8 +34,9 @@ from wsproxy.errors import (
     WireError,
 )
 from wsproxy.flows.base import Flow
+from wsproxy.flows.context import FlowContext
 from wsproxy.ops.metrics import LiveCounts
-from wsproxy.ops.termination import PHASE_CONNECT, PHASE_DATA, PHASE_UPGRADE
+from wsproxy.ops.termination import Phase
 from wsproxy.relay.relay import Endpoint, Relay
 from wsproxy.relay.websocket import WebSocketRelay
 from wsproxy.targets.target import Target
@@ -61,9 +64,6 @@ from wsproxy.wire.upgrade import (
 )
 from wsproxy.wire.wsframe import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, STOP_FRAME
 
-if TYPE_CHECKING:
-    from wsproxy.listener import Listener
-
 log = logging.getLogger(__name__)
 
 # A target's response head is bounded like the client's request head.
@@ -81,26 +81,13 @@ _FORWARDED = {
 }
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection"}
 
-_STATUS_TEXT = {
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    426: "Upgrade Required",
-    431: "Request Header Fields Too Large",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
-
 
 def error_response(exc: HttpError) -> bytes:
     """A short plain-text response that closes the connection.
 
     4xx say what was wrong with the request; 5xx say nothing of the targets (their addresses and
     failures are for the log, not for clients)."""
-    text = _STATUS_TEXT.get(exc.status, "Error")
+    text = HTTPStatus(exc.status).phrase  # the status comes from the reason registry
     detail = f": {exc.detail}" if exc.status < 500 else ""
     body = f"{exc.status} {text}{detail}\n".encode()
     headers = [
@@ -113,8 +100,7 @@ def error_response(exc: HttpError) -> bytes:
     if exc.status == 426:
         # RFC 9110 §15.5.22 and RFC 6455 §4.4: say what to upgrade to and which version we speak.
         headers += [("Upgrade", "websocket"), ("Sec-WebSocket-Version", WEBSOCKET_VERSION)]
-    head = ResponseHead("HTTP/1.1", exc.status, _STATUS_TEXT.get(exc.status, "Error"), ())
-    head = ResponseHead(head.version, head.status, head.reason, tuple(headers))
+    head = ResponseHead("HTTP/1.1", exc.status, text, tuple(headers))
     return serialize_response_head(head) + body
 
 
@@ -128,7 +114,7 @@ class _Exchange:
     def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.head: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
-        self.finished: asyncio.Future[str] = loop.create_future()
+        self.finished: asyncio.Future[Reason] = loop.create_future()
         self.received = 0
         self._buffer = HeadBuffer(MAX_RESPONSE_HEAD_BYTES)
         endpoint.on_data = self._head_data
@@ -160,7 +146,7 @@ class _Exchange:
         if not self.head.done():
             self.head.set_exception(TargetClosed(f"{why} before answering ({self.received} bytes)"))
         if not self.finished.done():
-            self.finished.set_result("target_closed")
+            self.finished.set_result(Reason.TARGET_CLOSED)
 
 
 class WebSocketFlow(Flow):
@@ -168,26 +154,26 @@ class WebSocketFlow(Flow):
 
     __slots__ = ("close_code", "host", "path", "status")
 
-    def __init__(self, listener: Listener) -> None:
-        super().__init__(listener)
+    def __init__(self, context: FlowContext) -> None:
+        super().__init__(context)
         self.host = self.path = None
         self.status = self.close_code = None
 
     def begin(self) -> None:
         # Hook the head reader up now, inside connection_made, so no byte can arrive unread. The
         # buffer lives in the handshake task only: a session outlives its handshake by hours.
-        buffer = HeadBuffer(self.listener.config.max_request_head_bytes)
+        buffer = HeadBuffer(self.context.config.max_request_head_bytes)
         head = self.read_prelude(buffer.feed, "request head")
         self.spawn(self.guarded(self._run(buffer, head)))
 
     def fail(self, exc: HttpError) -> bool:
         self.status = exc.status
         if exc.status >= 500 or isinstance(exc, TargetError):
-            log.info("listener '%s': %s", self.listener.name, exc)
+            log.info("listener '%s': %s", self.context.name, exc)
         else:
-            log.debug("listener '%s': %s", self.listener.name, exc)
+            log.debug("listener '%s': %s", self.context.name, exc)
         if self.group is not None and isinstance(exc, TargetError):
-            self.listener.count_upgrade(self.group.name, exc.reason)
+            self.context.count_upgrade(self.group.name, exc.reason)
         response = error_response(exc)
         self.handshake_bytes_out += len(response)
         self.client.write(response)
@@ -198,7 +184,7 @@ class WebSocketFlow(Flow):
     async def _read_request_head(
         self, buffer: HeadBuffer, head: asyncio.Future[tuple[bytes, bytes]]
     ) -> tuple[bytes, bytes]:
-        timeout = self.listener.config.request_head_timeout_seconds
+        timeout = self.context.config.request_head_timeout_seconds
 
         def expire() -> None:
             # A timer on the future, not asyncio.timeout: a third of the cost per connection.
@@ -241,14 +227,14 @@ class WebSocketFlow(Flow):
         if upgrade:
             key = validate_upgrade_request(head)
             kind, length = BodyKind.NONE, 0
-        elif self.listener.config.websocket_only:
+        elif self.context.config.websocket_only:
             raise UpgradeRequired("this listener only accepts WebSocket upgrades")
         else:
             try:
                 kind, length = request_body(head)
             except MalformedHead as exc:
                 raise BadRequest(str(exc)) from None
-        group = self.group = self.listener.target_group(self.listener.router.route(host, head.path))
+        group = self.group = self.context.target_group(self.context.router.route(host, head.path))
         forwarded = self._forwarded_head(head, host, upgrade)
         await self._exchange(group, head, forwarded, key, rest, kind, length)
 
@@ -256,7 +242,7 @@ class WebSocketFlow(Flow):
         drop = set(_FORWARDED)
         add: tuple[tuple[str, str], ...] = (
             ("X-Forwarded-For", self.client_ip),
-            ("X-Forwarded-Proto", "https" if self.listener.tls else "http"),
+            ("X-Forwarded-Proto", "https" if self.context.tls else "http"),
             ("X-Forwarded-Port", str(self.client.local_port)),
             ("X-Forwarded-Host", host),
         )
@@ -287,13 +273,13 @@ class WebSocketFlow(Flow):
         def make_endpoint() -> Endpoint:
             endpoint = self.target_endpoint = Endpoint()
             attempt[:] = [_Exchange(self.loop, endpoint)]  # reads from the first byte on
-            self.phase = PHASE_CONNECT
+            self.phase = Phase.CONNECT
             return endpoint
 
         async def send_head(target: Target, endpoint: Endpoint) -> None:
             exchange = attempt[0]
             self.take_target(target)
-            self.phase = PHASE_UPGRADE
+            self.phase = Phase.UPGRADE
             endpoint.write(forwarded)
             if not key:
                 self._stream_request_body(BodyTracker(kind, length), rest, endpoint)
@@ -342,7 +328,7 @@ class WebSocketFlow(Flow):
         if response.status < 200:
             raise BadTargetResponse(f"target answered {response.status} (1xx) to the request")
         if key:
-            self.listener.count_upgrade(group.name, "rejected_by_target")
+            self.context.count_upgrade(group.name, Reason.REJECTED_BY_TARGET)
         self.status = response.status
         await self._forward_response(head, response, response_rest, exchange)
 
@@ -380,7 +366,7 @@ class WebSocketFlow(Flow):
             try:
                 taken = body.feed(data)
             except MalformedBody as exc:
-                log.debug("listener '%s': bad request body: %s", self.listener.name, exc)
+                log.debug("listener '%s': bad request body: %s", self.context.name, exc)
                 client.pause_reading()
                 endpoint.abort()
                 return
@@ -431,7 +417,7 @@ class WebSocketFlow(Flow):
                 self.handshake_bytes_out += taken
                 client.write(data[:taken] if taken < len(data) else data)
             if body.done and not exchange.finished.done():
-                exchange.finished.set_result("http_forwarded")
+                exchange.finished.set_result(Reason.HTTP_FORWARDED)
 
         endpoint.on_data = on_data
         client.callbacks.on_pause_writing = endpoint.pause_reading
@@ -439,28 +425,26 @@ class WebSocketFlow(Flow):
         rest += endpoint.take_held()
         if rest:
             on_data(rest)
-        reason = "http_forwarded"
+        reason = Reason.HTTP_FORWARDED
         if not exchange.finished.done() and not body.done:
             endpoint.resume_reading()
             try:
-                await self._until_quiet(
-                    exchange.finished, self.listener.config.idle_timeout_seconds
-                )
+                await self._until_quiet(exchange.finished, self.context.config.idle_timeout_seconds)
             except TimeoutError:
-                reason = "idle_timeout"
+                reason = Reason.IDLE_TIMEOUT
         endpoint.close()
         client.close()
-        self.finish(reason if body.done or reason == "idle_timeout" else "target_closed")
+        self.finish(reason if body.done or reason is Reason.IDLE_TIMEOUT else Reason.TARGET_CLOSED)
 
     # --- 4. tunnel ------------------------------------------------------------------------------
 
     def _open_tunnel(
         self, raw_response: bytes, response_rest: bytes, client_rest: bytes, extensions: bool
     ) -> None:
-        config = self.listener.config
+        config = self.context.config
         if self.target_endpoint is None:
             raise BadTargetResponse("tunnel without a target connection")
-        self.listener.count_upgrade(str(self.target_group), "ok")
+        self.context.count_upgrade(str(self.target_group), "ok")
         self.handshake_bytes_out += len(raw_response)
         self.client.write(raw_response)
         relay = WebSocketRelay(
@@ -474,13 +458,13 @@ class WebSocketFlow(Flow):
             max_session_seconds=config.max_session_seconds,
             allow_rsv=extensions,
             owner=self,
-            ticker=self.listener.ticker,
+            ticker=self.context.ticker,
             ping_interval=config.ping_interval_seconds,
             ping_timeout=config.ping_timeout_seconds,
             target_ping_interval=config.target_ping_interval_seconds,
         )
         self.relay = relay
-        self.phase = PHASE_DATA
+        self.phase = Phase.DATA
         if client_rest or self.client.held:
             # The relay counts these bytes again.
             self.handshake_bytes_in -= len(client_rest) + len(self.client.held)
@@ -499,7 +483,7 @@ class WebSocketFlow(Flow):
                 client_code=CLOSE_POLICY_VIOLATION,
                 target_code=CLOSE_GOING_AWAY,
                 stop=STOP_FRAME,
-                reason="client_cert_revoked",
+                reason=Reason.SESSION_REVOKED,
                 timeout=2.0,
             )
         else:
@@ -517,5 +501,5 @@ class WebSocketFlow(Flow):
     def relay_done(self, relay: Relay) -> None:
         if isinstance(relay, WebSocketRelay):
             self.close_code = relay.close_code
-            self.listener.count_session(relay)
+            self.context.count_session(relay)
         super().relay_done(relay)

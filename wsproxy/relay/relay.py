@@ -19,6 +19,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol, cast
 
+from wsproxy.errors import Reason
 from wsproxy.relay.ticker import TickBucket, Ticker
 
 # Bytes a transport may buffer toward a slow reader before the other side is paused. 64 KiB is
@@ -303,7 +304,7 @@ class Relay:
     ) -> None:
         self.client = client
         self.target = target
-        self.reason: str | None = None
+        self.reason: Reason | None = None
         self._idle_timeout = idle_timeout
         self._owner = owner
         self._client_eof = False
@@ -365,18 +366,18 @@ class Relay:
         client.peer = target
         target.peer = client
 
-    def close(self, reason: str) -> None:
+    def close(self, reason: Reason) -> None:
         """Flush and close both sides."""
         self.set_reason(reason)
         self.client.close()
         self.target.close()
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: Reason) -> None:
         self.set_reason(reason)
         self.client.abort()
         self.target.abort()
 
-    def set_reason(self, reason: str) -> None:
+    def set_reason(self, reason: Reason) -> None:
         if self.reason is None:
             self.reason = reason
 
@@ -409,26 +410,26 @@ class Relay:
     def _client_eof_received(self) -> bool:
         self._client_eof = True
         if self._target_eof:
-            self.close("closed")
+            self.close(Reason.CLOSED)
         elif not self.target.write_eof():
-            self.close("client_closed")
+            self.close(Reason.CLIENT_CLOSED)
         return True
 
     def _target_eof_received(self) -> bool:
         self._target_eof = True
         if self._client_eof:
-            self.close("closed")
+            self.close(Reason.CLOSED)
         elif not self.client.write_eof():
-            self.close("target_closed")
+            self.close(Reason.TARGET_CLOSED)
         return True
 
     def _client_lost(self, exc: Exception | None) -> None:
-        self.set_reason("client_reset" if exc else "client_closed")
+        self.set_reason(Reason.CLIENT_RESET if exc else Reason.CLIENT_CLOSED)
         self.target.close()
         self._maybe_done()
 
     def _target_lost(self, exc: Exception | None) -> None:
-        self.set_reason("target_reset" if exc else "target_closed")
+        self.set_reason(Reason.TARGET_RESET if exc else Reason.TARGET_CLOSED)
         self.client.close()
         self._maybe_done()
 
@@ -475,4 +476,4 @@ class Relay:
 
     def on_idle(self) -> None:
         """No byte moved either way for ``idle_timeout`` seconds."""
-        self.close("idle_timeout")
+        self.close(Reason.IDLE_TIMEOUT)

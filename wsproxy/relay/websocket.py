@@ -13,7 +13,7 @@ import asyncio
 import os
 from collections.abc import Callable
 
-from wsproxy.errors import FrameError
+from wsproxy.errors import FrameError, Reason
 from wsproxy.relay.relay import Endpoint, Relay, RelayOwner
 from wsproxy.relay.ticker import Ticker
 from wsproxy.wire.wsframe import (
@@ -215,7 +215,7 @@ class WebSocketRelay(Relay):
                 client_code=CLOSE_POLICY_VIOLATION,
                 target_code=CLOSE_GOING_AWAY,
                 stop=STOP_FRAME,
-                reason="message_rate_exceeded",
+                reason=Reason.MESSAGE_RATE_EXCEEDED,
             )
 
     def _session_expired(self) -> None:
@@ -225,7 +225,7 @@ class WebSocketRelay(Relay):
                 client_code=CLOSE_GOING_AWAY,
                 target_code=CLOSE_GOING_AWAY,
                 stop=STOP_MESSAGE,
-                reason="max_session_duration",
+                reason=Reason.MAX_SESSION_DURATION,
             )
 
     def _forward(self, direction: _Direction, data: bytes) -> None:
@@ -346,10 +346,10 @@ class WebSocketRelay(Relay):
         ``direction`` carries what the silent side sends, so it leads to the other side."""
         client_gone = direction is self.to_target
         if client_gone:
-            self.set_reason("ping_timeout")
+            self.set_reason(Reason.PING_TIMEOUT)
             gone, why, mask = self.client, "client did not answer ping", self._mask_key()
         else:
-            self.set_reason("target_ping_timeout")
+            self.set_reason(Reason.TARGET_PING_TIMEOUT)
             gone, why, mask = self.target, "target did not answer ping", b""
         if self.close_initiator is None:
             self.close_initiator = "proxy"
@@ -385,7 +385,7 @@ class WebSocketRelay(Relay):
         client_code: int,
         target_code: int,
         stop: int,
-        reason: str,
+        reason: Reason,
         timeout: float = CLOSE_TIMEOUT_SECONDS,
     ) -> None:
         """Send Close ``client_code`` to the client and ``target_code`` to the target, each at the
@@ -443,7 +443,9 @@ class WebSocketRelay(Relay):
     def _close_timed_out(self) -> None:
         self._close_deadline = None
         if not self.done:
-            self.set_reason("close_timeout")
+            # Whoever did not answer the Close is the one that timed out.
+            client_done = self._side_finished(self.to_client, self.client)
+            self.set_reason(Reason.TARGET_CLOSE_TIMEOUT if client_done else Reason.CLOSE_TIMEOUT)
             self.client.close()
             self.target.close()
 
@@ -488,16 +490,23 @@ class WebSocketRelay(Relay):
 
     def _client_eof_received(self) -> bool:
         if self._handshake_complete():
-            self.close("closed")
+            self.close(Reason.CLOSED)
             return True
+        if not self.to_target.tracker.closes:
+            # A WebSocket ends with a Close frame (RFC 6455 §7.1.1): a FIN without one is an
+            # abnormal end by the client (its peer sees 1006), whatever the other side does next.
+            self.set_reason(Reason.CLIENT_CLOSED)
         return super()._client_eof_received()
 
     def _target_eof_received(self) -> bool:
         # RFC 6455 §7.1.1: once Close frames went both ways the server closes TCP first; a FIN
         # then means "done", not half-close, and the client should not be left holding the socket.
         if self._handshake_complete():
-            self.close("closed")
+            self.close(Reason.CLOSED)
             return True
+        if not self.to_client.tracker.closes:
+            # A target that dies (SIGKILL: the kernel sends its FIN) sent no Close: not clean.
+            self.set_reason(Reason.TARGET_CLOSED)
         if self._awaiting_client_reply():
             return True
         return super()._target_eof_received()
@@ -544,7 +553,7 @@ class WebSocketRelay(Relay):
             client_code=CLOSE_GOING_AWAY,
             target_code=CLOSE_GOING_AWAY,
             stop=STOP_FRAME,
-            reason="idle_timeout",
+            reason=Reason.IDLE_TIMEOUT,
         )
 
     def drain(self, timeout: float) -> None:
@@ -553,6 +562,6 @@ class WebSocketRelay(Relay):
             client_code=CLOSE_GOING_AWAY,
             target_code=CLOSE_GOING_AWAY,
             stop=STOP_MESSAGE,
-            reason="draining",
+            reason=Reason.DRAINING,
             timeout=timeout,
         )
