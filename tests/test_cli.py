@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -166,10 +168,37 @@ def test_connect_bad_header_is_a_usage_error() -> None:
     assert run_cli("connect", "ws://127.0.0.1:1/", "--header", "nocolon").returncode == 2
 
 
-async def test_demo_prints_connect_commands_that_work(tmp_path: Path) -> None:
+def without_venv() -> dict[str, str]:
+    """The environment of a terminal where the venv is not activated: PATH lacks its bin/."""
+    venv_bin = str(Path(sys.executable).parent)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p and p != venv_bin
+    )
+    return env
+
+
+def run_as_printed(
+    command: str, cwd: Path, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a printed command line as a user pastes it: through a shell, outside the venv."""
+    return subprocess.run(
+        ["/bin/sh", "-c", command],
+        cwd=cwd,
+        env=without_venv(),
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=30,
+        check=False,
+    )
+
+
+async def start_demo(launcher: list[str], ca_dir: Path) -> tuple[asyncio.subprocess.Process, str]:
+    """Start `wsproxy demo` on free ports; returns the process and what it printed."""
     demo = await asyncio.create_subprocess_exec(
-        *WSPROXY, "demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
-        "--dir", str(tmp_path / "ca"),
+        *launcher, "demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "--dir", str(ca_dir),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
     )  # fmt: skip
     assert demo.stdout is not None
@@ -179,19 +208,92 @@ async def test_demo_prints_connect_commands_that_work(tmp_path: Path) -> None:
             line = (await demo.stdout.readline()).decode()
             assert line, "".join(lines)
             lines.append(line.rstrip("\n"))
-    text = "\n".join(lines)
+    return demo, "\n".join(lines)
+
+
+def printed_commands(text: str) -> list[str]:
+    """The command lines the demo prints for the user to paste: one per indented line."""
+    return [
+        line.strip()
+        for line in text.splitlines()
+        if line.startswith("  ")
+        and (" connect " in line or " ca " in line or line.strip().startswith("curl "))
+    ]
+
+
+# The console script a user runs (`.venv/bin/wsproxy`), else the interpreter form.
+CONSOLE_SCRIPT = Path(sys.executable).with_name("wsproxy")
+LAUNCHER = [str(CONSOLE_SCRIPT)] if CONSOLE_SCRIPT.is_file() else WSPROXY
+
+
+async def test_demo_prints_commands_that_work_as_printed(tmp_path: Path) -> None:
+    """Every command the demo prints runs as printed, from another directory, in a shell whose
+    PATH lacks the venv (a second terminal where it is not activated)."""
+    demo, text = await start_demo(LAUNCHER, tmp_path / "ca")
     assert "connected to echo-1" in text and "connected to echo-tls" in text
-    commands = [line.strip() for line in lines if line.strip().startswith("wsproxy connect ")]
-    assert len(commands) == 4
-    assert any("wss://" in c and "--cert" in c for c in commands)
+    commands = printed_commands(text)
+    connects = [c for c in commands if " connect " in c]
+    assert len(connects) == 4, text
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
     loop = asyncio.get_running_loop()
-    for command in commands:
-        args = command.split()[1:]  # pasted as printed, minus the program name
+    for command in connects:
         result = await loop.run_in_executor(
-            None, functools.partial(run_cli, *args, stdin="hello\n")
+            None, functools.partial(run_as_printed, command, elsewhere, "hello\n")
         )
         assert result.returncode == 0, (command, result.stderr)
         assert result.stdout.splitlines()[-1] == "hello", (command, result.stdout)
+
+    (curl,) = [c for c in commands if c.startswith("curl ")]
+    result = await loop.run_in_executor(None, run_as_printed, curl, elsewhere)
+    assert result.returncode == 0, (curl, result.stderr)
+    groups = json.loads(result.stdout)["target_groups"]
+    assert {group["name"] for group in groups} == {"echo", "echo-v2", "echo-tls"}
+
+    # "Revoke the demo client and watch its session end": an open mTLS session, then the
+    # printed revoke command; the session ends (Close 1008) while its stdin is still open.
+    (revoke,) = [c for c in commands if " ca revoke " in c]
+    (mtls,) = [c for c in connects if "--cert" in c]
+    session = await asyncio.create_subprocess_exec(
+        "/bin/sh", "-c", mtls, cwd=elsewhere, env=without_venv(),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert session.stdout is not None and session.stderr is not None
+    async with asyncio.timeout(15):
+        greeting = (await session.stdout.readline()).decode()
+    assert greeting.startswith("connected to echo-"), greeting
+    result = await loop.run_in_executor(None, run_as_printed, revoke, elsewhere)
+    assert result.returncode == 0, (revoke, result.stderr)
+    stderr: list[str] = []
+    async with asyncio.timeout(15):
+        while not stderr or not stderr[-1].startswith("closed: "):
+            line = (await session.stderr.readline()).decode()
+            assert line, stderr
+            stderr.append(line.strip())
+    assert stderr[-1] == "closed: code 1008", stderr
+    assert session.stdin is not None
+    session.stdin.close()  # the client's stdin reader only notices the close on its next line
+    async with asyncio.timeout(15):
+        assert await session.wait() == 0
+
+    demo.send_signal(signal.SIGINT)
+    async with asyncio.timeout(15):
+        assert await demo.wait() == 0
+
+
+async def test_demo_run_as_a_module_prints_the_interpreter(tmp_path: Path) -> None:
+    """`python -m wsproxy demo`: the printed commands name that interpreter, so they work
+    without the venv on PATH too."""
+    demo, text = await start_demo(WSPROXY, tmp_path / "ca")
+    command = next(c for c in printed_commands(text) if " connect ws://" in c)
+    assert command.startswith(f"{sys.executable} -m wsproxy connect "), command
+    loop = asyncio.get_running_loop()
+    result = await loop.run_in_executor(
+        None, functools.partial(run_as_printed, command, tmp_path, "hello\n")
+    )
+    assert result.returncode == 0, (command, result.stderr)
+    assert result.stdout.splitlines()[-1] == "hello"
     demo.send_signal(signal.SIGINT)
     async with asyncio.timeout(15):
         assert await demo.wait() == 0
