@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import functools
 import json
@@ -9,12 +10,14 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
 
 from tests.helpers.process import WSPROXY, start_proxy
+from wsproxy.cli import build_parser
 from wsproxy.demo import EchoTarget
 
 
@@ -34,6 +37,108 @@ def test_version() -> None:
 
 def test_usage_error_exits_2() -> None:
     assert run_cli("run").returncode == 2
+
+
+def all_parsers(
+    parser: argparse.ArgumentParser, path: str = "wsproxy"
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every parser of the command tree, with the command line that reaches it."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from all_parsers(child, f"{path} {name}")
+
+
+def hidden_commands(parser: argparse.ArgumentParser) -> set[str]:
+    hidden: set[str] = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            listed = {choice.dest for choice in action._choices_actions}
+            hidden |= set(action.choices) - listed
+    return hidden
+
+
+def test_every_option_of_every_command_has_help() -> None:
+    missing: list[str] = []
+    for path, parser in all_parsers(build_parser()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                continue  # its commands are checked below, each in its own parser's listing
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}")
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                missing += [
+                    f"{path} {choice.dest} (command)"
+                    for choice in action._choices_actions
+                    if not choice.help
+                ]
+    assert not missing, "options without help text:\n" + "\n".join(missing)
+
+
+def test_help_shows_the_commands_users_run() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    assert "``" not in result.stdout, result.stdout
+    listed = [  # the command list: "    NAME   help", continuation lines indented further
+        line.split()[0]
+        for line in result.stdout.splitlines()
+        if line.startswith("    ") and not line.startswith("     ")
+    ]
+    assert listed == ["run", "check-config", "demo", "connect", "ca"], result.stdout
+    assert "worker" not in result.stdout, result.stdout
+    assert hidden_commands(build_parser()) == {"worker"}
+    for path, parser in all_parsers(build_parser()):
+        assert "``" not in parser.format_help(), path
+    # Hidden, not gone: `wsproxy run` starts its workers with it.
+    assert run_cli("worker", "--help").returncode == 0
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "-c", "{bad}", "--log-level", "debug"],
+        ["run", "--log-format", "json", "-c", "{bad}"],
+        ["--log-level", "debug", "check-config", "{bad}", "--log-format", "json"],
+        ["check-config", "{bad}", "--log-level", "warning", "--log-format", "text"],
+    ],
+)
+def test_global_options_before_or_after_the_command(tmp_path: Path, args: list[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[listeners.edge]\n")
+    result = run_cli(*(arg.format(bad=bad) for arg in args))
+    assert result.returncode == 78, result.stderr  # not 2: the options were understood
+
+
+def test_global_options_after_the_command_take_effect(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = tmp_path / "busy.toml"
+        path.write_text(
+            f'[admin]\nenabled = false\n[listeners.edge]\naddress = "127.0.0.1:{port}"\n'
+            'default_target_group = "g"\n[target_groups.g]\n'
+        )
+        result = run_cli("--log-format", "text", "run", "-c", str(path), "--log-format", "json")
+    assert result.returncode == 1
+    errors = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert any(f"cannot bind 127.0.0.1:{port}" in e.get("message", "") for e in errors), (
+        result.stderr
+    )
+
+
+def test_ca_commands_take_global_options_too(tmp_path: Path) -> None:
+    ca = str(tmp_path / "ca")
+    result = run_cli("ca", "init", "--dir", ca, "--log-level", "debug")
+    assert result.returncode == 0, result.stderr
+    result = run_cli(
+        "ca", "issue", "client", "--name", "alice", "--dir", ca, "--log-format", "json"
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def test_check_config_ok(tmp_path: Path) -> None:
