@@ -98,6 +98,48 @@ def test_errors_name_the_key_path(text: str, expected: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            MINIMAL.replace('"chat"\n\n', '"chat"\nidle_timeout = 60\n\n', 1),
+            "listeners.edge.idle_timeout: unknown key; did you mean idle_timeout_seconds?",
+        ),
+        (
+            MINIMAL + "[target_groups.chat.health_check]\ninterval = 5\n",
+            "target_groups.chat.health_check.interval: unknown key; "
+            "did you mean interval_seconds?",
+        ),
+        (
+            MINIMAL.replace("{ address", "{ adress"),
+            "target_groups.chat.targets[0].adress: unknown key; did you mean address?",
+        ),
+        (
+            MINIMAL + '[[listeners.edge.rules]]\npath_prefx = "/"\ntarget_group = "chat"\n',
+            "listeners.edge.rules[0].path_prefx: unknown key; did you mean path_prefix?",
+        ),
+        (
+            MINIMAL + "[proxy]\nworker = 2\n",
+            "proxy.worker: unknown key; did you mean workers?",
+        ),
+        (
+            MINIMAL + "[target_group.chat]\n",
+            "target_group: unknown key; did you mean target_groups?",
+        ),
+        (
+            MINIMAL + "[admin]\ntoken = 'x'\n",
+            "admin.token: unknown key; did you mean token_file?",
+        ),
+        (  # nothing close: the section's keys are in docs/config.md
+            MINIMAL + "[admin]\nzzz = 1\n",
+            "admin.zzz: unknown key; [admin] takes enabled, address, token_file",
+        ),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_key_of_their_section(text: str, expected: str) -> None:
+    assert expected in issues(text), issues(text)
+
+
+@pytest.mark.parametrize(
     ("listener", "expected"),
     [
         ('protocol = "tls_passthrough"\nwebsocket = true', "cannot be websocket = true"),
