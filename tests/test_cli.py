@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import functools
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,7 +20,9 @@ import aiohttp
 import pytest
 
 from tests.helpers.process import WSPROXY, start_proxy
+from wsproxy.ca.authority import CertificateAuthority
 from wsproxy.cli import build_parser
+from wsproxy.clock import FixedClock
 from wsproxy.demo import EchoTarget
 
 
@@ -196,6 +201,110 @@ def test_run_on_a_busy_port_exits_1(tmp_path: Path) -> None:
         result = run_cli("run", "-c", str(path))
     assert result.returncode == 1
     assert f"listener 'edge': cannot bind 127.0.0.1:{port}" in result.stderr
+
+
+HINTED = re.compile(r"`(wsproxy [^`]+)`")
+
+
+def follow_hints(args: list[str], depth: int = 0) -> list[str]:
+    """Run `wsproxy ARGS`; while it fails, run the commands its first hinted error names, as
+    printed (HOST -> localhost), following their own hints likewise, then retry. Returns every
+    command followed; fails when an error names none or the hints go round in circles."""
+    assert depth < 4, args
+    followed: list[str] = []
+    for _attempt in range(6):
+        result = run_cli(*args)
+        if result.returncode == 0:
+            return followed
+        line = next((line for line in result.stderr.splitlines() if HINTED.search(line)), None)
+        assert line is not None, (args, result.stderr)
+        for hint in HINTED.findall(line):
+            assert "--dir " in hint, line
+            followed.append(hint)
+            followed += follow_hints(shlex.split(hint.replace("HOST", "localhost"))[1:], depth + 1)
+    raise AssertionError(f"the hints did not fix {args}: {followed}")
+
+
+TLS_CONFIG = """
+[admin]
+enabled = false
+[listeners.edge]
+address = "127.0.0.1:0"
+protocol = "tls"
+websocket = true
+default_target_group = "app"
+[listeners.edge.tls]
+certificates = [{ cert = "pki/issued/edge.pem", key = "pki/issued/edge.key" }]
+client_auth = "required"
+client_ca = "pki/ca/ca.pem"
+crl = "pki/ca/crl.pem"
+[target_groups.app]
+protocol = "tls"
+[target_groups.app.tls]
+ca = "pki/ca/ca.pem"
+client_cert = "pki/issued/wsproxy.pem"
+client_key = "pki/issued/wsproxy.key"
+"""
+
+
+def test_check_config_hints_mint_every_missing_file_as_printed(tmp_path: Path) -> None:
+    """The CA lives in pki/ beside the config, not in the default certs/: every hint must name
+    it (--dir) and the file's certificate name, and following them makes the config valid."""
+    config = tmp_path / "wsproxy.toml"
+    config.write_text(TLS_CONFIG)
+    pki = tmp_path / "pki"
+    followed = follow_hints(["check-config", str(config)])
+    assert followed == [
+        f"wsproxy ca issue server --name edge --dns HOST --dir {pki}",
+        f"wsproxy ca init --dir {pki}",
+        f"wsproxy ca issue client --name wsproxy --dir {pki}",
+    ]
+    (pki / "ca" / "crl.pem").unlink()
+    assert follow_hints(["check-config", str(config)]) == [f"wsproxy ca crl --dir {pki}"]
+
+
+def test_an_expired_certificate_hint_renews_it_as_printed(tmp_path: Path) -> None:
+    config = tmp_path / "wsproxy.toml"
+    config.write_text(TLS_CONFIG)
+    pki = tmp_path / "pki"
+    authority = CertificateAuthority(str(pki))
+    authority.init()
+    authority.issue_client("wsproxy")
+    authority.clock = FixedClock(dt.datetime.now(dt.UTC) - dt.timedelta(days=3))
+    authority.issue_server("edge", ["localhost"], [], days=1)
+    followed = follow_hints(["check-config", str(config)])
+    assert followed == [
+        f"wsproxy ca revoke edge --dir {pki} --reason superseded",
+        f"wsproxy ca issue server --name edge --dns HOST --dir {pki}",
+    ]
+
+
+def test_a_file_outside_the_ca_layout_gets_a_hint_saying_where_to_point(tmp_path: Path) -> None:
+    config = tmp_path / "wsproxy.toml"
+    config.write_text(TLS_CONFIG.replace("pki/issued/edge.", "edge-cert."))
+    result = run_cli("check-config", str(config))
+    assert result.returncode == 78
+    assert (
+        "`wsproxy ca issue server --name edge-cert --dns HOST --dir DIR` "
+        "(DIR: the CA's directory) and point cert and key at DIR/issued/edge-cert.pem and "
+        "DIR/issued/edge-cert.key"
+    ) in result.stderr, result.stderr
+
+
+def test_ca_errors_hint_commands_with_the_ca_directory(tmp_path: Path) -> None:
+    ca = str(tmp_path / "elsewhere")
+    assert run_cli("ca", "init", "--dir", ca).returncode == 0
+    assert run_cli("ca", "issue", "client", "--name", "alice", "--dir", ca).returncode == 0
+    for args in (
+        ["ca", "issue", "client", "--name", "alice", "--dir", ca],  # exists: revoke it first
+        ["ca", "revoke", "nobody", "--dir", ca],
+        ["ca", "export-p12", "nobody", "--dir", ca],
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 1, result.stderr
+        (hint,) = HINTED.findall(result.stderr)
+        assert f"--dir {ca}" in hint, result.stderr
+        assert run_cli(*shlex.split(hint)[1:]).returncode == 0, hint
 
 
 def proxy_config(tmp_path: Path, echo: EchoTarget, grace: float) -> Path:
