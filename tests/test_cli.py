@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -146,11 +147,20 @@ def test_ca_commands_take_global_options_too(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_check_config_ok(tmp_path: Path) -> None:
-    result = run_cli("check-config", "deploy/wsproxy.example.toml")
+def test_check_config_ok_on_the_example_once_its_files_exist(tmp_path: Path) -> None:
+    """deploy/wsproxy.example.toml names certificates and a token file beside it: minted here
+    with our CA, check-config accepts it."""
+    example = tmp_path / "wsproxy.example.toml"
+    shutil.copy(Path(__file__).parent.parent / "deploy" / "wsproxy.example.toml", example)
+    authority = CertificateAuthority(str(tmp_path / "certs"))
+    authority.init()
+    authority.issue_server("edge", ["chat.internal"], [])
+    authority.issue_client("wsproxy")
+    (tmp_path / "admin.token").write_text("s3cret\n")
+    result = run_cli("check-config", str(example))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1
-    assert "ok: 2 listener(s), 3 target group(s), 5 target(s)" in result.stdout
+    assert "ok: 4 listener(s), 4 target group(s), 6 target(s)" in result.stdout
 
 
 @pytest.mark.parametrize(
