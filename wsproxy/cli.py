@@ -1,4 +1,4 @@
-"""Command line: ``wsproxy run | check-config | demo | connect``.
+"""Command line: ``wsproxy run | check-config | demo | connect | ca``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 bad config (EX_CONFIG from sysexits.h).
 """
@@ -28,39 +28,121 @@ EX_CONFIG = 78
 log = logging.getLogger("wsproxy")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="wsproxy", description=__doc__.splitlines()[0])
+DESCRIPTION = (
+    "wsproxy: a WebSocket-aware TCP/TLS load balancer (listeners, rules, target groups, health "
+    "checks) with its own certificate authority."
+)
+EPILOG = (
+    "Global options (--log-level, --log-format) go before or after the command. Exit codes: "
+    "0 ok, 1 runtime failure, 2 usage, 78 bad config. 'wsproxy COMMAND --help' shows a "
+    "command's options; docs/config.md lists every config key."
+)
+LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("text", "json")
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """``--log-level`` and ``--log-format``, on the top parser (with the defaults) and again on
+    every command with ``SUPPRESS`` defaults, so that they are accepted after the command too
+    and only override what was given before it when given."""
+    group = parser.add_argument_group("global options")
+    group.add_argument(
+        "--log-level",
+        default="info" if top else argparse.SUPPRESS,
+        choices=LOG_LEVELS,
+        help="log this level and above to stderr (default: info)",
+    )
+    group.add_argument(
+        "--log-format",
+        default="text" if top else argparse.SUPPRESS,
+        choices=LOG_FORMATS,
+        help="text for people, json for log pipelines: one object per line (default: text)",
+    )
+
+
+def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every command parser below ``parser``: ``run``, ``ca``, ``ca issue server``..."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:  # argparse offers no public walk of its command tree
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += [child, *_commands(child)]
+    return found
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: run, check-config, demo, connect, ca (and the internal worker)."""
+    parser = argparse.ArgumentParser(prog="wsproxy", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"wsproxy {__version__}")
-    parser.add_argument(
-        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    _add_global_options(parser, top=True)
+    commands = parser.add_subparsers(dest="command", required=True, title="commands")
+
+    run = commands.add_parser(
+        "run",
+        help="serve the listeners of a config file",
+        description="Serve every listener of a config file until SIGTERM/SIGINT, which drain "
+        "(a second signal exits at once); SIGHUP reloads the file.",
     )
-    parser.add_argument("--log-format", default="text", choices=["text", "json"])
-    commands = parser.add_subparsers(dest="command", required=True)
+    run.add_argument("-c", "--config", required=True, help="the TOML config file")
 
-    run = commands.add_parser("run", help="serve the listeners of a config file")
-    run.add_argument("-c", "--config", required=True, help="TOML config file")
-
+    # Internal: `run` starts it when [proxy] workers > 1. No help, so argparse leaves it out of
+    # the command list; the metavar below leaves it out of the usage line.
     commands.add_parser(
-        "worker", help="(internal) one worker process, started by `run` when workers > 1"
+        "worker", description="(internal) one worker process, started by 'wsproxy run'"
     )
 
-    check = commands.add_parser("check-config", help="validate a config file; opens no socket")
-    check.add_argument("file")
+    check = commands.add_parser(
+        "check-config",
+        help="validate a config file; opens no socket",
+        description="Validate a config file and read its certificate files, without opening a "
+        "socket: exit 0 with a summary, or 78 listing every error.",
+    )
+    check.add_argument("file", help="the TOML config file")
 
-    demo = commands.add_parser("demo", help="echo targets and the proxy, in one command")
-    demo.add_argument("--listen", default="127.0.0.1:8080", help="proxy address (port 0: any)")
-    demo.add_argument("--admin", default="127.0.0.1:9900", help="admin address (port 0: any)")
-    demo.add_argument("--duration", type=float, default=0, help="stop after N seconds (0: never)")
+    demo = commands.add_parser(
+        "demo",
+        help="echo targets and the proxy, in one command",
+        description="Mint a CA, start WebSocket echo targets and the proxy (ws://, wss:// with "
+        "client certificates, TLS passthrough), check them and print commands to try.",
+    )
+    demo.add_argument(
+        "--listen",
+        default="127.0.0.1:8080",
+        help="the ws:// listener's address; wss:// takes port+363, passthrough port+364 "
+        "(port 0: any free port) (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--admin",
+        default="127.0.0.1:9900",
+        help="admin address (port 0: any) (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--duration", type=float, default=0, help="stop after N seconds (default: 0, never)"
+    )
     demo.add_argument(
         "--dir", help="keep the demo CA and certificates here (default: a temporary folder)"
     )
 
-    connect = commands.add_parser("connect", help="an interactive WebSocket client")
-    connect.add_argument("url")
-    connect.add_argument(
-        "-H", "--header", action="append", default=[], help="extra header 'Name: value'"
+    connect = commands.add_parser(
+        "connect",
+        help="an interactive WebSocket client",
+        description="Connect to a ws:// or wss:// URL: each line read from stdin is sent as a "
+        "text message, each message received is printed.",
     )
-    connect.add_argument("--subprotocol", action="append", default=[])
+    connect.add_argument("url", help="ws://HOST:PORT/PATH or wss://HOST:PORT/PATH")
+    connect.add_argument(
+        "-H",
+        "--header",
+        action="append",
+        default=[],
+        help="extra header 'Name: value' (repeatable)",
+    )
+    connect.add_argument(
+        "--subprotocol",
+        action="append",
+        default=[],
+        help="offer this Sec-WebSocket-Protocol (repeatable)",
+    )
     connect.add_argument("--cacert", help="CA bundle to verify a wss:// server")
     connect.add_argument("--cert", help="client certificate (PEM) for mTLS")
     connect.add_argument("--key", help="client private key (PEM)")
@@ -69,6 +151,9 @@ def _parser() -> argparse.ArgumentParser:
     from wsproxy.ca.cli import add_parser as add_ca_parser
 
     add_ca_parser(commands)
+    commands.metavar = "{" + ",".join(c.dest for c in commands._choices_actions) + "}"
+    for command in _commands(parser):
+        _add_global_options(command, top=False)
     return parser
 
 
@@ -229,7 +314,7 @@ def _cmd_ca(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     logs.configure(args.log_level, args.log_format)
     commands: dict[str, Callable[[argparse.Namespace], int]] = {
         "run": _cmd_run,

@@ -8,12 +8,14 @@ problem at once.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
+import types
 from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import (
     AfterValidator,
@@ -319,12 +321,73 @@ def _format_loc(loc: tuple[int | str, ...]) -> str:
     return path
 
 
+def _section_model(annotation: Any) -> tuple[str, type[BaseModel]] | None:
+    """The section model a field holds: ``("table", M)`` for ``M`` or ``M | None``,
+    ``("names", M)`` for ``dict[Name, M]``, ``("array", M)`` for ``tuple[M, ...]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "table", annotation
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin in (Union, types.UnionType, Annotated):
+        for arg in args:
+            found = _section_model(arg)
+            if found is not None:
+                return found
+    if origin in (dict, tuple) and args:
+        inner = _section_model(args[1] if origin is dict else args[0])
+        if inner is not None and inner[0] == "table":
+            return ("names" if origin is dict else "array"), inner[1]
+    return None
+
+
+def _section_at(loc: tuple[int | str, ...]) -> tuple[str, type[BaseModel]] | None:
+    """The heading (``[listeners.NAME.tls]``, ``[[listeners.NAME.rules]]``) and model of the
+    section at an error location, or None when the location leaves the schema."""
+    model: type[BaseModel] = Config
+    path: list[str] = []
+    array = False
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        found = _section_model(field.annotation) if field is not None else None
+        if found is None:
+            return None
+        kind, model = found
+        path.append(str(part))
+        array = kind == "array"
+        if kind != "table":  # the next part is the listener/group name or the array index
+            if not parts:
+                return None
+            parts.pop(0)
+            if kind == "names":
+                path.append("NAME")
+    if not path:
+        return "the top level", model
+    heading = ".".join(path)
+    return (f"[[{heading}]]" if array else f"[{heading}]"), model
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """``unknown key; did you mean KEY?`` with the closest key of that section (difflib)."""
+    found = _section_at(loc[:-1])
+    if found is None:
+        return "unknown key; see docs/config.md for the keys this section takes"
+    heading, model = found
+    keys = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), keys, n=1)
+    if close:
+        return f"unknown key; did you mean {close[0]}?"
+    if len(keys) <= 8:
+        return f"unknown key; {heading} takes {', '.join(keys)}"
+    return f"unknown key; docs/config.md lists the keys {heading} takes"
+
+
 def _describe(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
     value = error.get("input")
     if kind == "extra_forbidden":
-        return "unknown key; see docs/config.md for the keys this section takes"
+        return _unknown_key(tuple(error["loc"]))
     if kind == "missing":
         return "required key is missing"
     if kind == "string_pattern_mismatch" and error["loc"] and error["loc"][-1] == "[key]":

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shlex
 import ssl
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +186,19 @@ def _demo_ca(
     return temporary, directory, prepare_ca(directory)
 
 
+def program() -> str:
+    """This program as a shell command that works from any directory, venv activated or not.
+
+    The absolute path of the ``wsproxy`` script when it was started that way (a venv's
+    ``bin/wsproxy`` finds its packages through its own interpreter line), else this interpreter
+    with ``-m wsproxy`` (``python -m wsproxy``).
+    """
+    script = Path(sys.argv[0])
+    if script.name == "wsproxy" and script.is_file() and os.access(script, os.X_OK):
+        return shlex.quote(str(script.absolute()))
+    return shlex.join([sys.executable, "-m", "wsproxy"])
+
+
 def _with_port(address: Address, offset: int) -> Address:
     return Address(address.host, address.port + offset if address.port else 0)
 
@@ -234,10 +250,17 @@ async def run_demo(
             await _self_check(f"{passthrough}/chat", ssl.create_default_context(cafile=ca_file)),
         ]
         admin_url = f"http://{proxy.admin.address}" if proxy.admin else "(admin disabled)"
-        tls_flags = f"--cacert {ca_file}"
+        tls_flags = f"--cacert {shlex.quote(str(ca_file))}"
         mtls_flags = (
-            f"{tls_flags} --cert {store.leaf_cert('demo-client')} "
-            f"--key {store.leaf_key('demo-client')}"
+            f"{tls_flags} --cert {shlex.quote(str(store.leaf_cert('demo-client')))} "
+            f"--key {shlex.quote(str(store.leaf_key('demo-client')))}"
+        )
+        wsproxy = program()
+        curl = (
+            f"\n\nThe target groups and their targets' health, from the admin API:\n"
+            f"  curl -s {admin_url}/v1/target-groups"
+            if proxy.admin
+            else ""
         )
         checked = "\n  ".join(checks)
         print(
@@ -253,13 +276,15 @@ async def run_demo(
 Self-check passed:
   {checked}
 
-Try it (type lines, each comes back; Ctrl-D to quit):
-  wsproxy connect {base}/chat
-  wsproxy connect {base}/v2/chat
-  wsproxy connect {mtls}/chat {mtls_flags}
-  wsproxy connect {passthrough}/chat {tls_flags}
+Try it in another terminal (type lines, each comes back; Ctrl-D to quit):
+  {wsproxy} connect {base}/chat
+  {wsproxy} connect {base}/v2/chat
+  {wsproxy} connect {mtls}/chat {mtls_flags}
+  {wsproxy} connect {passthrough}/chat {tls_flags}{curl}
 
-Revoke the demo client and watch its session end: wsproxy ca revoke demo-client --dir {directory}
+Revoke the demo client and its session on 'demo-mtls' ends within a second:
+  {wsproxy} ca revoke demo-client --dir {shlex.quote(str(directory))}
+
 Stop with Ctrl-C.""",
             flush=True,
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from wsproxy.ca.hints import ca_hint, issue_hint
 from wsproxy.clock import Clock, SystemClock
 from wsproxy.config import ListenerTls, TargetTls
 from wsproxy.errors import ClientCertRejected, ConfigIssue, Reason, TlsConfigError
@@ -46,8 +47,8 @@ _VERIFY_RESULTS = {
 }
 
 
-def _fix_hint(listener: str) -> str:
-    return f"run `wsproxy ca issue server --name {listener} --dns HOST` to mint one"
+def _fix_hint(path: str, *, expired: bool = False) -> str:
+    return issue_hint(path, "server", expired=expired)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +123,9 @@ class ServerTls:
         if config.client_auth != "none":
             if config.client_ca is None:
                 raise TlsConfigError(f"listener '{self.listener}': client_auth needs client_ca")
-            self._load_verify(context, config.client_ca, "client_ca", "wsproxy ca init")
+            self._load_verify(
+                context, config.client_ca, "client_ca", ca_hint(config.client_ca, "ca")
+            )
             context.verify_mode = (
                 ssl.CERT_REQUIRED if config.client_auth == "required" else ssl.CERT_OPTIONAL
             )
@@ -130,15 +133,13 @@ class ServerTls:
             # resume; no tickets on listeners that verify clients.
             context.options |= ssl.OP_NO_TICKET
             if config.crl:
-                self._load_verify(context, config.crl, "crl", "wsproxy ca crl")
+                self._load_verify(context, config.crl, "crl", ca_hint(config.crl, "crl"))
                 context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
         return context
 
-    def _load_verify(self, context: ssl.SSLContext, path: str, key: str, command: str) -> None:
+    def _load_verify(self, context: ssl.SSLContext, path: str, key: str, hint: str) -> None:
         if not Path(path).is_file():
-            raise TlsConfigError(
-                f"listener '{self.listener}': {key} file {path} not found; run `{command}`"
-            )
+            raise TlsConfigError(f"listener '{self.listener}': {key} file {path} not found; {hint}")
         try:
             context.load_verify_locations(cafile=path)
         except ssl.SSLError as exc:
@@ -150,7 +151,7 @@ class ServerTls:
         where = f"listener '{self.listener}'"
         for path in (cert_path, key_path):
             if not Path(path).is_file():
-                raise TlsConfigError(f"{where}: file {path} not found; {_fix_hint(self.listener)}")
+                raise TlsConfigError(f"{where}: file {path} not found; {_fix_hint(path)}")
         try:
             leaf = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())[0]
         except ValueError:
@@ -159,7 +160,7 @@ class ServerTls:
         if leaf.not_valid_after_utc < now:
             raise TlsConfigError(
                 f"{where}: certificate {cert_path} expired on "
-                f"{leaf.not_valid_after_utc:%Y-%m-%d}; {_fix_hint(self.listener)}"
+                f"{leaf.not_valid_after_utc:%Y-%m-%d}; {_fix_hint(cert_path, expired=True)}"
             )
         context = self._base_context()
         try:
@@ -310,7 +311,7 @@ def target_context(
     """
     where = f"target group '{group}'"
     if config.ca is not None and not Path(config.ca).is_file():
-        raise TlsConfigError(f"{where}: ca file {config.ca} not found; run `wsproxy ca init`")
+        raise TlsConfigError(f"{where}: ca file {config.ca} not found; {ca_hint(config.ca, 'ca')}")
     try:
         context = ssl.create_default_context(cafile=config.ca)
     except ssl.SSLError as exc:
@@ -324,8 +325,8 @@ def target_context(
         for path in (config.client_cert, config.client_key):
             if not Path(path).is_file():
                 raise TlsConfigError(
-                    f"{where}: file {path} not found; run "
-                    "`wsproxy ca issue client --name wsproxy` to mint the proxy's certificate"
+                    f"{where}: file {path} not found (the proxy's own client certificate); "
+                    f"{issue_hint(path, 'client')}"
                 )
         try:
             context.load_cert_chain(config.client_cert, config.client_key)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import shlex
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -141,6 +142,11 @@ class CertificateAuthority:
         self.store = CAStore(directory)
         self.clock = clock or SystemClock()
 
+    @property
+    def _dir(self) -> str:
+        """The CA directory as a ``--dir`` value for the commands that hints print."""
+        return shlex.quote(str(self.store.root))
+
     # --- init -----------------------------------------------------------------------------------
 
     def init(self, name: str = "wsproxy CA", crl_urls: Sequence[str] = ()) -> x509.Certificate:
@@ -269,7 +275,8 @@ class CertificateAuthority:
         if current:
             raise CAError(
                 f"a valid certificate named {name!r} exists (serial {current[-1].serial}); "
-                f"revoke it first (`wsproxy ca revoke {name}`) or pick another name"
+                f"revoke it first (`wsproxy ca revoke {name} --dir {self._dir}`) or pick another "
+                "name"
             )
         now = self.clock.now()
         not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
@@ -349,7 +356,7 @@ class CertificateAuthority:
             raise CAError(f"unknown reason {reason!r}; use one of {', '.join(REASONS)}")
         ca_cert, ca_key = self._load_ca()
         index = self.store.load_index()
-        entry = index.find(name_or_serial)
+        entry = index.find(name_or_serial, self._dir)
         if entry.status == "revoked":
             raise CAError(f"certificate {entry.name} (serial {entry.serial}) is already revoked")
         entry.status = "revoked"
@@ -422,7 +429,7 @@ class CertificateAuthority:
         store.require()
         cert_path, key_path = store.leaf_cert(name), store.leaf_key(name)
         if not cert_path.exists():
-            raise CAError(f"{cert_path} not found; see `wsproxy ca list`")
+            raise CAError(f"{cert_path} not found; see `wsproxy ca list --dir {self._dir}`")
         certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
         key = serialization.load_pem_private_key(read_private_key_file(key_path), password=None)
         if not isinstance(

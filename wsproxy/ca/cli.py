@@ -18,15 +18,23 @@ from wsproxy.errors import CAError
 
 
 def add_parser(commands: Any) -> None:
+    """``wsproxy ca ...`` under ``commands`` (the top parser's subparsers)."""
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--dir", default="certs", help="CA directory (default: certs)")
-    ca = commands.add_parser("ca", help="wsproxy's own certificate authority")
-    actions = ca.add_subparsers(dest="ca_command", required=True)
+    common.add_argument("--dir", default="certs", help="the CA's directory (default: %(default)s)")
+    ca = commands.add_parser(
+        "ca",
+        help="wsproxy's own certificate authority",
+        description="wsproxy's own certificate authority: a root, server and client "
+        "certificates, revocation and a CRL, all kept under --dir (see certs/README.md).",
+    )
+    actions = ca.add_subparsers(dest="ca_command", required=True, title="commands")
 
     init = actions.add_parser(
         "init", parents=[common], help=f"create the root (ECDSA P-256, {CA_DAYS} days)"
     )
-    init.add_argument("--name", default="wsproxy CA", help="the root's common name")
+    init.add_argument(
+        "--name", default="wsproxy CA", help="the root's common name (default: %(default)s)"
+    )
     crl_url_help = (
         "http URL where clients fetch the CRL, written into every certificate issued from now on "
         "(repeatable), e.g. http://wsproxy.internal:9900/v1/crl"
@@ -34,24 +42,41 @@ def add_parser(commands: Any) -> None:
     init.add_argument("--crl-url", action="append", default=[], help=crl_url_help)
 
     issue = actions.add_parser("issue", help="issue a server or client certificate")
-    kinds = issue.add_subparsers(dest="kind", required=True)
+    kinds = issue.add_subparsers(dest="kind", required=True, title="kinds")
+    name_help = "certificate name: writes issued/NAME.pem and issued/NAME.key under --dir"
+    key_help = "key algorithm (default: %(default)s)"
     server = kinds.add_parser("server", parents=[common], help="serverAuth certificate with SANs")
-    server.add_argument("--name", required=True, help="file name under issued/")
+    server.add_argument("--name", required=True, help=name_help)
     server.add_argument("--dns", action="append", default=[], help="DNS SAN (repeatable)")
     server.add_argument("--ip", action="append", default=[], help="IP SAN (repeatable)")
-    server.add_argument("--days", type=int, default=SERVER_DAYS)
-    server.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
+    server.add_argument(
+        "--days",
+        type=int,
+        default=SERVER_DAYS,
+        help="validity in days, at most the CA's own (default: %(default)s)",
+    )
+    server.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256", help=key_help)
     client = kinds.add_parser("client", parents=[common], help="clientAuth certificate")
-    client.add_argument("--name", required=True, help="file name under issued/")
+    client.add_argument("--name", required=True, help=name_help)
     client.add_argument("--cn", help="subject common name (default: the name)")
-    client.add_argument("--days", type=int, default=CLIENT_DAYS)
-    client.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256")
+    client.add_argument(
+        "--days",
+        type=int,
+        default=CLIENT_DAYS,
+        help="validity in days, at most the CA's own (default: %(default)s)",
+    )
+    client.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256", help=key_help)
 
     revoke = actions.add_parser(
         "revoke", parents=[common], help="revoke by name or serial and publish a CRL"
     )
     revoke.add_argument("certificate", help="name or serial (hex)")
-    revoke.add_argument("--reason", choices=list(REASONS), default="unspecified")
+    revoke.add_argument(
+        "--reason",
+        choices=list(REASONS),
+        default="unspecified",
+        help="the reason recorded in the CRL (RFC 5280 §5.3.1) (default: %(default)s)",
+    )
 
     actions.add_parser("crl", parents=[common], help="publish a fresh CRL (valid 7 days)")
     settings = actions.add_parser(
@@ -67,7 +92,7 @@ def add_parser(commands: Any) -> None:
     export = actions.add_parser(
         "export-p12", parents=[common], help="PKCS#12 bundle for browsers and curl"
     )
-    export.add_argument("name")
+    export.add_argument("name", help="the certificate's name; writes issued/NAME.p12 under --dir")
     export.add_argument("--password", help="protect the bundle (default: none)")
 
 

@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import stat
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -93,8 +94,9 @@ class Index:
     crl_number: int = 0
     certificates: list[IndexEntry] = field(default_factory=list)
 
-    def find(self, name_or_serial: str) -> IndexEntry:
-        """The newest certificate with that name, or the one with that serial (hex)."""
+    def find(self, name_or_serial: str, ca_dir: str) -> IndexEntry:
+        """The newest certificate with that name, or the one with that serial (hex); the error
+        names ``ca_dir`` in its ``wsproxy ca list`` hint."""
         wanted = name_or_serial.lower().removeprefix("0x").replace(":", "")
         by_name = [e for e in self.certificates if e.name == name_or_serial]
         if by_name:
@@ -103,7 +105,8 @@ class Index:
             if entry.serial == wanted:
                 return entry
         raise CAError(
-            f"no certificate named or with serial {name_or_serial!r}; see `wsproxy ca list`"
+            f"no certificate named or with serial {name_or_serial!r}; "
+            f"see `wsproxy ca list --dir {ca_dir}`"
         )
 
 
@@ -143,7 +146,10 @@ class CAStore:
 
     def require(self) -> None:
         if not self.ca_cert.exists() or not self.ca_key.exists():
-            raise CAError(f"no CA in {self.root}; run `wsproxy ca init --dir {self.root}` first")
+            raise CAError(
+                f"no CA in {self.root}; run `wsproxy ca init --dir {shlex.quote(str(self.root))}` "
+                "first"
+            )
 
     def load_index(self) -> Index:
         try:
