@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Iterator
@@ -92,13 +93,26 @@ async def tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         await writer.drain()
 
 
+# Sockets behind closed_port(): held until the test process exits (a few descriptors).
+_REFUSING: list[socket.socket] = []
+
+
+@atexit.register
+def _release_refusing() -> None:
+    for held in _REFUSING:
+        held.close()
+
+
 async def closed_port() -> Address:
-    """An address on 127.0.0.1 where nothing listens (bound, then closed)."""
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
-    return Address("127.0.0.1", port)
+    """An address on 127.0.0.1 where nothing listens: connections to it are refused (RST).
+
+    The port stays bound by a socket that never listens, for the rest of the test run: the kernel
+    refuses connections to it, and no other program can take the port meanwhile (a port bound,
+    then closed, could be reused by anyone before the test connects)."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _REFUSING.append(held)
+    return Address("127.0.0.1", held.getsockname()[1])
 
 
 class HealthEndpoints:
