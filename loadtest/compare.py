@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ import uvloop
 
 from loadtest import scenarios
 from loadtest.client import Endpoint
+from loadtest.ports import WSPROXY, announced_ports, held_sockets, port_of, wait_serving
 from loadtest.procstat import process_tree
 from loadtest.scenarios import Result
 
@@ -72,6 +74,10 @@ class Run:
     result: Result
 
 
+# How a proxy process is known to be up: waits until it serves, returns system name -> URL.
+Ready = Callable[[subprocess.Popen[bytes]], dict[str, str]]
+
+
 @dataclass
 class Bench:
     workdir: Path
@@ -79,6 +85,9 @@ class Bench:
     systems: dict[str, System] = field(default_factory=dict)
     ca_file: str = ""
     commands: dict[int, tuple[list[str], dict[str, Any]]] = field(default_factory=dict)
+    readiness: dict[int, Ready] = field(default_factory=dict)
+    # Listening sockets handed to HAProxy and nginx: ours until the end, so their ports are too.
+    held: list[socket.socket] = field(default_factory=list)
 
     def start(self, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(command, **kwargs)  # our own binaries and args
@@ -86,11 +95,28 @@ class Bench:
         self.commands[process.pid] = (command, kwargs)
         return process
 
+    def launch(
+        self, command: list[str], ready: Ready, tls: set[str], **kwargs: Any
+    ) -> subprocess.Popen[bytes]:
+        """Start a proxy, wait until ``ready`` says it serves, and add the systems it names
+        (those in ``tls`` speak TLS to clients)."""
+        process = self.start(command, **kwargs)
+        self.readiness[process.pid] = ready
+        for name, url in ready(process).items():
+            self.systems[name] = System(name, url, process.pid, name in tls)
+        return process
+
+    def hold_sockets(self, names: list[str]) -> dict[str, socket.socket]:
+        sockets = held_sockets(names)
+        self.held.extend(sockets.values())
+        return sockets
+
     def restart(self, pid: int) -> None:
-        """Stop the proxy process ``pid`` and start it again, same command, same ports; every
-        system it served gets the new pid. ``hold`` measures each system in a fresh process:
-        memory that an earlier scenario freed but the allocator kept would otherwise make the
-        later systems look cheaper per session than they are."""
+        """Stop the proxy process ``pid`` and start it again, same command; every system it
+        served gets the new pid and URL (HAProxy and nginx get the same sockets again, wsproxy
+        binds new ports). ``hold`` measures each system in a fresh process: memory that an
+        earlier scenario freed but the allocator kept would otherwise make the later systems look
+        cheaper per session than they are."""
         old = next(p for p in self.processes if p.pid == pid)
         # The whole tree (nginx's workers hold the sockets too), at once: a drain would wait
         # out the previous scenario's idle sessions.
@@ -100,10 +126,10 @@ class Bench:
         old.wait(timeout=10)
         command, kwargs = self.commands.pop(pid)
         fresh = self.start(command, **kwargs)
-        for system in self.systems.values():
-            if system.pid == pid:
-                wait_listening(int(system.url.rsplit(":", 1)[1].split("/")[0]), fresh, command[0])
-                system.pid = fresh.pid
+        ready = self.readiness[fresh.pid] = self.readiness.pop(pid)
+        for name, url in ready(fresh).items():
+            self.systems[name].url = url
+            self.systems[name].pid = fresh.pid
 
     def stop_all(self) -> None:
         for process in self.processes:
@@ -115,25 +141,8 @@ class Bench:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def wait_listening(
-    port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 20
-) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{what} exited with {process.returncode} at start")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{what} is not listening on {port} after {timeout:g} s")
+        for sock in self.held:
+            sock.close()
 
 
 def pinned(command: list[str]) -> list[str]:
@@ -191,23 +200,23 @@ def start_echo(bench: Bench, cert: str, key: str) -> tuple[int, int]:
 
 
 def start_wsproxy(bench: Bench, echo: int, echo_tls: int, cert: str, key: str) -> None:
-    ports = {name: free_port() for name in ("stream", "ws", "tls", "passthrough")}
+    # Every listener binds port 0 and says in its log which port it got (loadtest.ports).
     config = bench.workdir / "wsproxy.toml"
     config.write_text(
         f"""
 [admin]
 enabled = false
 [listeners.stream]
-address = "127.0.0.1:{ports["stream"]}"
+address = "127.0.0.1:0"
 default_target_group = "echo"
 max_connections = 100000
 [listeners.ws]
-address = "127.0.0.1:{ports["ws"]}"
+address = "127.0.0.1:0"
 websocket = true
 default_target_group = "echo"
 max_connections = 100000
 [listeners.tls]
-address = "127.0.0.1:{ports["tls"]}"
+address = "127.0.0.1:0"
 protocol = "tls"
 websocket = true
 default_target_group = "echo"
@@ -215,7 +224,7 @@ max_connections = 100000
 [listeners.tls.tls]
 certificates = [{{ cert = "{cert}", key = "{key}" }}]
 [listeners.passthrough]
-address = "127.0.0.1:{ports["passthrough"]}"
+address = "127.0.0.1:0"
 protocol = "tls_passthrough"
 default_target_group = "echo-tls"
 max_connections = 100000
@@ -225,24 +234,26 @@ targets = [{{ address = "127.0.0.1:{echo}" }}]
 targets = [{{ address = "127.0.0.1:{echo_tls}" }}]
 """
     )
-    # Warning level: no per-connection log line, as HAProxy and nginx here log nothing either.
-    command = [sys.executable, "-m", "wsproxy", "--log-level", "warning", "run", "-c", str(config)]
-    process = bench.start(pinned(command))
-    for port in ports.values():
-        wait_listening(port, process, "wsproxy")
-    pid = process.pid
-    bench.systems |= {
-        "wsproxy-stream": System("wsproxy-stream", f"ws://127.0.0.1:{ports['stream']}/", pid),
-        "wsproxy-ws": System("wsproxy-ws", f"ws://127.0.0.1:{ports['ws']}/", pid),
-        "wsproxy-tls": System("wsproxy-tls", f"wss://127.0.0.1:{ports['tls']}/", pid, True),
-        "wsproxy-passthrough": System(
-            "wsproxy-passthrough", f"wss://127.0.0.1:{ports['passthrough']}/", pid, True
-        ),
-    }
+    # No line per connection (as HAProxy and nginx here log nothing either); JSON, for the ports.
+    command = [*WSPROXY, "--log-level", "warning", "--log-format", "json", "run", "-c", str(config)]
+
+    def ready(process: subprocess.Popen[bytes]) -> dict[str, str]:
+        ports = announced_ports(process, ("stream", "ws", "tls", "passthrough"), "wsproxy")
+        return {
+            "wsproxy-stream": f"ws://127.0.0.1:{ports['stream']}/",
+            "wsproxy-ws": f"ws://127.0.0.1:{ports['ws']}/",
+            "wsproxy-tls": f"wss://127.0.0.1:{ports['tls']}/",
+            "wsproxy-passthrough": f"wss://127.0.0.1:{ports['passthrough']}/",
+        }
+
+    tls = {"wsproxy-tls", "wsproxy-passthrough"}
+    bench.launch(pinned(command), ready, tls, stderr=subprocess.PIPE)
 
 
 def start_haproxy(bench: Bench, echo: int, echo_tls: int, cert: str, key: str) -> None:
-    ports = {name: free_port() for name in ("tcp", "http", "tls", "passthrough")}
+    # HAProxy listens on sockets we bound and keep (``bind fd@N``): no port can change hands.
+    held = bench.hold_sockets(["tcp", "http", "tls", "passthrough"])
+    fds = {name: sock.fileno() for name, sock in held.items()}
     bundle = bench.workdir / "haproxy.pem"
     bundle.write_text(Path(cert).read_text() + Path(key).read_text())
     config = bench.workdir / "haproxy.cfg"
@@ -261,19 +272,19 @@ defaults
     timeout tunnel 350s
 frontend tcp_in
     mode tcp
-    bind 127.0.0.1:{ports["tcp"]}
+    bind fd@{fds["tcp"]}
     default_backend echo_tcp
 frontend http_in
     mode http
-    bind 127.0.0.1:{ports["http"]}
+    bind fd@{fds["http"]}
     default_backend echo_http
 frontend tls_in
     mode http
-    bind 127.0.0.1:{ports["tls"]} ssl crt {bundle} alpn http/1.1
+    bind fd@{fds["tls"]} ssl crt {bundle} alpn http/1.1
     default_backend echo_http
 frontend passthrough_in
     mode tcp
-    bind 127.0.0.1:{ports["passthrough"]}
+    bind fd@{fds["passthrough"]}
     default_backend echo_tls
 backend echo_tcp
     mode tcp
@@ -286,21 +297,28 @@ backend echo_tls
     server echo 127.0.0.1:{echo_tls}
 """
     )
-    process = bench.start(pinned(["haproxy", "-db", "-f", str(config)]))
-    for port in ports.values():
-        wait_listening(port, process, "haproxy")
-    bench.systems |= {
-        "haproxy-tcp": System("haproxy-tcp", f"ws://127.0.0.1:{ports['tcp']}/", process.pid),
-        "haproxy-http": System("haproxy-http", f"ws://127.0.0.1:{ports['http']}/", process.pid),
-        "haproxy-tls": System("haproxy-tls", f"wss://127.0.0.1:{ports['tls']}/", process.pid, True),
-        "haproxy-passthrough": System(
-            "haproxy-passthrough", f"wss://127.0.0.1:{ports['passthrough']}/", process.pid, True
-        ),
-    }  # fmt: skip
+    urls = {
+        "haproxy-tcp": f"ws://127.0.0.1:{port_of(held['tcp'])}/",
+        "haproxy-http": f"ws://127.0.0.1:{port_of(held['http'])}/",
+        "haproxy-tls": f"wss://127.0.0.1:{port_of(held['tls'])}/",
+        "haproxy-passthrough": f"wss://127.0.0.1:{port_of(held['passthrough'])}/",
+    }
+
+    def ready(process: subprocess.Popen[bytes]) -> dict[str, str]:
+        wait_serving(urls.values(), process, "haproxy", bench.ca_file)
+        return urls
+
+    command = pinned(["haproxy", "-db", "-f", str(config)])
+    tls = {"haproxy-tls", "haproxy-passthrough"}
+    bench.launch(command, ready, tls, pass_fds=tuple(fds.values()))
 
 
 def start_nginx(bench: Bench, echo: int, echo_tls: int, cert: str, key: str) -> None:
-    ports = {name: free_port() for name in ("http", "tls")}
+    # nginx listens on sockets we bound and keep: it inherits them through $NGINX (as across
+    # a binary upgrade) and uses each for the ``listen`` whose address matches it.
+    held = bench.hold_sockets(["http", "tls"])
+    ports = {name: port_of(sock) for name, sock in held.items()}
+    fds = tuple(sock.fileno() for sock in held.values())
     prefix = bench.workdir / "nginx"
     (prefix / "logs").mkdir(parents=True)
     config = prefix / "nginx.conf"
@@ -335,13 +353,18 @@ http {{
 }}
 """
     )
-    process = bench.start(pinned(["nginx", "-p", str(prefix), "-c", str(config)]))
-    for port in ports.values():
-        wait_listening(port, process, "nginx")
-    bench.systems |= {
-        "nginx-http": System("nginx-http", f"ws://127.0.0.1:{ports['http']}/", process.pid),
-        "nginx-tls": System("nginx-tls", f"wss://127.0.0.1:{ports['tls']}/", process.pid, True),
+    urls = {
+        "nginx-http": f"ws://127.0.0.1:{ports['http']}/",
+        "nginx-tls": f"wss://127.0.0.1:{ports['tls']}/",
     }
+
+    def ready(process: subprocess.Popen[bytes]) -> dict[str, str]:
+        wait_serving(urls.values(), process, "nginx", bench.ca_file)
+        return urls
+
+    command = pinned(["nginx", "-p", str(prefix), "-c", str(config)])
+    env = {**os.environ, "NGINX": "".join(f"{fd};" for fd in fds)}
+    bench.launch(command, ready, {"nginx-tls"}, pass_fds=fds, env=env)
 
 
 # --- scenarios x systems -------------------------------------------------------------------------

@@ -36,7 +36,8 @@ import uvloop
 
 from loadtest import scenarios
 from loadtest.client import Endpoint, open_session
-from loadtest.compare import LOAD_CORE, free_port, pinned, wait_listening
+from loadtest.compare import LOAD_CORE, pinned
+from loadtest.ports import WSPROXY, announced_ports
 from loadtest.scenarios import Result
 
 PACKAGE = Path(__file__).resolve().parent.parent / "wsproxy"
@@ -73,18 +74,17 @@ def start_build(
 ) -> tuple[subprocess.Popen[bytes], int, int]:
     """wsproxy (shipped, or the stripped copy on PYTHONPATH) with a websocket and a stream
     listener in front of the echo target."""
-    ws_port, stream_port = free_port(), free_port()
     config = workdir / f"bench-{'stripped' if pythonpath else 'shipped'}.toml"
     config.write_text(
         f"""
 [admin]
 enabled = false
 [listeners.ws]
-address = "127.0.0.1:{ws_port}"
+address = "127.0.0.1:0"
 websocket = true
 default_target_group = "echo"
 [listeners.stream]
-address = "127.0.0.1:{stream_port}"
+address = "127.0.0.1:0"
 default_target_group = "echo"
 [target_groups.echo]
 targets = [{{ address = "127.0.0.1:{echo_port}" }}]
@@ -93,13 +93,13 @@ targets = [{{ address = "127.0.0.1:{echo_port}" }}]
     env = dict(os.environ)
     if pythonpath is not None:
         env["PYTHONPATH"] = str(pythonpath)
-    command = [sys.executable, "-m", "wsproxy", "--log-level", "warning", "run", "-c", str(config)]
+    # Both listeners bind port 0 and say in the log which port they got (loadtest.ports).
+    command = [*WSPROXY, "--log-level", "warning", "--log-format", "json", "run", "-c", str(config)]
     env["PYTHONHASHSEED"] = "0"  # the same dict layouts in both builds
     command = [*wrapper, *command] if wrapper else pinned(command)
-    process = subprocess.Popen(command, env=env, cwd=str(workdir))
-    for port in (ws_port, stream_port):
-        wait_listening(port, process, "wsproxy", timeout=120 if wrapper else 20)
-    return process, ws_port, stream_port
+    process = subprocess.Popen(command, env=env, cwd=str(workdir), stderr=subprocess.PIPE)
+    ports = announced_ports(process, ("ws", "stream"), "wsproxy", timeout=120 if wrapper else 20)
+    return process, ports["ws"], ports["stream"]
 
 
 def cpu_per_10k(rows: list[Result]) -> float:

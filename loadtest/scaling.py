@@ -13,13 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from loadtest.compare import Bench, free_port, mint_certificates, start_echo, wait_listening
+from loadtest.compare import Bench, mint_certificates, start_echo
+from loadtest.ports import WSPROXY, announced_ports
 from loadtest.runner import run_scenario
 from loadtest.scenarios import Result, raise_fd_limit
 
@@ -35,16 +37,16 @@ def add_parser(commands: Any) -> None:
 
 
 def start_proxy(bench: Bench, name: str, workers: int, echo: int) -> tuple[str, int]:
-    port = free_port()
+    # The listener and the admin bind port 0; the supervisor says which ports (loadtest.ports).
     config = bench.workdir / f"{name}.toml"
     config.write_text(
         f"""
 [proxy]
 workers = {workers}
 [admin]
-address = "127.0.0.1:{free_port()}"
+address = "127.0.0.1:0"
 [listeners.ws]
-address = "127.0.0.1:{port}"
+address = "127.0.0.1:0"
 websocket = true
 default_target_group = "echo"
 max_connections = 100000
@@ -52,11 +54,11 @@ max_connections = 100000
 targets = [{{ address = "127.0.0.1:{echo}" }}]
 """
     )
-    command = [sys.executable, "-m", "wsproxy", "--log-level", "warning", "run", "-c", str(config)]
-    process = bench.start(command)
-    wait_listening(port, process, f"wsproxy ({workers} workers)")
+    command = [*WSPROXY, "--log-level", "warning", "--log-format", "json", "run", "-c", str(config)]
+    process = bench.start(command, stderr=subprocess.PIPE)
+    ports = announced_ports(process, ("ws",), f"wsproxy ({workers} workers)")
     time.sleep(0.5 * workers)  # every worker up, not just the first to accept
-    return f"ws://127.0.0.1:{port}/", process.pid
+    return f"ws://127.0.0.1:{ports['ws']}/", process.pid
 
 
 def scenario_args(kind: str, url: str, pid: int, args: argparse.Namespace) -> argparse.Namespace:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
@@ -204,10 +205,6 @@ async def test_sighup_reloads_a_running_process(
     tmp_path: Path, echo_targets: list[EchoTarget]
 ) -> None:
     path = tmp_path / "proxy.toml"
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
     base = f"""
 [admin]
 enabled = false
@@ -227,13 +224,16 @@ targets = [{{ address = "{echo_targets[0].address}" }}]
             while b"listening on" not in (line := await process.stderr.readline()):
                 assert line, "wsproxy exited"
         path.write_text(
-            base
-            + f'[listeners.added]\naddress = "127.0.0.1:{port}"\ndefault_target_group = "chat"\n'
+            base + '[listeners.added]\naddress = "127.0.0.1:0"\ndefault_target_group = "chat"\n'
         )
         os.kill(process.pid, signal.SIGHUP)
+        port = 0  # the added listener binds port 0 and says which port it got
         async with asyncio.timeout(15):
             while b"reloaded" not in (line := await process.stderr.readline()):
                 assert line, "wsproxy exited"
+                if found := re.search(rb"listener 'added' listening on 127\.0\.0\.1:(\d+)", line):
+                    port = int(found.group(1))
+        assert port, "the added listener did not say where it listens"
         _, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.close()
     finally:

@@ -547,21 +547,6 @@ async def test_close_codes_pass_through(
     await wait_for(lambda: proxy.listeners["edge"].stats.closes[("client", "4xxx")] == 1)
 
 
-async def test_idle_timeout_closes_with_1001(
-    make_proxy: ProxyFactory, echo_targets: list[EchoTarget]
-) -> None:
-    proxy = await make_proxy(
-        ws_config(("chat", [echo_targets[0].address]), listener="idle_timeout_seconds = 0.4")
-    )
-    ws = await RawWebSocket.connect(listener_address(proxy))
-    ws.send(OP_TEXT, b"keep")
-    assert await ws.recv() == (OP_TEXT, b"keep")
-    assert await ws.recv_close(timeout=3) == 1001
-    ws.writer.write(encode_close(1001, mask=os.urandom(4)))
-    await ws.closed()
-    await wait_for(lambda: echo_targets[0].active == 0)
-
-
 async def test_shutdown_sends_1001_at_a_message_boundary(
     make_proxy: ProxyFactory, echo_targets: list[EchoTarget]
 ) -> None:

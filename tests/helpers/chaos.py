@@ -39,11 +39,11 @@ class _Link:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
-def _reset(writer: asyncio.StreamWriter) -> None:
-    """Close with RST: SO_LINGER on, zero timeout."""
+def reset_connection(writer: asyncio.StreamWriter) -> None:
+    """Close with RST: SO_LINGER on, zero timeout (the TCP socket beneath TLS too)."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):  # ValueError: closed already
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
 
@@ -76,7 +76,7 @@ class ChaosRelay:
     def _cut(self, link: _Link) -> None:
         for writer in (link.client, link.target):
             if writer is not None:
-                _reset(writer)
+                reset_connection(writer)
         for task in link.tasks:
             if task is not asyncio.current_task():
                 task.cancel()

@@ -3,22 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import socket
 from collections.abc import Awaitable, Callable, Iterator
+from ssl import SSLContext
 
+from tests.helpers.wsraw import accept_upgrade
 from wsproxy.address import Address
-from wsproxy.wire.http1 import parse_request_head
-from wsproxy.wire.upgrade import accept_key
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class RawServer:
-    """An asyncio stream server running ``handler`` per connection; records what it received."""
+    """An asyncio stream server running ``handler`` per connection (after the TLS handshake,
+    given ``ssl``); records what it received."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, ssl: SSLContext | None = None) -> None:
         self._handler = handler
+        self._ssl = ssl
         self._server: asyncio.Server | None = None
         self.address = Address("127.0.0.1", 0)
         self.connections = 0
@@ -26,7 +29,7 @@ class RawServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> Address:
-        self._server = await asyncio.start_server(self._run, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._run, "127.0.0.1", 0, ssl=self._ssl)
         port = self._server.sockets[0].getsockname()[1]
         self.address = Address("127.0.0.1", port)
         return self.address
@@ -39,6 +42,10 @@ class RawServer:
         try:
             await self._handler(reader, writer)
         except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # stop() cancels a handler still running and awaits it; let the task end normally,
+            # as asyncio's streams log a client callback that ends cancelled as an error.
             pass
         finally:
             writer.close()
@@ -92,13 +99,26 @@ async def tcp_echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -
         await writer.drain()
 
 
+# Sockets behind closed_port(): held until the test process exits (a few descriptors).
+_REFUSING: list[socket.socket] = []
+
+
+@atexit.register
+def _release_refusing() -> None:
+    for held in _REFUSING:
+        held.close()
+
+
 async def closed_port() -> Address:
-    """An address on 127.0.0.1 where nothing listens (bound, then closed)."""
-    server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    server.close()
-    await server.wait_closed()
-    return Address("127.0.0.1", port)
+    """An address on 127.0.0.1 where nothing listens: connections to it are refused (RST).
+
+    The port stays bound by a socket that never listens, for the rest of the test run: the kernel
+    refuses connections to it, and no other program can take the port meanwhile (a port bound,
+    then closed, could be reused by anyone before the test connects)."""
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    _REFUSING.append(held)
+    return Address("127.0.0.1", held.getsockname()[1])
 
 
 class HealthEndpoints:
@@ -131,12 +151,7 @@ def upgrading_target(received: list[bytes]) -> Handler:
     the proxy sends after it (frames, Close), for tests that check what reached a target."""
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = parse_request_head(await read_head(reader))
-        accept = accept_key(head.get("sec-websocket-key") or "")
-        writer.write(
-            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-            + f"Sec-WebSocket-Accept: {accept}\r\n\r\n".encode()
-        )
+        await accept_upgrade(reader, writer)
         while data := await reader.read(65536):
             received.append(data)
 

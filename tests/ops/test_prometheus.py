@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,12 +15,6 @@ import pytest
 from tests.conftest import ProxyFactory, listener_address
 from tests.helpers.tools import require_tool
 from wsproxy.demo import EchoTarget
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Prometheus:
@@ -51,6 +45,22 @@ class Prometheus:
         pytest.fail(f"{promql} never matched; last result {result}")
 
 
+async def listening_port(log: asyncio.StreamReader) -> int:
+    """The port in Prometheus' ``msg="Listening on" address=127.0.0.1:PORT`` log line."""
+    seen: list[str] = []
+    async with asyncio.timeout(30):
+        while line := (await log.readline()).decode():
+            seen.append(line)
+            if found := re.search(r'msg="Listening on" address=127\.0\.0\.1:(\d+)', line):
+                return int(found.group(1))
+    raise AssertionError("prometheus exited before listening:\n" + "".join(seen))
+
+
+async def discard(log: asyncio.StreamReader) -> None:
+    while await log.read(65536):
+        pass
+
+
 @contextlib.asynccontextmanager
 async def prometheus_scraping(admin: str, tmp_path: Path) -> AsyncIterator[Prometheus]:
     binary = require_tool("prometheus", "prometheus")
@@ -60,17 +70,22 @@ async def prometheus_scraping(admin: str, tmp_path: Path) -> AsyncIterator[Prome
         "scrape_configs:\n  - job_name: wsproxy\n"
         f"    static_configs:\n      - targets: ['{admin}']\n"
     )
-    port = free_port()
+    # Port 0, read back from its log: Prometheus logs the address it bound ("Listening on"),
+    # so no other process can take the port between a probe and the bind.
     process = await asyncio.create_subprocess_exec(
         binary,
         f"--config.file={config}",
         f"--storage.tsdb.path={tmp_path / 'data'}",
-        f"--web.listen-address=127.0.0.1:{port}",
+        "--web.listen-address=127.0.0.1:0",
         stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
     )
-    base = f"http://127.0.0.1:{port}"
+    assert process.stderr is not None
+    drain: asyncio.Task[None] | None = None
     try:
+        base = f"http://127.0.0.1:{await listening_port(process.stderr)}"
+        # Keep reading its log, so a full pipe never stalls it.
+        drain = asyncio.create_task(discard(process.stderr))
         async with aiohttp.ClientSession() as session, asyncio.timeout(30):
             while True:
                 with contextlib.suppress(aiohttp.ClientError):
@@ -84,6 +99,8 @@ async def prometheus_scraping(admin: str, tmp_path: Path) -> AsyncIterator[Prome
         process.terminate()
         async with asyncio.timeout(15):
             await process.wait()
+        if drain is not None:
+            await drain
 
 
 async def test_prometheus_sees_sessions_messages_and_target_health(
