@@ -104,8 +104,10 @@ def _run_with_signals(
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from wsproxy.tls import check_files
+
     try:
-        config = load_config(args.file)
+        config = check_files(load_config(args.file), args.file)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
@@ -127,8 +129,10 @@ def _raise_descriptor_limit() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from wsproxy.tls import check_files
+
     try:
-        config = load_config(args.config)
+        config = check_files(load_config(args.config), args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
@@ -136,17 +140,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _raise_descriptor_limit()
 
     async def serve(stop: asyncio.Event) -> int:
-        from wsproxy.errors import WorkerUnavailable
+        from wsproxy.errors import TlsConfigError, WorkerUnavailable
         from wsproxy.process.supervisor import WorkerPool, supervised_proxy
         from wsproxy.proxy import Proxy
 
         pool: WorkerPool | None = None
-        if config.proxy.worker_count() > 1:
-            proxy, pool = supervised_proxy(
-                config, args.config, log_level=args.log_level, log_format=args.log_format
-            )
-        else:
-            proxy = Proxy(config, path=args.config)
+        try:
+            if config.proxy.worker_count() > 1:
+                proxy, pool = supervised_proxy(
+                    config, args.config, log_level=args.log_level, log_format=args.log_format
+                )
+            else:
+                proxy = Proxy(config, path=args.config)
+        except (TlsConfigError, OSError) as exc:
+            # A file changed between the check above and its use: still a config problem.
+            log.error("%s: %s", args.config, exc)
+            return EX_CONFIG
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[list[str]]] = set()
 
