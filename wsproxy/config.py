@@ -8,6 +8,7 @@ problem at once.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import re
@@ -93,11 +94,65 @@ class ProxySection(_Section):
         return int(self.workers)
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+# What [admin] unauthenticated opens: the endpoints that answer without the bearer token.
+# "probes": what orchestrators probe (they cannot send a secret), and the status page's HTML,
+# which holds no data and asks for the token itself.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/status"})
+READ_ONLY_PATHS = PROBE_PATHS | {"/metrics"}
+
+
 class AdminSection(_Section):
     enabled: bool = True
     address: ListenAddress = Address("127.0.0.1", 9900)
-    # A file holding a bearer token; when set, every endpoint but /healthz and /readyz needs it.
+    # A file holding a bearer token; endpoints outside `unauthenticated` need it.
     token_file: str | None = None
+    # Which endpoints answer without the token: "probes", "read_only" (probes + /metrics) or
+    # "all" (every one, management included). Unset: "probes" with a token_file, "all" on a
+    # loopback address without one, and a config error on any other address without one.
+    unauthenticated: Literal["probes", "read_only", "all"] | None = None
+
+    @model_validator(mode="after")
+    def _not_open_to_the_network(self) -> AdminSection:
+        if not self.enabled:
+            return self
+        if self.token_file is not None and self.unauthenticated == "all":
+            raise ValueError(
+                'unauthenticated = "all" lets every request in, so token_file would never be '
+                "asked for; remove one of them"
+            )
+        if (
+            self.token_file is None
+            and self.unauthenticated is None
+            and not is_loopback(self.address.host)
+        ):
+            raise ValueError(
+                f"address {self.address} is reachable from the network and there is no "
+                "token_file, so anyone who can connect could drain the proxy, deregister "
+                "targets or reload it; set token_file (a file holding a bearer token), or "
+                'unauthenticated = "read_only" to serve only /metrics and the probes, or '
+                'unauthenticated = "all" to accept management requests from anyone '
+                "(docs/security.md)"
+            )
+        return self
+
+    def open_paths(self) -> frozenset[str] | None:
+        """The paths that answer without the token; ``None``: every path does."""
+        mode = self.unauthenticated
+        if mode is None:
+            mode = "probes" if self.token_file is not None else "all"
+        if mode == "all":
+            return None
+        return READ_ONLY_PATHS if mode == "read_only" else PROBE_PATHS
 
 
 class TargetConfig(_Section):

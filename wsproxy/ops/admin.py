@@ -78,6 +78,8 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         token_file = proxy.config.admin.token_file
         self._token = Path(token_file).read_text(encoding="utf-8").strip() if token_file else None
+        # Like the address and the token, fixed for the process's life (not reloaded).
+        self._open_paths = proxy.config.admin.open_paths()
 
     async def start(self) -> None:
         app = web.Application(middlewares=[self._auth])
@@ -108,10 +110,17 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        # Probes from orchestrators must work without the token, and so must the status page's
-        # static HTML (it holds no data and asks for the token); everything else needs it.
-        if self._token is None or request.path in ("/healthz", "/readyz", "/status"):
+        # [admin] unauthenticated names what answers without the token (config.AdminSection):
+        # at least the probes, which orchestrators send without secrets, and the status page's
+        # static HTML (it holds no data and asks for the token). Everything else needs it.
+        if self._open_paths is None or request.path in self._open_paths:
             return await handler(request)
+        if self._token is None:
+            return _error(
+                403,
+                f"{request.path} needs a bearer token and this proxy has none: set [admin] "
+                "token_file ([admin] unauthenticated lists the endpoints open without one)",
+            )
         header = request.headers.get("Authorization", "")
         expected = f"Bearer {self._token}"
         if not hmac.compare_digest(header.encode(), expected.encode()):
