@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from wsproxy.config import Algorithm, Config, load_config, parse_config
 from wsproxy.errors import ConfigError
+from wsproxy.tls import check_files
 
 MINIMAL = """
 [listeners.edge]
@@ -139,7 +140,7 @@ def test_errors_name_the_key_path(text: str, expected: str) -> None:
         ),
         (  # nothing close: the section's keys are in docs/config.md
             MINIMAL + "[admin]\nzzz = 1\n",
-            "admin.zzz: unknown key; [admin] takes enabled, address, token_file",
+            "admin.zzz: unknown key; [admin] takes enabled, address, token_file, unauthenticated",
         ),
     ],
 )
@@ -274,8 +275,8 @@ def test_example_config_is_valid_once_its_files_exist(tmp_path: Path) -> None:
     (tmp_path / "deploy").mkdir()
     copy = tmp_path / "deploy" / EXAMPLE.name
     shutil.copy(EXAMPLE, copy)
-    with pytest.raises(ConfigError) as caught:
-        load_config(copy)  # nothing minted yet: the errors say what is missing
+    with pytest.raises(ConfigError) as caught:  # nothing minted yet: the errors say what is missing
+        check_files(load_config(copy), str(copy))
     assert any("certs/issued/edge.pem not found" in str(i) for i in caught.value.issues)
     commands = example_header_commands()
     assert len(commands) == 4, commands
@@ -286,7 +287,7 @@ def test_example_config_is_valid_once_its_files_exist(tmp_path: Path) -> None:
             ["/bin/sh", "-c", command], cwd=tmp_path, capture_output=True, text=True, check=False
         )
         assert result.returncode == 0, (command, result.stderr)
-    config = load_config(copy)
+    config = check_files(load_config(copy), str(copy))
     assert config.listeners["edge-tls"].tls is not None
     assert config.admin.token_file == str(tmp_path / "deploy" / "admin.token")
 

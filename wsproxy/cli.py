@@ -189,8 +189,10 @@ def _run_with_signals(
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
+    from wsproxy.tls import check_files
+
     try:
-        config = load_config(args.file)
+        config = check_files(load_config(args.file), args.file)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
@@ -212,8 +214,10 @@ def _raise_descriptor_limit() -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from wsproxy.tls import check_files
+
     try:
-        config = load_config(args.config)
+        config = check_files(load_config(args.config), args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
@@ -221,17 +225,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _raise_descriptor_limit()
 
     async def serve(stop: asyncio.Event) -> int:
-        from wsproxy.errors import WorkerUnavailable
+        from wsproxy.errors import TlsConfigError, WorkerUnavailable
         from wsproxy.process.supervisor import WorkerPool, supervised_proxy
         from wsproxy.proxy import Proxy
 
         pool: WorkerPool | None = None
-        if config.proxy.worker_count() > 1:
-            proxy, pool = supervised_proxy(
-                config, args.config, log_level=args.log_level, log_format=args.log_format
-            )
-        else:
-            proxy = Proxy(config, path=args.config)
+        try:
+            if config.proxy.worker_count() > 1:
+                proxy, pool = supervised_proxy(
+                    config, args.config, log_level=args.log_level, log_format=args.log_format
+                )
+            else:
+                proxy = Proxy(config, path=args.config)
+        except (TlsConfigError, OSError) as exc:
+            # A file changed between the check above and its use: still a config problem.
+            log.error("%s: %s", args.config, exc)
+            return EX_CONFIG
         loop = asyncio.get_running_loop()
         reloads: set[asyncio.Task[list[str]]] = set()
 
@@ -286,6 +295,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         except OSError as exc:
             log.error("demo: %s (choose other ports with --listen/--admin)", exc.strerror or exc)
             return 1
+        except ConfigError as exc:
+            # e.g. --admin on a network address: the demo has no admin token to protect it.
+            hint = "keep --admin on 127.0.0.1 for the demo"
+            print(f"wsproxy demo: {exc}\n  ({hint})", file=sys.stderr)
+            return EX_CONFIG
         return 0
 
     return _run_with_signals(demo)

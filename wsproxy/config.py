@@ -9,7 +9,11 @@ problem at once.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
+import pwd
+import re
+import stat
 import tomllib
 import types
 from collections.abc import Mapping
@@ -92,11 +96,65 @@ class ProxySection(_Section):
         return int(self.workers)
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, ``localhost``)."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+# What [admin] unauthenticated opens: the endpoints that answer without the bearer token.
+# "probes": what orchestrators probe (they cannot send a secret), and the status page's HTML,
+# which holds no data and asks for the token itself.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/status"})
+READ_ONLY_PATHS = PROBE_PATHS | {"/metrics"}
+
+
 class AdminSection(_Section):
     enabled: bool = True
     address: ListenAddress = Address("127.0.0.1", 9900)
-    # A file holding a bearer token; when set, every endpoint but /healthz and /readyz needs it.
+    # A file holding a bearer token; endpoints outside `unauthenticated` need it.
     token_file: str | None = None
+    # Which endpoints answer without the token: "probes", "read_only" (probes + /metrics) or
+    # "all" (every one, management included). Unset: "probes" with a token_file, "all" on a
+    # loopback address without one, and a config error on any other address without one.
+    unauthenticated: Literal["probes", "read_only", "all"] | None = None
+
+    @model_validator(mode="after")
+    def _not_open_to_the_network(self) -> AdminSection:
+        if not self.enabled:
+            return self
+        if self.token_file is not None and self.unauthenticated == "all":
+            raise ValueError(
+                'unauthenticated = "all" lets every request in, so token_file would never be '
+                "asked for; remove one of them"
+            )
+        if (
+            self.token_file is None
+            and self.unauthenticated is None
+            and not is_loopback(self.address.host)
+        ):
+            raise ValueError(
+                f"address {self.address} is reachable from the network and there is no "
+                "token_file, so anyone who can connect could drain the proxy, deregister "
+                "targets or reload it; set token_file (a file holding a bearer token), or "
+                'unauthenticated = "read_only" to serve only /metrics and the probes, or '
+                'unauthenticated = "all" to accept management requests from anyone '
+                "(docs/security.md)"
+            )
+        return self
+
+    def open_paths(self) -> frozenset[str] | None:
+        """The paths that answer without the token; ``None``: every path does."""
+        mode = self.unauthenticated
+        if mode is None:
+            mode = "probes" if self.token_file is not None else "all"
+        if mode == "all":
+            return None
+        return READ_ONLY_PATHS if mode == "read_only" else PROBE_PATHS
 
 
 class TargetConfig(_Section):
@@ -460,24 +518,73 @@ def _address_issues(config: Config) -> list[ConfigIssue]:
     return issues
 
 
-def _resolve_files(config: Config, base_dir: Path) -> Config:
-    """Make certificate paths absolute, relative to the config file's directory."""
+# ${NAME} in a file path: an environment variable, e.g. ${CREDENTIALS_DIRECTORY} (systemd).
+_REFERENCE = re.compile(r"\$(?:(\$)|\{([A-Za-z_][A-Za-z0-9_]*)\}|)")
 
-    def resolve(path: str | None) -> str | None:
-        return None if path is None else str(base_dir / Path(path).expanduser())
+
+def expand_variables(value: str, environ: Mapping[str, str]) -> str:
+    """Replace ``${NAME}`` with the environment variable NAME and ``$$`` with ``$``.
+
+    Raises ``ValueError`` for a variable that is unset or empty (an empty one would turn
+    ``${DIR}/edge.key`` into ``/edge.key``) and for any other ``$``, so a typo never becomes a
+    path silently.
+    """
+
+    def substitute(match: re.Match[str]) -> str:
+        if match.group(1):
+            return "$"
+        name = match.group(2)
+        if name is None:
+            raise ValueError(f"'$' must start ${{NAME}} (write $$ for a '$'), in {value!r}")
+        found = environ.get(name)
+        if found is None:
+            hint = (
+                "systemd sets it for a unit with LoadCredential=; outside such a unit, "
+                if name == "CREDENTIALS_DIRECTORY"
+                else ""
+            )
+            raise ValueError(
+                f"${{{name}}} is not set in the environment; {hint}export {name} before "
+                "starting wsproxy, or write the path out"
+            )
+        if not found:
+            raise ValueError(f"${{{name}}} is set but empty; give it a directory or write the path")
+        return found
+
+    return _REFERENCE.sub(substitute, value)
+
+
+def _resolve_files(
+    config: Config, base_dir: Path, environ: Mapping[str, str]
+) -> tuple[Config, list[ConfigIssue]]:
+    """Expand ``${NAME}`` in file paths, then make them absolute, relative to ``base_dir``."""
+    issues: list[ConfigIssue] = []
+
+    def resolve(path: str | None, key: str) -> str | None:
+        if path is None:
+            return None
+        try:
+            path = expand_variables(path, environ)
+        except ValueError as exc:
+            issues.append(ConfigIssue(key, str(exc)))
+        return str(base_dir / Path(path).expanduser())
 
     listeners = {}
     for name, listener in config.listeners.items():
         tls = listener.tls
         if tls is not None:
+            where = f"listeners.{name}.tls"
             tls = tls.model_copy(
                 update={
                     "certificates": tuple(
-                        CertificateFiles(cert=str(resolve(c.cert)), key=str(resolve(c.key)))
-                        for c in tls.certificates
+                        CertificateFiles(
+                            cert=str(resolve(c.cert, f"{where}.certificates[{index}].cert")),
+                            key=str(resolve(c.key, f"{where}.certificates[{index}].key")),
+                        )
+                        for index, c in enumerate(tls.certificates)
                     ),
-                    "client_ca": resolve(tls.client_ca),
-                    "crl": resolve(tls.crl),
+                    "client_ca": resolve(tls.client_ca, f"{where}.client_ca"),
+                    "crl": resolve(tls.crl, f"{where}.crl"),
                 }
             )
             listener = listener.model_copy(update={"tls": tls})
@@ -486,13 +593,14 @@ def _resolve_files(config: Config, base_dir: Path) -> Config:
     for name, group in config.target_groups.items():
         if group.tls is not None:
             target_tls = group.tls
+            where = f"target_groups.{name}.tls"
             group = group.model_copy(
                 update={
                     "tls": target_tls.model_copy(
                         update={
-                            "ca": resolve(target_tls.ca),
-                            "client_cert": resolve(target_tls.client_cert),
-                            "client_key": resolve(target_tls.client_key),
+                            "ca": resolve(target_tls.ca, f"{where}.ca"),
+                            "client_cert": resolve(target_tls.client_cert, f"{where}.client_cert"),
+                            "client_key": resolve(target_tls.client_key, f"{where}.client_key"),
                         }
                     )
                 }
@@ -500,40 +608,74 @@ def _resolve_files(config: Config, base_dir: Path) -> Config:
         groups[name] = group
     admin = config.admin
     if admin.token_file is not None:
-        admin = admin.model_copy(update={"token_file": resolve(admin.token_file)})
-    return config.model_copy(
+        admin = admin.model_copy(
+            update={"token_file": resolve(admin.token_file, "admin.token_file")}
+        )
+    resolved = config.model_copy(
         update={"listeners": listeners, "target_groups": groups, "admin": admin}
+    )
+    return resolved, issues
+
+
+def describe_unreadable(path: str, exc: OSError) -> str:
+    """Why ``path`` cannot be read, as whom, and what to do; for messages that name the file.
+
+    A permission problem names the uid wsproxy runs as, the file's owner and mode, and the
+    usual fixes (chown/chmod, Kubernetes ``fsGroup``, systemd ``LoadCredential=``).
+    """
+    if not isinstance(exc, PermissionError):
+        return exc.strerror or str(exc)
+    uid, gid = os.geteuid(), os.getegid()
+    try:
+        user = f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        user = f"uid {uid}"
+    try:
+        info = os.stat(path)
+    except OSError:
+        found = "a directory on its path cannot be searched by that user"
+    else:
+        found = (
+            f"the file is owned by uid {info.st_uid} gid {info.st_gid} "
+            f"with mode {stat.S_IMODE(info.st_mode):04o}"
+        )
+    return (
+        f"permission denied for {user}, gid {gid}, the user wsproxy runs as; {found}. "
+        "Make it readable by that user: chown or chgrp it and chmod 0440; in Kubernetes set "
+        "the pod's securityContext.fsGroup to a group that may read it; under systemd with "
+        "DynamicUser=, pass it with LoadCredential= and write ${CREDENTIALS_DIRECTORY}/NAME "
+        "in the config"
     )
 
 
-def _tls_file_issues(config: Config) -> list[ConfigIssue]:
-    from wsproxy.tls import check_listener_files, check_target_group_files  # reads files only
-
-    issues: list[ConfigIssue] = []
+def admin_file_issues(config: Config) -> list[ConfigIssue]:
+    """The admin token file must be readable and hold a token."""
     token_file = config.admin.token_file
-    if token_file is not None:
-        try:
-            if not Path(token_file).read_text(encoding="utf-8").strip():
-                issues.append(ConfigIssue("admin.token_file", f"{token_file} is empty"))
-        except OSError as exc:
-            issues.append(
-                ConfigIssue("admin.token_file", f"cannot read {token_file}: {exc.strerror}")
-            )
-    for name, listener in config.listeners.items():
-        if listener.tls is not None:
-            issues += check_listener_files(name, listener.tls)
-    for name, group in config.target_groups.items():
-        if group.protocol == "tls":
-            issues += check_target_group_files(name, group.tls or TargetTls())
-    return issues
+    if token_file is None or not config.admin.enabled:
+        return []
+    try:
+        if not Path(token_file).read_text(encoding="utf-8").strip():
+            return [ConfigIssue("admin.token_file", f"{token_file} is empty; put a token in it")]
+    except UnicodeDecodeError:
+        return [ConfigIssue("admin.token_file", f"{token_file} is not UTF-8 text")]
+    except OSError as exc:
+        problem = describe_unreadable(token_file, exc)
+        return [ConfigIssue("admin.token_file", f"cannot read {token_file}: {problem}")]
+    return []
 
 
-def parse_config(text: str, source: str = "<config>", base_dir: Path | None = None) -> Config:
+def parse_config(
+    text: str,
+    source: str = "<config>",
+    base_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
     """Validate TOML text; raises ``ConfigError`` listing every problem found.
 
-    Relative certificate paths are taken from ``base_dir`` (the config file's directory when
-    loaded with ``load_config``; the working directory otherwise), and every file is read and
-    checked (cert and key match, not expired).
+    ``${NAME}`` in file paths is taken from ``environ`` (the process environment by default);
+    relative paths are taken from ``base_dir`` (the config file's directory when loaded with
+    ``load_config``; the working directory otherwise). No file is read here: the files a
+    config names are checked by ``wsproxy.tls.check_files``.
     """
     try:
         raw = tomllib.loads(text)
@@ -548,8 +690,10 @@ def parse_config(text: str, source: str = "<config>", base_dir: Path | None = No
         ] + issues
         raise ConfigError(source, issues) from None
     issues += _address_issues(config)
-    config = _resolve_files(config, base_dir or Path.cwd())
-    issues += _tls_file_issues(config)
+    config, path_issues = _resolve_files(
+        config, base_dir or Path.cwd(), os.environ if environ is None else environ
+    )
+    issues += path_issues
     if issues:
         raise ConfigError(source, issues)
     return config
@@ -561,9 +705,8 @@ def load_config(path: str | Path) -> Config:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(
-            str(path), [ConfigIssue("", f"cannot read file: {exc.strerror}")]
-        ) from None
+        problem = describe_unreadable(str(path), exc)
+        raise ConfigError(str(path), [ConfigIssue("", f"cannot read file: {problem}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), [ConfigIssue("", "file is not UTF-8 text")]) from None
     return parse_config(text, str(path), path.parent.resolve())

@@ -19,6 +19,7 @@ from wsproxy.address import Address
 from wsproxy.ca.authority import CertificateAuthority
 from wsproxy.config import parse_config
 from wsproxy.proxy import Proxy
+from wsproxy.tls import check_files
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ async def run_demo(
         ),
         "<demo>",
     )
-    proxy = Proxy(config)
+    proxy = Proxy(check_files(config, "<demo>"))
     try:
         await proxy.start()
         base = f"ws://{proxy.listeners['demo'].address}"

@@ -27,7 +27,7 @@ from wsproxy.targets.balancer import make_balancer
 from wsproxy.targets.checker import HealthChecker
 from wsproxy.targets.target import Target
 from wsproxy.targets.target_group import TargetGroup
-from wsproxy.tls import ServerTls, target_context
+from wsproxy.tls import ServerTls, check_files, target_context
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class Proxy:
     async def _reload_from(self, source: str) -> list[str]:
         digest = file_digest(source)
         try:
-            new = load_config(source)
+            new = check_files(load_config(source), source)
             await self._apply(new)
         except ConfigError as exc:
             return self._reload_failed([str(issue) for issue in exc.issues])

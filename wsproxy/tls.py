@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import ssl
+import stat
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +22,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from wsproxy.ca.hints import ca_hint, issue_hint
 from wsproxy.clock import Clock, SystemClock
-from wsproxy.config import ListenerTls, TargetTls
-from wsproxy.errors import ClientCertRejected, ConfigIssue, Reason, TlsConfigError
+from wsproxy.config import (
+    Config,
+    ListenerTls,
+    TargetTls,
+    admin_file_issues,
+    describe_unreadable,
+)
+from wsproxy.errors import ClientCertRejected, ConfigError, ConfigIssue, Reason, TlsConfigError
 
 # Mozilla's "intermediate" TLS 1.2 suites (TLS 1.3 suites are always on and not configurable).
 INTERMEDIATE_CIPHERS = ":".join(
@@ -49,6 +57,26 @@ _VERIFY_RESULTS = {
 
 def _fix_hint(path: str, *, expired: bool = False) -> str:
     return issue_hint(path, "server", expired=expired)
+
+
+def _require_readable(path: str, where: str, what: str, missing_hint: str) -> None:
+    """Raise ``TlsConfigError`` unless ``path`` is a regular file this process can open.
+
+    OpenSSL's loaders report an unreadable file as a bare ``PermissionError`` naming no file,
+    so each file is opened here first: the error then names the file, the uid and the fix.
+    """
+    try:
+        info = os.stat(path)
+        if stat.S_ISREG(info.st_mode):
+            with open(path, "rb"):
+                return
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    except OSError as exc:
+        raise TlsConfigError(
+            f"{where}: cannot read {what} {path}: {describe_unreadable(path, exc)}"
+        ) from None
+    raise TlsConfigError(f"{where}: {what} {path} not found; {missing_hint}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,24 +166,28 @@ class ServerTls:
         return context
 
     def _load_verify(self, context: ssl.SSLContext, path: str, key: str, hint: str) -> None:
-        if not Path(path).is_file():
-            raise TlsConfigError(f"listener '{self.listener}': {key} file {path} not found; {hint}")
+        where = f"listener '{self.listener}'"
+        _require_readable(path, where, f"{key} file", hint)
         try:
             context.load_verify_locations(cafile=path)
         except ssl.SSLError as exc:
             raise TlsConfigError(
-                f"listener '{self.listener}': {key} file {path} is not usable PEM ({exc.reason})"
+                f"{where}: {key} file {path} is not usable PEM ({exc.reason})"
             ) from None
+        except OSError as exc:
+            problem = f"cannot read {key} file {path}: {exc.strerror}"
+            raise TlsConfigError(f"{where}: {problem}") from None
 
     def _load(self, index: int, cert_path: str, key_path: str) -> ServerCertificate:
         where = f"listener '{self.listener}'"
         for path in (cert_path, key_path):
-            if not Path(path).is_file():
-                raise TlsConfigError(f"{where}: file {path} not found; {_fix_hint(path)}")
+            _require_readable(path, where, "file", _fix_hint(path))
         try:
             leaf = x509.load_pem_x509_certificates(Path(cert_path).read_bytes())[0]
         except ValueError:
             raise TlsConfigError(f"{where}: {cert_path} holds no PEM certificate") from None
+        except OSError as exc:
+            raise TlsConfigError(f"{where}: cannot read {cert_path}: {exc.strerror}") from None
         now = self._clock.now()
         if leaf.not_valid_after_utc < now:
             raise TlsConfigError(
@@ -169,6 +201,10 @@ class ServerTls:
             raise TlsConfigError(
                 f"{where}: key {key_path} does not match certificate {cert_path} "
                 f"({exc.reason or exc})"
+            ) from None
+        except OSError as exc:  # replaced or made unreadable since the check above
+            raise TlsConfigError(
+                f"{where}: cannot read {cert_path} or {key_path}: {exc.strerror}"
             ) from None
         try:
             sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -310,24 +346,22 @@ def target_context(
     require that traffic came through the proxy.
     """
     where = f"target group '{group}'"
-    if config.ca is not None and not Path(config.ca).is_file():
-        raise TlsConfigError(f"{where}: ca file {config.ca} not found; {ca_hint(config.ca, 'ca')}")
+    if config.ca is not None:
+        _require_readable(config.ca, where, "ca file", ca_hint(config.ca, "ca"))
     try:
         context = ssl.create_default_context(cafile=config.ca)
     except ssl.SSLError as exc:
         raise TlsConfigError(
             f"{where}: ca file {config.ca} is not usable PEM ({exc.reason})"
         ) from None
+    except OSError as exc:
+        raise TlsConfigError(f"{where}: cannot read ca file {config.ca}: {exc.strerror}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     if alpn:
         context.set_alpn_protocols(alpn)
     if config.client_cert is not None and config.client_key is not None:
         for path in (config.client_cert, config.client_key):
-            if not Path(path).is_file():
-                raise TlsConfigError(
-                    f"{where}: file {path} not found (the proxy's own client certificate); "
-                    f"{issue_hint(path, 'client')}"
-                )
+            _require_readable(path, where, "client certificate file", issue_hint(path, "client"))
         try:
             context.load_cert_chain(config.client_cert, config.client_key)
         except ssl.SSLError as exc:
@@ -335,12 +369,37 @@ def target_context(
                 f"{where}: client_key {config.client_key} does not match client_cert "
                 f"{config.client_cert} ({exc.reason or exc})"
             ) from None
+        except OSError as exc:  # replaced or made unreadable since the check above
+            raise TlsConfigError(
+                f"{where}: cannot read {config.client_cert} or {config.client_key}: {exc.strerror}"
+            ) from None
     return context
 
 
 def check_target_group_files(group: str, config: TargetTls) -> list[ConfigIssue]:
+    """Every problem with a ``protocol = "tls"`` target group's files (no socket opened)."""
     try:
         target_context(group, config)
     except TlsConfigError as exc:
         return [ConfigIssue(f"target_groups.{group}.tls", str(exc))]
     return []
+
+
+def check_files(config: Config, source: str) -> Config:
+    """Read every file ``config`` names, as starting it would; returns ``config`` unchanged.
+
+    Listener certificates, keys, client CAs and CRLs, target-group TLS files and the admin
+    token file: each must exist, be readable by this process and make sense (cert and key
+    match, not expired). Raises ``ConfigError`` listing every problem; opens no socket.
+    ``check-config``, ``run``, ``demo`` and every reload call it after ``parse_config``.
+    """
+    issues = admin_file_issues(config)
+    for name, listener in config.listeners.items():
+        if listener.tls is not None:
+            issues += check_listener_files(name, listener.tls)
+    for name, group in config.target_groups.items():
+        if group.protocol == "tls":
+            issues += check_target_group_files(name, group.tls or TargetTls())
+    if issues:
+        raise ConfigError(source, issues)
+    return config

@@ -91,6 +91,7 @@ async def test_target_tls_failures_are_502_never_plaintext(
 def test_target_tls_files_are_checked(pki: Pki, tmp_path: object) -> None:
     from wsproxy.config import parse_config
     from wsproxy.errors import ConfigError
+    from wsproxy.tls import check_files
 
     text = """
 [listeners.edge]
@@ -101,7 +102,7 @@ protocol = "tls"
 tls = { client_cert = "/nonexistent/wsproxy.pem", client_key = "/nonexistent/wsproxy.key" }
 """
     with pytest.raises(ConfigError, match="wsproxy ca issue client --name wsproxy"):
-        parse_config(text)
+        check_files(parse_config(text), "<test>")
     with pytest.raises(ConfigError, match="client_cert and client_key go together"):
         parse_config(text.replace(', client_key = "/nonexistent/wsproxy.key"', ""))
     with pytest.raises(ConfigError, match="a tls table needs protocol = 'tls'"):

@@ -21,6 +21,7 @@ from wsproxy.config import parse_config
 from wsproxy.demo import EchoTarget
 from wsproxy.errors import ConfigError
 from wsproxy.proxy import Proxy
+from wsproxy.tls import check_files
 
 RawServers = Callable[..., Awaitable[RawServer]]
 
@@ -295,7 +296,7 @@ certificates = [{{ cert = "{cert}", key = "{key}" }}]
 [target_groups.g]
 """
         with pytest.raises(ConfigError) as caught:
-            parse_config(text)
+            check_files(parse_config(text), "<test>")
         message = str(caught.value)
         assert "listeners.edge.tls: listener 'edge'" in message
         assert expected in message, message
@@ -321,7 +322,7 @@ certificates = [{{ cert = "{issued.cert_path}", key = "{issued.key_path}" }}]
 [target_groups.g]
 """
     with pytest.raises(ConfigError, match="expired on"):
-        parse_config(text)
+        check_files(parse_config(text), "<test>")
 
 
 async def test_relative_paths_follow_the_config_file(pki: Pki, tmp_path: Path) -> None:

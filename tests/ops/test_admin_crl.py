@@ -162,11 +162,6 @@ default_target_group = "echo"
         assert "[listeners.NAME.tls]" in (await response.json())["error"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_auth (owned by the admin-token change of issue 12 §1.9) must let the CRL paths "
-    "through without the token; drop this mark when it does",
-)
 async def test_clients_fetch_the_crl_without_the_admin_token(
     echo: EchoTarget, pki: Pki, tmp_path: Path
 ) -> None:

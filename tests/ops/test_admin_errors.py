@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from tests.conftest import ProxyFactory
 from wsproxy.config import parse_config
@@ -79,11 +78,6 @@ targets = [{{ address = "{echo.address}" }}]
             assert len((await response.json())["targets"]) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_auth (owned by the admin-token change of issue 12 §1.9) must let GET / through "
-    "without the token, as it does /status; drop this mark when it does",
-)
 async def test_root_redirects_without_the_token(echo: EchoTarget, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text("s3cret\n")

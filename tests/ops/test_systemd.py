@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,12 +16,15 @@ from pathlib import Path
 import aiohttp
 
 from tests.conftest import ProxyFactory, listener_address, wait_for
+from tests.helpers.as_user import shared_directory, wsproxy_as
 from tests.helpers.tools import require_tool
+from wsproxy.ca.authority import CertificateAuthority
 from wsproxy.config import load_config
 from wsproxy.demo import EchoTarget
 from wsproxy.proxy import Proxy
 
 UNIT = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "wsproxy.service"
+UNIT_CONFIG = UNIT.with_name("wsproxy.toml")
 
 
 def unit_for_this_machine(tmp_path: Path) -> Path:
@@ -55,6 +61,109 @@ def test_unit_file_verifies_and_is_hardened(tmp_path: Path) -> None:
         "CapabilityBoundingSet=CAP_NET_BIND_SERVICE",
     ):
         assert f"\n{line}\n" in text, line
+
+
+def unit_settings(name: str) -> list[str]:
+    return [
+        line.split("=", 1)[1]
+        for line in UNIT.read_text().splitlines()
+        if line.startswith(f"{name}=")
+    ]
+
+
+# A uid from systemd's DynamicUser= range (61184-65519), with no other group.
+DYNAMIC_UID = 61234
+
+
+def test_the_dynamic_user_reads_its_keys_through_load_credential() -> None:
+    """systemd's side done by hand: the files as `wsproxy ca` writes them (the key root's, 0600),
+    each LoadCredential= copied into a credentials directory owned by the unit's user (0400
+    files, as systemd makes them), $CREDENTIALS_DIRECTORY set; then the unit's ExecStartPre
+    (check-config) and ExecStart (run) as that user, on the config the unit ships."""
+    with shared_directory() as root:
+        etc = root / "etc" / "wsproxy"
+        (etc / "certs").mkdir(parents=True)
+        ca = CertificateAuthority(str(root / "ca"))
+        ca.init("systemd test CA")
+        issued = ca.issue_server("server", ["wsproxy.example.com"])
+        shutil.copy(issued.cert_path, etc / "certs" / "server.pem")
+        shutil.copy(issued.key_path, etc / "certs" / "server.key")  # keeps mode 0600
+        (etc / "admin-token").write_text("s3cret\n")
+        (etc / "admin-token").chmod(0o600)
+        for path in (root / "etc", etc, etc / "certs"):
+            path.chmod(0o755)
+        # Ports above 1024 on loopback: this user has no CAP_NET_BIND_SERVICE here.
+        config = UNIT_CONFIG.read_text().replace("0.0.0.0:443", "127.0.0.1:0")
+        config = re.sub(r'"127\.0\.0\.1:9900"', '"127.0.0.1:0"', config)
+        (etc / "wsproxy.toml").write_text(config)
+        (etc / "wsproxy.toml").chmod(0o644)
+
+        credentials = root / "run" / "credentials" / "wsproxy.service"
+        credentials.mkdir(parents=True)
+        (root / "run").chmod(0o755)
+        (root / "run" / "credentials").chmod(0o755)
+        loaded = unit_settings("LoadCredential")
+        assert loaded, "the unit hands the dynamic user no credential"
+        for setting in loaded:
+            name, source = setting.split(":", 1)
+            copy = credentials / name
+            shutil.copy(root / source.lstrip("/"), copy)
+            os.chown(copy, DYNAMIC_UID, DYNAMIC_UID)
+            copy.chmod(0o400)
+        os.chown(credentials, DYNAMIC_UID, DYNAMIC_UID)
+        credentials.chmod(0o500)
+
+        def as_unit_user(setting: str) -> list[str]:
+            """The wsproxy arguments of an Exec*= line, paths moved under ``root``."""
+            (executable, *arguments) = shlex.split(setting)
+            assert executable.endswith("/wsproxy"), setting
+            moved = [str(root / a.lstrip("/")) if a.startswith("/etc/") else a for a in arguments]
+            return wsproxy_as(DYNAMIC_UID, DYNAMIC_UID, (), *moved)
+
+        environment = {**os.environ, "CREDENTIALS_DIRECTORY": str(credentials)}
+        (check,) = unit_settings("ExecStartPre")
+        result = subprocess.run(
+            as_unit_user(check), env=environment, cwd=root,
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        (start,) = unit_settings("ExecStart")
+        process = subprocess.Popen(
+            as_unit_user(start), env=environment, cwd=root,
+            stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert process.stderr is not None
+            for line in process.stderr:
+                if "admin_up" in line or "admin listening" in line:
+                    break
+            else:
+                raise AssertionError(f"wsproxy run exited {process.wait()}")
+        finally:
+            process.terminate()
+            assert process.wait(timeout=30) == 0
+
+        # Without the credentials: the same config is a clear config error, no traceback.
+        del environment["CREDENTIALS_DIRECTORY"]
+        unset = subprocess.run(
+            as_unit_user(check), env=environment, cwd=root,
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert unset.returncode == 78, unset.stderr
+        assert "${CREDENTIALS_DIRECTORY} is not set" in unset.stderr
+        assert "LoadCredential=" in unset.stderr and "Traceback" not in unset.stderr
+        # And naming root's key directly (no LoadCredential=) is the error issue 12 found.
+        direct = config.replace("${CREDENTIALS_DIRECTORY}", str(etc / "certs"))
+        direct = direct.replace(str(etc / "certs") + "/admin-token", str(etc / "admin-token"))
+        (etc / "direct.toml").write_text(direct)
+        (etc / "direct.toml").chmod(0o644)
+        refused = subprocess.run(
+            wsproxy_as(DYNAMIC_UID, DYNAMIC_UID, (), "check-config", str(etc / "direct.toml")),
+            env=environment, cwd=root, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert refused.returncode == 78, refused.stderr
+        assert f"permission denied for uid {DYNAMIC_UID}" in refused.stderr
+        assert "Traceback" not in refused.stderr
 
 
 async def test_ready_reloading_and_stopping_are_notified(

@@ -92,6 +92,14 @@ def listener_rows(proxy: Proxy) -> list[dict[str, Any]]:
     return rows
 
 
+def _public(path: str) -> bool:
+    """Paths open whatever ``[admin] unauthenticated`` says: ``/`` only redirects to the status
+    page, and CRLs are signed public data that CRL clients fetch without any token."""
+    if path in ("/", "/v1/crl", "/v1/crl.pem"):
+        return True
+    return path.startswith("/v1/listeners/") and path.endswith(("/crl", "/crl.pem"))
+
+
 class AdminServer:
     def __init__(self, proxy: Proxy, address: Address) -> None:
         self._proxy = proxy
@@ -100,6 +108,8 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         token_file = proxy.config.admin.token_file
         self._token = Path(token_file).read_text(encoding="utf-8").strip() if token_file else None
+        # Like the address and the token, fixed for the process's life (not reloaded).
+        self._open_paths = proxy.config.admin.open_paths()
 
     async def start(self) -> None:
         app = web.Application(middlewares=[self._json_errors, self._auth])
@@ -135,10 +145,18 @@ class AdminServer:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        # Probes from orchestrators must work without the token, and so must the status page's
-        # static HTML (it holds no data and asks for the token); everything else needs it.
-        if self._token is None or request.path in ("/healthz", "/readyz", "/status"):
+        # [admin] unauthenticated names what answers without the token (config.AdminSection):
+        # at least the probes, which orchestrators send without secrets, and the status page's
+        # static HTML (it holds no data and asks for the token). Everything else needs it.
+        path = request.path
+        if self._open_paths is None or path in self._open_paths or _public(path):
             return await handler(request)
+        if self._token is None:
+            return _error(
+                403,
+                f"{request.path} needs a bearer token and this proxy has none: set [admin] "
+                "token_file ([admin] unauthenticated lists the endpoints open without one)",
+            )
         header = request.headers.get("Authorization", "")
         expected = f"Bearer {self._token}"
         if not hmac.compare_digest(header.encode(), expected.encode()):
