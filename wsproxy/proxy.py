@@ -123,7 +123,7 @@ class Proxy:
         self.metrics = Metrics(ProxyCollector(self))
         self.admin: AdminServer | None = None
         if config.admin.enabled and role is not Role.WORKER:
-            self.admin = AdminServer(self, config.admin.address)
+            self.admin = AdminServer(self, self, config.admin.address)
         # Workers take target states from their supervisor: each target is probed once.
         self.health_checkers: dict[str, HealthChecker] = {}
         for group in self.target_groups.values():

@@ -6,10 +6,10 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from cryptography import x509
@@ -17,13 +17,65 @@ from cryptography.hazmat.primitives import serialization
 
 from wsproxy import __version__
 from wsproxy.address import Address, parse_address
+from wsproxy.config import Config
 from wsproxy.errors import TargetExists
+from wsproxy.listener import Listener
 from wsproxy.ops import status_page
 from wsproxy.ops.logs import log_event
-from wsproxy.ops.metrics import snapshot_listeners
+from wsproxy.ops.metrics import Metrics, snapshot_listeners
+from wsproxy.targets.target import Target
+from wsproxy.targets.target_group import TargetGroup
 
-if TYPE_CHECKING:
-    from wsproxy.proxy import Proxy
+
+class WorkersView(Protocol):
+    """The supervisor's workers, as the admin listener reads them (``workers`` > 1)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    async def refresh(self) -> None:
+        """Fetch the workers' counters (before an answer that shows them)."""
+
+    def listener_rows(self) -> list[dict[str, Any]]: ...
+
+    def describe(self) -> list[dict[str, Any]]: ...
+
+
+class ProxyState(Protocol):
+    """What the admin listener reads of the proxy: a read-only view (``Proxy`` is one)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+    @property
+    def listeners(self) -> Mapping[str, Listener]: ...
+
+    @property
+    def target_groups(self) -> Mapping[str, TargetGroup]: ...
+
+    @property
+    def workers(self) -> WorkersView | None: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    def metric_listeners(self) -> Sequence[Listener]: ...
+
+
+class ProxyCommands(Protocol):
+    """The few things the admin API may ask of the proxy (``Proxy`` does them)."""
+
+    def register(self, group_name: str, address: Address, weight: int) -> Target: ...
+
+    def deregister(self, group_name: str, address: Address) -> Target: ...
+
+    async def reload(self, path: str | None = None) -> list[str]: ...
+
+    def start_drain(self) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +109,7 @@ CRL_DER_TYPE = "application/pkix-crl"
 CRL_PEM_TYPE = "application/x-pem-file"
 
 
-def crl_files(proxy: Proxy) -> dict[str, str]:
+def crl_files(proxy: ProxyState) -> dict[str, str]:
     """Listener name -> the CRL file it checks client certificates against (``tls.crl``)."""
     return {
         name: listener.tls.crl
@@ -66,7 +118,7 @@ def crl_files(proxy: Proxy) -> dict[str, str]:
     }
 
 
-def listener_rows(proxy: Proxy) -> list[dict[str, Any]]:
+def listener_rows(proxy: ProxyState) -> list[dict[str, Any]]:
     """``/v1/listeners`` of one process (a supervisor sums its workers' rows)."""
     snapshots = snapshot_listeners(proxy.metric_listeners())
     rows = []
@@ -101,8 +153,12 @@ def _public(path: str) -> bool:
 
 
 class AdminServer:
-    def __init__(self, proxy: Proxy, address: Address) -> None:
+    """The admin listener: reads the proxy through ``ProxyState``, acts through
+    ``ProxyCommands`` (both are the ``Proxy`` in production; it never imports it)."""
+
+    def __init__(self, proxy: ProxyState, commands: ProxyCommands, address: Address) -> None:
         self._proxy = proxy
+        self._commands = commands
         self._requested = address
         self.address: Address | None = None
         self._runner: web.AppRunner | None = None
@@ -257,7 +313,7 @@ class AdminServer:
         if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
             return _error(422, f"weight: must be an integer 1-1000, got {weight!r}")
         try:
-            target = self._proxy.register(name, address, weight)
+            target = self._commands.register(name, address, weight)
         except TargetExists as exc:
             return _error(409, str(exc))
         return web.json_response(
@@ -274,7 +330,7 @@ class AdminServer:
         except ValueError as exc:
             return _error(422, f"address: {exc}")
         try:
-            target = self._proxy.deregister(name, address)
+            target = self._commands.deregister(name, address)
         except KeyError:
             return _error(404, f"no target {address} in target group {name!r}")
         except TargetExists as exc:
@@ -286,13 +342,13 @@ class AdminServer:
         )
 
     async def _reload(self, request: web.Request) -> web.Response:
-        errors = await self._proxy.reload()
+        errors = await self._commands.reload()
         if errors:
             return web.json_response({"reloaded": False, "errors": errors}, status=422)
         return web.json_response({"reloaded": True})
 
     async def _drain(self, request: web.Request) -> web.Response:
-        self._proxy.start_drain()
+        self._commands.start_drain()
         return web.json_response({"draining": True}, status=202)
 
     async def _healthz(self, request: web.Request) -> web.Response:
