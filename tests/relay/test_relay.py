@@ -1,4 +1,5 @@
-"""Memory stays flat when a fast target streams into a slow client (crossed backpressure).
+"""The relay: memory stays flat when a fast target streams into a slow client (crossed
+backpressure).
 
 The proxy runs as its own process so its resident memory can be read from /proc.
 """
