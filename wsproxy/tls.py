@@ -21,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from wsproxy.clock import Clock, SystemClock
 from wsproxy.config import ListenerTls, TargetTls
 from wsproxy.errors import ClientCertRejected, ConfigIssue, TlsConfigError
+from wsproxy.openssl import ListenerContext
 
 # Mozilla's "intermediate" TLS 1.2 suites (TLS 1.3 suites are always on and not configurable).
 INTERMEDIATE_CIPHERS = ":".join(
@@ -110,7 +111,7 @@ class ServerTls:
 
     def _base_context(self) -> ssl.SSLContext:
         config = self.config
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context = ListenerContext(ssl.PROTOCOL_TLS_SERVER)  # refused handshakes send an alert
         if config.policy == "modern":
             context.minimum_version = ssl.TLSVersion.TLSv1_3
         else:
