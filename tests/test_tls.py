@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import ssl
 
 import pytest
 
@@ -14,6 +15,7 @@ from tests.flows.test_tls import client_context, tls_config, wss_echo
 from tests.helpers.pki import Pki, make_pki
 from tests.helpers.tools import require_tool
 from wsproxy.address import Address
+from wsproxy.connect import run_connect
 from wsproxy.demo import EchoTarget
 
 
@@ -126,3 +128,27 @@ async def test_a_refused_client_certificate_gets_its_tls_alert(
     assert [line["reason"] for line in lines] == [f"client_cert_{result}"]
     canary_cert, canary_key = pki.files("canary")
     await wss_echo(address, client_context(pki, canary_cert, canary_key))  # the slot is free
+
+
+async def test_a_refused_wsproxy_connect_is_one_attempt_and_names_the_alert(
+    make_proxy: ProxyFactory,
+    echo_targets: list[EchoTarget],
+    pki: Pki,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # TLS 1.3: the client's handshake is over before the proxy refuses it, so the refusal meets
+    # the Upgrade request, which aiohttp would retry once on a new connection.
+    proxy = await make_proxy(
+        tls_config(pki, echo_targets[0].address, client_auth="required", crl=True)
+    )
+    address = listener_address(proxy)
+    listener = proxy.listeners["edge"]
+    context = client_context(pki)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    code = await run_connect(f"wss://localhost:{address.port}/", [], [], context)
+    assert code == 1
+    assert "alert certificate required" in capsys.readouterr().err
+    # Every connection the client made was accepted, and so is counted once it ends.
+    await wait_for(lambda: listener._handshakes == 0)
+    assert listener.stats.connections == 1
+    assert dict(listener.stats.tls_handshakes) == {"client_cert_missing": 1}
