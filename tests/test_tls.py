@@ -1,5 +1,5 @@
 """wsproxy/tls.py (and wsproxy/openssl.py) seen from other TLS stacks: the alert a refused client
-certificate gets."""
+certificate gets, the key-exchange groups a listener and a target-side context accept."""
 
 from __future__ import annotations
 
@@ -15,13 +15,20 @@ from tests.flows.test_tls import client_context, tls_config, wss_echo
 from tests.helpers.pki import Pki, make_pki
 from tests.helpers.tools import require_tool
 from wsproxy.address import Address
+from wsproxy.config import TargetTls
 from wsproxy.connect import run_connect
 from wsproxy.demo import EchoTarget
+from wsproxy.openssl import limit_groups
+from wsproxy.tls import target_context
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
-    return make_pki(tmp_path_factory.mktemp("pki"))
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    # Ed25519: a server key whose use does not depend on the client's groups (an ECDSA P-256
+    # key needs P-256 among a TLS 1.2 client's groups), so only key exchange picks a group.
+    pki.ca.issue_server("ed", ["edge.internal"], key_type="ed25519")
+    return pki
 
 
 async def s_client(address: Address, *args: str, hold: bool = False) -> str:
@@ -152,3 +159,91 @@ async def test_a_refused_wsproxy_connect_is_one_attempt_and_names_the_alert(
     await wait_for(lambda: listener._handshakes == 0)
     assert listener.stats.connections == 1
     assert dict(listener.stats.tls_handshakes) == {"client_cert_missing": 1}
+
+
+# --- key-exchange groups --------------------------------------------------------------------
+
+GROUPS = {"X25519": "X25519", "P-256": "ECDH, prime256v1", "P-384": "ECDH, secp384r1"}
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+@pytest.mark.parametrize("group", ["X25519", "P-256", "P-384", "X448", "P-521", "ffdhe2048"])
+async def test_a_listener_accepts_exactly_x25519_p256_p384(
+    make_proxy: ProxyFactory, echo_targets: list[EchoTarget], pki: Pki, group: str, version: str
+) -> None:
+    cert, key = pki.files("ed")
+    config = f"""
+[listeners.edge]
+address = "127.0.0.1:0"
+protocol = "tls"
+default_target_group = "echo"
+
+[listeners.edge.tls]
+certificates = [{{ cert = "{cert}", key = "{key}" }}]
+
+[target_groups.echo]
+targets = [{{ address = "{echo_targets[0].address}" }}]
+"""
+    proxy = await make_proxy(config)
+    listener = proxy.listeners["edge"]
+    output = await s_client(
+        listener_address(proxy), version, "-groups", group, "-servername", "edge.internal",
+        "-CAfile", pki.ca_file,
+    )  # fmt: skip
+    await wait_for(lambda: listener._handshakes == 0)
+    if group in GROUPS:
+        assert f"Server Temp Key: {GROUPS[group]}" in output, output
+        assert listener.stats.tls_handshakes["ok"] == 1
+    else:
+        assert "alert handshake failure" in output, output
+        assert dict(listener.stats.tls_handshakes) == {"tls_no_shared_cipher": 1}
+
+
+def handshake(client: ssl.SSLContext, server: ssl.SSLContext) -> str | None:
+    """An in-memory handshake: None when both sides finished, else the reason OpenSSL gave."""
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    sides = [
+        client.wrap_bio(to_client, to_server, server_hostname="edge.internal"),
+        server.wrap_bio(to_server, to_client, server_side=True),
+    ]
+    for _ in range(10):
+        for side in list(sides):
+            try:
+                side.do_handshake()
+            except ssl.SSLWantReadError:
+                continue
+            except ssl.SSLError as exc:
+                return str(exc.reason)
+            sides.remove(side)
+        if not sides:
+            return None
+    raise AssertionError("the handshake did not end")
+
+
+@pytest.mark.parametrize(
+    "version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=["tls1_2", "tls1_3"]
+)
+@pytest.mark.parametrize(
+    ("curve", "accepted"),
+    [("X25519", True), ("prime256v1", True), ("secp384r1", True), ("X448", False),
+     ("secp521r1", False)],
+)  # fmt: skip
+def test_target_contexts_offer_exactly_x25519_p256_p384(
+    pki: Pki, curve: str, accepted: bool, version: ssl.TLSVersion
+) -> None:
+    cert, key = pki.files("ed")
+    target = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    target.load_cert_chain(cert, key)
+    target.minimum_version = target.maximum_version = version
+    target.set_ecdh_curve(curve)  # OpenSSL 3: this one group and no other
+    client = target_context("chat", TargetTls(ca=pki.ca_file, server_name="edge.internal"))
+    failure = handshake(client, target)
+    if accepted:
+        assert failure is None
+    else:  # TLS 1.3: no key share to use; TLS 1.2: no ECDHE suite without a common group
+        assert failure in ("NO_SUITABLE_KEY_SHARE", "NO_SHARED_CIPHER"), failure
+
+
+def test_groups_are_limited_on_this_python() -> None:
+    # Not the "could not" path with its warning: CPython with OpenSSL's symbols reachable.
+    assert limit_groups(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)) is None

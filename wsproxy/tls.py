@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import ssl
 import weakref
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from wsproxy.clock import Clock, SystemClock
 from wsproxy.config import ListenerTls, TargetTls
 from wsproxy.errors import ClientCertRejected, ConfigIssue, TlsConfigError
-from wsproxy.openssl import ListenerContext
+from wsproxy.openssl import GROUPS, ListenerContext, limit_groups
+
+log = logging.getLogger(__name__)
 
 # Mozilla's "intermediate" TLS 1.2 suites (TLS 1.3 suites are always on and not configurable).
 INTERMEDIATE_CIPHERS = ":".join(
@@ -45,6 +48,18 @@ _VERIFY_RESULTS = {
     23: "revoked",
     26: "bad_eku",  # unsupported certificate purpose
 }
+
+
+def _limit_groups(context: ssl.SSLContext, where: str) -> None:
+    why = limit_groups(context)
+    if why is not None:
+        log.warning(
+            "%s: TLS key-exchange groups not limited to %s: %s; OpenSSL's defaults, which add "
+            "X448 and P-521, are offered",
+            where,
+            ", ".join(GROUPS),
+            why,
+        )
 
 
 def _fix_hint(listener: str) -> str:
@@ -112,6 +127,7 @@ class ServerTls:
     def _base_context(self) -> ssl.SSLContext:
         config = self.config
         context = ListenerContext(ssl.PROTOCOL_TLS_SERVER)  # refused handshakes send an alert
+        _limit_groups(context, f"listener '{self.listener}'")
         if config.policy == "modern":
             context.minimum_version = ssl.TLSVersion.TLSv1_3
         else:
@@ -278,7 +294,7 @@ def classify_handshake_failure(exc: BaseException) -> tuple[str, str]:
             return "tls_not_tls", f"bytes that are not a TLS ClientHello ({exc.reason})"
         if "VERSION" in tag or "UNSUPPORTED_PROTOCOL" in tag:
             return "tls_protocol_version", f"TLS version refused ({exc.reason})"
-        if "CIPHER" in tag:
+        if "CIPHER" in tag or tag == "NO_SUITABLE_KEY_SHARE":  # TLS 1.3: no group in common
             return "tls_no_shared_cipher", f"no cipher in common ({exc.reason})"
         return "tls_handshake_error", f"TLS handshake failed ({exc.reason or exc})"
     if isinstance(exc, TimeoutError) or (
@@ -319,6 +335,7 @@ def target_context(
             f"{where}: ca file {config.ca} is not usable PEM ({exc.reason})"
         ) from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _limit_groups(context, where)
     if alpn:
         context.set_alpn_protocols(alpn)
     if config.client_cert is not None and config.client_key is not None:
