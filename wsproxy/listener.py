@@ -20,6 +20,7 @@ from wsproxy.flows.context import FlowContext
 from wsproxy.flows.passthrough import PassthroughFlow
 from wsproxy.flows.tcp import TcpFlow
 from wsproxy.flows.websocket import WebSocketFlow
+from wsproxy.openssl import alerts_to
 from wsproxy.ops.logs import CONNECTION_FIELDS, log_connection, log_event
 from wsproxy.ops.metrics import ListenerStats, LiveCounts
 from wsproxy.ops.termination import Phase, termination
@@ -207,12 +208,13 @@ class Listener:
             if flow.proxied.source is not None:
                 peer = flow.proxied.source
         try:
-            await loop.connect_accepted_socket(
-                lambda: flow.client,
-                connection,
-                ssl=tls.context,
-                ssl_handshake_timeout=self.config.tls_handshake_timeout_seconds,
-            )
+            with alerts_to(connection):  # a refused client gets OpenSSL's alert, not just EOF
+                await loop.connect_accepted_socket(
+                    lambda: flow.client,
+                    connection,
+                    ssl=tls.context,
+                    ssl_handshake_timeout=self.config.tls_handshake_timeout_seconds,
+                )
         except asyncio.CancelledError:
             connection.close()
             raise

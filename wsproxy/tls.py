@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
 import os
 import ssl
 import stat
@@ -30,6 +31,9 @@ from wsproxy.config import (
     describe_unreadable,
 )
 from wsproxy.errors import ClientCertRejected, ConfigError, ConfigIssue, Reason, TlsConfigError
+from wsproxy.openssl import GROUPS, ListenerContext, limit_groups
+
+log = logging.getLogger(__name__)
 
 # Mozilla's "intermediate" TLS 1.2 suites (TLS 1.3 suites are always on and not configurable).
 INTERMEDIATE_CIPHERS = ":".join(
@@ -53,6 +57,18 @@ _VERIFY_RESULTS = {
     23: "revoked",
     26: "bad_eku",  # unsupported certificate purpose
 }
+
+
+def _limit_groups(context: ssl.SSLContext, where: str) -> None:
+    why = limit_groups(context)
+    if why is not None:
+        log.warning(
+            "%s: TLS key-exchange groups not limited to %s: %s; OpenSSL's defaults, which add "
+            "X448 and P-521, are offered",
+            where,
+            ", ".join(GROUPS),
+            why,
+        )
 
 
 def _fix_hint(path: str, *, expired: bool = False) -> str:
@@ -139,7 +155,8 @@ class ServerTls:
 
     def _base_context(self) -> ssl.SSLContext:
         config = self.config
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context = ListenerContext(ssl.PROTOCOL_TLS_SERVER)  # refused handshakes send an alert
+        _limit_groups(context, f"listener '{self.listener}'")
         if config.policy == "modern":
             context.minimum_version = ssl.TLSVersion.TLSv1_3
         else:
@@ -314,7 +331,7 @@ def classify_handshake_failure(exc: BaseException) -> tuple[Reason, str]:
             return Reason.TLS_NOT_TLS, f"bytes that are not a TLS ClientHello ({exc.reason})"
         if "VERSION" in tag or "UNSUPPORTED_PROTOCOL" in tag:
             return Reason.TLS_PROTOCOL_VERSION, f"TLS version refused ({exc.reason})"
-        if "CIPHER" in tag:
+        if "CIPHER" in tag or tag == "NO_SUITABLE_KEY_SHARE":  # TLS 1.3: no group in common
             return Reason.TLS_NO_SHARED_CIPHER, f"no cipher in common ({exc.reason})"
         return Reason.TLS_HANDSHAKE_ERROR, f"TLS handshake failed ({exc.reason or exc})"
     if isinstance(exc, TimeoutError) or (
@@ -357,6 +374,7 @@ def target_context(
     except OSError as exc:
         raise TlsConfigError(f"{where}: cannot read ca file {config.ca}: {exc.strerror}") from None
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _limit_groups(context, where)
     if alpn:
         context.set_alpn_protocols(alpn)
     if config.client_cert is not None and config.client_key is not None:
