@@ -496,10 +496,12 @@ async def test_demo_prints_commands_that_work_as_printed(tmp_path: Path) -> None
             assert line, stderr
             stderr.append(line.strip())
     assert stderr[-1] == "closed: code 1008", stderr
-    assert session.stdin is not None
-    session.stdin.close()  # the client's stdin reader only notices the close on its next line
+    # The client exits by itself, its stdin still open: a reader blocked in readline once kept
+    # it waiting for the user's next line.
     async with asyncio.timeout(15):
         assert await session.wait() == 0
+    assert session.stdin is not None
+    session.stdin.close()
 
     demo.send_signal(signal.SIGINT)
     async with asyncio.timeout(15):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 import sys
+import threading
 
 import aiohttp
 
@@ -19,6 +20,26 @@ def client_ssl_context(
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     return context
+
+
+def _stdin_lines(loop: asyncio.AbstractEventLoop) -> asyncio.Queue[str]:
+    """Lines of stdin, read by a daemon thread ("" at its end). Not the loop's executor: a
+    thread blocked in readline would keep the process from exiting after the server closed the
+    session, until the user pressed Enter."""
+    lines: asyncio.Queue[str] = asyncio.Queue()
+
+    def read() -> None:
+        while True:
+            line = sys.stdin.readline()
+            try:
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+            except RuntimeError:  # the loop is closed: the session is over
+                return
+            if not line:
+                return
+
+    threading.Thread(target=read, name="wsproxy-connect-stdin", daemon=True).start()
+    return lines
 
 
 async def run_connect(
@@ -57,9 +78,11 @@ async def run_connect(
             return 1
         print(f"connected to {url} (subprotocol: {ws.protocol or '-'})", file=sys.stderr)
 
+        lines = _stdin_lines(loop)
+
         async def pump_stdin() -> None:
             while True:
-                line = await loop.run_in_executor(None, sys.stdin.readline)
+                line = await lines.get()
                 if not line:
                     while True:  # until no reply for `linger` seconds
                         activity.clear()
