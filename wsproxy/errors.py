@@ -12,19 +12,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Self
 
 
-class Cause(StrEnum):
+class DescribedEnum(StrEnum):
+    """A string enum whose members are tuples: the value first, then what ``__init__`` of the
+    subclass keeps of the rest (a doc line, codes). The value alone is what compares, hashes,
+    formats and serializes, so members go straight into metric labels and JSON logs."""
+
+    def __new__(cls, value: str, *details: object) -> Self:
+        member = str.__new__(cls, value)
+        member._value_ = value
+        return member
+
+
+class Cause(DescribedEnum):
     """What ended a connection: the first character of its termination code (after HAProxy's
     termination state); the second is the phase it had reached (``ops.termination.Phase``)."""
 
-    doc: str
-
-    def __new__(cls, char: str, doc: str) -> Cause:
-        member = str.__new__(cls, char)
-        member._value_ = char
-        member.doc = doc
-        return member
+    def __init__(self, char: str, doc: str) -> None:
+        self.doc = doc
 
     CLEAN = "-", "normal end"
     CLIENT = "C", "the client closed or reset"
@@ -39,7 +46,7 @@ class Cause(StrEnum):
     INTERNAL = "I", "an internal error (a bug: please report it)"
 
 
-class Reason(StrEnum):
+class Reason(DescribedEnum):
     """Why a connection ended (or a handshake or upgrade failed).
 
     The value is the metric label and log field; ``cause`` the termination code's first
@@ -47,17 +54,10 @@ class Reason(StrEnum):
     sent (session ends), ``None`` when the connection just closes; ``doc`` one line for the docs.
     """
 
-    cause: Cause
-    code: int | None
-    doc: str
-
-    def __new__(cls, label: str, cause: Cause, code: int | None, doc: str) -> Reason:
-        member = str.__new__(cls, label)
-        member._value_ = label
-        member.cause = cause
-        member.code = code
-        member.doc = doc
-        return member
+    def __init__(self, label: str, cause: Cause, code: int | None, doc: str) -> None:
+        self.cause = cause
+        self.code = code
+        self.doc = doc
 
     # --- clean ends
     CLOSED = (

@@ -10,22 +10,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from enum import StrEnum
 from pathlib import Path
 
-from wsproxy.errors import Cause, Reason
+from wsproxy.errors import Cause, DescribedEnum, Reason
 
 
-class Phase(StrEnum):
+class Phase(DescribedEnum):
     """How far a connection got, in the order a connection goes through them."""
 
-    doc: str
-
-    def __new__(cls, char: str, doc: str) -> Phase:
-        member = str.__new__(cls, char)
-        member._value_ = char
-        member.doc = doc
-        return member
+    def __init__(self, char: str, doc: str) -> None:
+        self.doc = doc
 
     ACCEPT = "A", "accept (refused before anything else)"
     TLS = "T", "the TLS handshake"
