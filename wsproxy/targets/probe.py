@@ -17,6 +17,7 @@ from typing import assert_never
 from wsproxy.address import Address
 from wsproxy.config import HealthCheckConfig
 from wsproxy.errors import WireError
+from wsproxy.openssl import limit_groups
 from wsproxy.targets.health import status_matches
 from wsproxy.wire.http1 import HeadBuffer, parse_response_head
 from wsproxy.wire.proxyproto import encode_v2
@@ -64,6 +65,7 @@ async def _probe(
         tls = ssl.create_default_context()
         tls.check_hostname = False
         tls.verify_mode = ssl.CERT_NONE
+        limit_groups(tls)  # the groups every other context of ours offers (security.md)
         use_tls = True
     reader, writer = await asyncio.open_connection(target.host, target.port)
     try:
