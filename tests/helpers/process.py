@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from wsproxy.address import Address
 
 WSPROXY = [sys.executable, "-m", "wsproxy"]
 
@@ -93,3 +96,22 @@ def parse_metrics(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
         for sample in family.samples:
             samples.setdefault(sample.name, []).append((dict(sample.labels), sample.value))
     return samples
+
+
+class TargetProcess:
+    """loadtest's echo target in a process of its own: it can be SIGKILLed, and the CPU it
+    spends is not the test process's."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "loadtest.echo_target"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        assert self.process.stdout is not None
+        self.address = Address("127.0.0.1", int(self.process.stdout.readline().split()[0]))
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()

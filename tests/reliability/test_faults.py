@@ -11,8 +11,6 @@ import contextlib
 import gc
 import logging
 import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +21,7 @@ import pytest
 from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.flows.test_websocket import exchange_raw, status_of, ws_config
 from tests.helpers.chaos import ChaosRelay
+from tests.helpers.process import TargetProcess
 from tests.helpers.servers import full_accept_queue
 from tests.helpers.wsraw import upgrade_request
 from wsproxy.address import Address
@@ -32,24 +31,6 @@ from wsproxy.flows.websocket import WebSocketFlow
 from wsproxy.proxy import Proxy
 from wsproxy.relay.websocket import WebSocketRelay
 from wsproxy.targets.target import TargetState
-
-
-class TargetProcess:
-    """loadtest's echo target in a process of its own, so it can be SIGKILLed."""
-
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "loadtest.echo_target"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        assert self.process.stdout is not None
-        self.address = Address("127.0.0.1", int(self.process.stdout.readline().split()[0]))
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
 
 
 @pytest.fixture
