@@ -291,6 +291,12 @@ class ListenerTls(_Section):
 
 class ListenerConfig(_Section):
     address: ListenAddress
+    # Let another process listen on this address too (both SO_REUSEPORT; the kernel spreads new
+    # connections over all of them), e.g. the new wsproxy of a blue/green handover. Off: an
+    # address another process listens on is refused at bind. Envoy's enable_reuse_port and
+    # HAProxy's noreuseport switch SO_REUSEPORT itself; wsproxy always needs it (reloads,
+    # worker slots), so the key only says whether another process may join.
+    share_address: bool = False
     protocol: Literal["tcp", "tls", "tls_passthrough"] = "tcp"
     tls: ListenerTls | None = None
     tls_handshake_timeout_seconds: float = Field(10.0, gt=0, le=120)

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any, cast
 
@@ -37,14 +38,75 @@ CRL_POLL_SECONDS = 1.0
 BACKLOG = 1024
 
 
-def bind_listening_socket(address: Address) -> socket.socket:
-    """A listening socket for ``address``. SO_REUSEPORT lets a reload bind a changed listener
-    before the old socket closes (no connection refused in between) and lets worker processes
-    each own a socket of the same address, the kernel spreading connections among them."""
+# The listening sockets this process bound, with the address each holds. SO_REUSEPORT admits
+# any socket of the same user to an address, so only the process knows which of an address's
+# sockets are its own. Process-wide on purpose, as the ports are: whichever proxy generation or
+# worker slot bound a socket, another socket of this process on its address shares with itself.
+# Keyed by the socket object (weakly: a collected socket leaves); a closed one reads fileno -1.
+_BOUND_HERE: weakref.WeakKeyDictionary[socket.socket, Address] = weakref.WeakKeyDictionary()
+_WILDCARDS = frozenset(("", "0.0.0.0", "::"))  # noqa: S104  # compared with, never bound
+
+
+def bind_listening_socket(address: Address, *, listener: str, share: bool) -> socket.socket:
+    """A listening socket for ``address`` (listener ``listener``'s), with SO_REUSEPORT.
+
+    SO_REUSEPORT lets a reload bind a changed listener before the old socket closes (no
+    connection refused in between) and lets a supervisor bind one socket per worker slot, the
+    kernel spreading connections among them. It would also let a second wsproxy, or anything
+    else of the same user that sets it, join the address and take part of its connections.
+    So unless this process already listens there, or ``share`` (the listener's
+    ``share_address``) asks for it, the address must be free: EADDRINUSE otherwise."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    return socket.create_server(
-        (address.host, address.port), family=family, backlog=BACKLOG, reuse_port=True
-    )
+    if not share and address.port != 0 and not _listening_here(address):
+        _check_free(address, family, listener)
+    try:
+        listening = socket.create_server(
+            (address.host, address.port), family=family, backlog=BACKLOG, reuse_port=True
+        )
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE or not share:
+            raise
+        raise OSError(
+            exc.errno,
+            f"{exc.strerror}: share_address works only with a process that also listens with "
+            "SO_REUSEPORT (as wsproxy does) under the same user",
+        ) from None
+    _BOUND_HERE[listening] = Address(address.host, int(listening.getsockname()[1]))
+    return listening
+
+
+def _listening_here(address: Address) -> bool:
+    """Whether a live socket of this process holds ``address``'s port on an overlapping host."""
+    for sock, held in list(_BOUND_HERE.items()):
+        if held.port != address.port or sock.fileno() == -1:
+            continue
+        if held.host == address.host or {held.host, address.host} & _WILDCARDS:
+            return True
+    return False
+
+
+def _check_free(address: Address, family: socket.AddressFamily, listener: str) -> None:
+    """Bind (not listen) a socket without SO_REUSEPORT: the kernel refuses it while any other
+    socket listens on the address, SO_REUSEPORT or not. SO_REUSEADDR, as the real socket sets
+    it, so connections left in TIME_WAIT or still draining in a stopped process do not count.
+    A check, not a lock: two processes binding in the same few microseconds both pass."""
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as create_server
+        probe.bind((address.host, address.port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise OSError(
+            errno.EADDRINUSE,
+            "address in use: another process (a second wsproxy?) listens there; stop it, or "
+            f"set listeners.{listener}.share_address = true if both should serve it on purpose "
+            "(e.g. a blue/green handover)",
+        ) from None
+    finally:
+        probe.close()
 
 
 def _file_stamp(path: str) -> tuple[int, int] | None:
@@ -116,7 +178,9 @@ class Listener:
         its supervisor; this listener owns it from now on)."""
         try:
             if listening is None:
-                listening = bind_listening_socket(self.config.address)
+                listening = bind_listening_socket(
+                    self.config.address, listener=self.name, share=self.config.share_address
+                )
             listening.setblocking(False)
             bound = listening.getsockname()
             if self.tls is None:

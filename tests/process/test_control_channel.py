@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 
 import pytest
 
@@ -81,3 +82,38 @@ async def test_garbage_on_the_channel_closes_it() -> None:
     async with asyncio.timeout(5):
         await supervisor.closed.wait()
     theirs.close()
+
+
+async def test_a_worker_end_reaches_only_the_child_it_is_passed_to() -> None:
+    """The supervisor starts its workers at the same moment, each pair made before the other's
+    spawn: a worker must not inherit the other's end, or the supervisor never sees the other's
+    channel close when it dies (it waited out the 30 s start timeout for a worker killed while
+    starting). uvloop's spawn does not close inherited descriptors (no close_fds)."""
+
+    async def ignore(message: Message, socks: list[socket.socket]) -> Message | None:
+        return None
+
+    pairs = [make_pair() for _ in range(2)]
+    children = []
+    for _, theirs in pairs:
+        child = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; sys.stdin.read()",
+            stdin=asyncio.subprocess.PIPE, pass_fds=[theirs.fileno()],
+        )  # fmt: skip
+        children.append(child)
+    for _, theirs in pairs:
+        theirs.close()
+    channels = [Channel(mine, ignore) for mine, _ in pairs]
+    try:
+        children[0].kill()
+        await children[0].wait()
+        async with asyncio.timeout(5):
+            await channels[0].closed.wait()
+        assert not channels[1].closed.is_set()
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+        for channel in channels:
+            channel.close()

@@ -187,10 +187,11 @@ class Channel:
 
 
 def make_pair() -> tuple[socket.socket, socket.socket]:
-    """(supervisor end, worker end); the worker end is inheritable for the child process."""
-    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    theirs.set_inheritable(True)
-    return mine, theirs
+    """(supervisor end, worker end), neither inheritable: give the worker end to its child in
+    ``pass_fds``, which makes it inheritable for that one spawn. An inheritable end would also
+    reach a worker spawned while it is open (uvloop's spawn closes no inherited descriptor),
+    and then the supervisor would not see the channel close when its own worker dies."""
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
 
 __all__ = ["Channel", "Message", "make_pair"]

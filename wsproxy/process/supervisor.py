@@ -78,7 +78,10 @@ class SupervisorSockets:
         sockets: list[socket.socket] = []
         try:
             for _ in range(self.slots):
-                sockets.append(bind_listening_socket(address))
+                # The first slot's socket claims the address (refused if another process holds
+                # it); the others share it with the first, a socket of this same process.
+                share = listener.config.share_address
+                sockets.append(bind_listening_socket(address, listener=listener.name, share=share))
                 # Port 0: every slot must share the port the first one got.
                 address = Address(address.host, int(sockets[0].getsockname()[1]))
         except OSError as exc:
