@@ -38,51 +38,58 @@ CRL_POLL_SECONDS = 1.0
 BACKLOG = 1024
 
 
-# The listening sockets this process bound, with the address each holds. SO_REUSEPORT admits
-# any socket of the same user to an address, so only the process knows which of an address's
-# sockets are its own. Process-wide on purpose, as the ports are: whichever proxy generation or
-# worker slot bound a socket, another socket of this process on its address shares with itself.
-# Keyed by the socket object (weakly: a collected socket leaves); a closed one reads fileno -1.
-_BOUND_HERE: weakref.WeakKeyDictionary[socket.socket, Address] = weakref.WeakKeyDictionary()
 _WILDCARDS = frozenset(("", "0.0.0.0", "::"))  # noqa: S104  # compared with, never bound
 
 
-def bind_listening_socket(address: Address, *, listener: str, share: bool) -> socket.socket:
-    """A listening socket for ``address`` (listener ``listener``'s), with SO_REUSEPORT.
+class ListeningSockets:
+    """Binds listening sockets with SO_REUSEPORT and remembers which addresses they hold.
 
     SO_REUSEPORT lets a reload bind a changed listener before the old socket closes (no
     connection refused in between) and lets a supervisor bind one socket per worker slot, the
     kernel spreading connections among them. It would also let a second wsproxy, or anything
-    else of the same user that sets it, join the address and take part of its connections.
-    So unless this process already listens there, or ``share`` (the listener's
-    ``share_address``) asks for it, the address must be free: EADDRINUSE otherwise."""
-    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    if not share and address.port != 0 and not _listening_here(address):
-        _check_free(address, family, listener)
-    try:
-        listening = socket.create_server(
-            (address.host, address.port), family=family, backlog=BACKLOG, reuse_port=True
-        )
-    except OSError as exc:
-        if exc.errno != errno.EADDRINUSE or not share:
-            raise
-        raise OSError(
-            exc.errno,
-            f"{exc.strerror}: share_address works only with a process that also listens with "
-            "SO_REUSEPORT (as wsproxy does) under the same user",
-        ) from None
-    _BOUND_HERE[listening] = Address(address.host, int(listening.getsockname()[1]))
-    return listening
+    else of the same user that sets it, join the address and take part of its connections. So
+    unless one of the sockets bound here already holds the address, or the listener's
+    ``share_address`` asks for sharing, the address must be free: EADDRINUSE otherwise. One
+    instance per proxy (its binding owns it), so only the sockets of that proxy count as its own.
+    """
 
+    __slots__ = ("_held",)
 
-def _listening_here(address: Address) -> bool:
-    """Whether a live socket of this process holds ``address``'s port on an overlapping host."""
-    for sock, held in list(_BOUND_HERE.items()):
-        if held.port != address.port or sock.fileno() == -1:
-            continue
-        if held.host == address.host or {held.host, address.host} & _WILDCARDS:
-            return True
-    return False
+    def __init__(self) -> None:
+        # Weakly: a socket that is collected leaves; a closed one reads fileno -1.
+        self._held: weakref.WeakKeyDictionary[socket.socket, Address] = weakref.WeakKeyDictionary()
+
+    def bind(self, address: Address, *, listener: str, share: bool) -> socket.socket:
+        """A listening socket for ``address``, listener ``listener``'s (see the class); an
+        ``OSError`` names the listener, the address and what to do."""
+        family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+        try:
+            if not share and address.port != 0 and not self.holds(address):
+                _check_free(address, family, listener)
+            listening = socket.create_server(
+                (address.host, address.port), family=family, backlog=BACKLOG, reuse_port=True
+            )
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            if exc.errno == errno.EADDRINUSE and share:
+                why += (
+                    ": share_address works only with a process that also listens with "
+                    "SO_REUSEPORT (as wsproxy does) under the same user"
+                )
+            raise OSError(
+                exc.errno, f"listener '{listener}': cannot bind {address}: {why}"
+            ) from None
+        self._held[listening] = Address(address.host, int(listening.getsockname()[1]))
+        return listening
+
+    def holds(self, address: Address) -> bool:
+        """Whether a live socket bound here holds ``address``'s port on an overlapping host."""
+        for sock, held in list(self._held.items()):
+            if held.port != address.port or sock.fileno() == -1:
+                continue
+            if held.host == address.host or {held.host, address.host} & _WILDCARDS:
+                return True
+        return False
 
 
 def _check_free(address: Address, family: socket.AddressFamily, listener: str) -> None:
@@ -176,11 +183,11 @@ class Listener:
     async def start(self, listening: socket.socket | None = None) -> None:
         """Bind the configured address, or accept on ``listening`` (a worker's socket, bound by
         its supervisor; this listener owns it from now on)."""
+        if listening is None:
+            listening = ListeningSockets().bind(
+                self.config.address, listener=self.name, share=self.config.share_address
+            )
         try:
-            if listening is None:
-                listening = bind_listening_socket(
-                    self.config.address, listener=self.name, share=self.config.share_address
-                )
             listening.setblocking(False)
             bound = listening.getsockname()
             if self.tls is None:

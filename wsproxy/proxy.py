@@ -17,7 +17,7 @@ from wsproxy.address import Address
 from wsproxy.config import Config, ListenerConfig, TargetGroupConfig, TargetTls, load_config
 from wsproxy.descriptors import DescriptorBudget
 from wsproxy.errors import ConfigError, WsproxyError
-from wsproxy.listener import Listener
+from wsproxy.listener import Listener, ListeningSockets
 from wsproxy.ops import logs, systemd
 from wsproxy.ops.admin import AdminServer
 from wsproxy.ops.logs import log_event
@@ -59,10 +59,16 @@ class ListenerBinding(Protocol):
 
 
 class OwnSockets:
-    """The listener binds its own address (one process, no supervisor)."""
+    """Listeners of this proxy bind their own addresses (one process, no supervisor); a reload's
+    new listener may share an address with the one it replaces, never with another process."""
+
+    def __init__(self) -> None:
+        self.sockets = ListeningSockets()
 
     async def start(self, listener: Listener) -> None:
-        await listener.start()
+        config = listener.config
+        sock = self.sockets.bind(config.address, listener=listener.name, share=config.share_address)
+        await listener.start(sock)
 
     def stop(self, listener: Listener) -> None:
         listener.stop_accepting()

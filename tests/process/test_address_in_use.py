@@ -18,7 +18,7 @@ from tests.helpers.process import WSPROXY, RunningProxy, parse_metrics, start_pr
 from tests.process.test_workers import round_trip
 from wsproxy.address import Address
 from wsproxy.demo import EchoTarget
-from wsproxy.listener import bind_listening_socket
+from wsproxy.listener import ListeningSockets
 
 
 def write_config(
@@ -174,10 +174,12 @@ async def test_a_supervisor_rebinding_its_own_address_in_a_reload_is_not_refused
 
 
 def test_sockets_of_this_process_share_an_address_others_are_refused() -> None:
-    """The check at bind: a socket of this process already on the address (a reload's old
-    listener, the first worker slot) is sharing with itself; any other listening socket is
-    another process as far as the check can tell."""
+    """The check at bind: a socket bound by the same ListeningSockets (a reload's old listener,
+    the first worker slot) is sharing with itself; any other listening socket is another process
+    as far as the check can tell."""
     edge = Address("127.0.0.1", 0)
+    sockets = ListeningSockets()
+    bind_listening_socket = sockets.bind
     first = bind_listening_socket(edge, listener="edge", share=False)
     port = first.getsockname()[1]
     here = Address("127.0.0.1", port)

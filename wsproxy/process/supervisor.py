@@ -30,7 +30,7 @@ from prometheus_client.registry import Collector
 from wsproxy.address import Address
 from wsproxy.config import Config
 from wsproxy.errors import WorkerUnavailable
-from wsproxy.listener import Listener, bind_listening_socket
+from wsproxy.listener import Listener, ListeningSockets
 from wsproxy.ops.logs import log_event
 from wsproxy.ops.metrics import Metrics, ProxyCollector
 from wsproxy.process.control import Channel, Message, make_pair
@@ -55,6 +55,7 @@ class SupervisorSockets:
 
     def __init__(self, slots: int) -> None:
         self.slots = slots
+        self._sockets = ListeningSockets()  # the addresses this supervisor holds may be shared
         self._bound: dict[tuple[str, Address], list[socket.socket]] = {}
         # The listener objects using each socket set (a reload's replacement and the one it
         # replaces overlap); keyed by the object, never its recycled id().
@@ -81,17 +82,13 @@ class SupervisorSockets:
                 # The first slot's socket claims the address (refused if another process holds
                 # it); the others share it with the first, a socket of this same process.
                 share = listener.config.share_address
-                sockets.append(bind_listening_socket(address, listener=listener.name, share=share))
+                sockets.append(self._sockets.bind(address, listener=listener.name, share=share))
                 # Port 0: every slot must share the port the first one got.
                 address = Address(address.host, int(sockets[0].getsockname()[1]))
-        except OSError as exc:
+        except OSError:  # it names the listener and the address
             for sock in sockets:
                 sock.close()
-            raise OSError(
-                exc.errno,
-                f"listener '{listener.name}': cannot bind {listener.config.address}: "
-                f"{exc.strerror}",
-            ) from None
+            raise
         return sockets
 
     def stop(self, listener: Listener) -> None:
