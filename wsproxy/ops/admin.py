@@ -189,7 +189,15 @@ class AdminServer:
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._requested.host, self._requested.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise OSError(
+                exc.errno,
+                f"admin listener: cannot bind {self._requested}: {exc.strerror or exc}; "
+                "stop what listens there or choose another [admin] address",
+            ) from None
         bound = self._runner.addresses[0]
         self.address = Address(str(bound[0]), int(bound[1]))
         log_event(log, "admin_up", "admin listening on http://%s/", self.address,
