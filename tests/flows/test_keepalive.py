@@ -31,11 +31,11 @@ RawServers = Callable[..., Awaitable[RawServer]]
 def frames_of(data: bytes) -> list[tuple[int, bytes]]:
     out = []
     while data:
-        parsed = parse_header(data)
-        assert parsed is not None
-        header_len, _fin, opcode, _masked, length, mask, _rsv = parsed
-        out.append((opcode, unmask(data[header_len : header_len + length], mask)))
-        data = data[header_len + length :]
+        header = parse_header(data)
+        assert header is not None
+        end = header.header_len + header.payload_len
+        out.append((header.opcode, unmask(data[header.header_len : end], header.mask_key)))
+        data = data[end:]
     return out
 
 

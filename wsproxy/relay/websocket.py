@@ -281,14 +281,13 @@ class WebSocketRelay(Relay):
             if taken == len(data):
                 break
             rest = data[taken:]  # a Pong frame starts here
-            parsed = parse_header(rest)
-            if parsed is None or len(rest) < parsed[0] + parsed[4]:
+            header = parse_header(rest)
+            if header is None or len(rest) < header.header_len + header.payload_len:
                 direction.pong_buf = rest  # at most 14 + 125 bytes: wait for the rest of it
                 return
-            header_len, payload_len, mask = parsed[0], parsed[4], parsed[5]
-            frame = rest[: header_len + payload_len]
+            frame = rest[: header.header_len + header.payload_len]
             tracker.feed(frame)
-            if unmask(frame[header_len:], mask) == direction.ping_payload:
+            if unmask(frame[header.header_len :], header.mask_key) == direction.ping_payload:
                 self._pong_received(direction)
             else:
                 sink.write(frame)  # not ours: the other side may be waiting for it
