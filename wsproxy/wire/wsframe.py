@@ -4,6 +4,7 @@
 by length, never unmasked or copied (only the two status bytes of a Close frame are read). That is
 enough to count frames and messages, refuse frames over a size limit before a byte of them is
 forwarded, and find the message boundaries where the proxy may inject a Close frame of its own.
+The rules of a session built on it (close handshake, keepalive, limits) are in ``wssession``.
 """
 
 from __future__ import annotations
