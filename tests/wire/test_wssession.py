@@ -231,6 +231,18 @@ def test_a_close_the_client_starts_passes_both_ways_and_ends_at_the_fin() -> Non
     assert run.state() is State.CLOSED
 
 
+def test_a_close_whose_payload_comes_in_later_reads_passes_whole() -> None:
+    run = Run.start()
+    close = c(OP_CLOSE, (4000).to_bytes(2, "big") + b"bye")
+    run.client(close, cuts=[6, 7])  # the header, one status byte, the rest
+    assert run.sent(TARGET) == close
+    session = run.session
+    assert (session.close_initiator, session.close_code) == (Initiator.CLIENT, 4000)
+    assert session.to_target.state is DirectionState.CLOSE_PASSED
+    run.client(c(OP_TEXT, b"after close"))
+    assert run.take_log() == []
+
+
 def test_a_close_the_target_starts_is_counted_as_the_targets() -> None:
     run = Run.start()
     run.target(t(OP_CLOSE, (4000).to_bytes(2, "big")))

@@ -58,7 +58,7 @@ keeps to them.
 
        OPEN ──request_close()──> CLOSE_AT_FRAME / CLOSE_AT_MESSAGE ──boundary──> CLOSE_SENT
          │                                    │
-         ├──the sender's own Close passes─────┴──────────────────────────────> CLOSE_PASSED
+         ├──the sender's own Close passes─────┴──(CLOSE_PASSING: its end)────> CLOSE_PASSED
          ├──keepalive gives up / the other side vanished (at a frame boundary)─> CLOSE_SENT
          └──a bad frame whose header already went out in part─────────────────> CUT
 
@@ -68,6 +68,8 @@ keeps to them.
      boundary (drain, lifetime: no half-sent message); bytes pass up to it.
    - CLOSE_SENT: the proxy's Close went to the receiver; what the sender still sends is dropped,
      but followed, since the answer to a Close on the other direction comes this way.
+   - CLOSE_PASSING: the header of the sender's own Close went through, the rest of that frame
+     passes too (it may come in later reads); then CLOSE_PASSED.
    - CLOSE_PASSED: the sender's own Close went through; nothing may follow it (§5.5.1), and the
      proxy injects no Close of its own here. Its answer comes the other way and passes too.
    - CUT: the receiver got part of a frame that cannot be completed; it gets no Close, only its
@@ -162,6 +164,7 @@ class DirectionState(enum.Enum):
     CLOSE_AT_FRAME = "close_at_frame"
     CLOSE_AT_MESSAGE = "close_at_message"
     CLOSE_SENT = "close_sent"
+    CLOSE_PASSING = "close_passing"
     CLOSE_PASSED = "close_passed"
     CUT = "cut"
 
@@ -529,7 +532,7 @@ class Session(Generic[D]):
             return
         tracker = direction.tracker
         closes = tracker.closes
-        stop = STOP_FRAME if state is DirectionState.CLOSE_AT_FRAME else STOP_MESSAGE
+        stop = STOP_MESSAGE if state is DirectionState.CLOSE_AT_MESSAGE else STOP_FRAME
         try:
             taken = tracker.feed(data, stop)
         except FrameError as exc:
@@ -539,10 +542,15 @@ class Session(Generic[D]):
             self._send(direction, data if taken == len(data) else data[:taken])
         if tracker.closes != closes:
             self._close_passed(direction)
-        if direction.state in _PENDING and direction.at(direction.state):
+        state = direction.state
+        if state in _PENDING and direction.at(state):
             self._inject(direction)
-            if taken < len(data):
-                self._watch(direction, data[taken:])
+        elif state is DirectionState.CLOSE_PASSING and tracker.at_frame_boundary:
+            direction.state = DirectionState.CLOSE_PASSED
+            if self.close_code is None and self.close_initiator is self._sender(direction):
+                self.close_code = tracker.close_code  # its status bytes came after its header
+        if taken < len(data) and direction.state in _SHUT:
+            self._watch(direction, data[taken:])
         self._check_close_handshake()
 
     def _filter_pongs(self, direction: D, data: bytes, now: float) -> None:
@@ -738,11 +746,15 @@ class Session(Generic[D]):
         direction.closes_at_send = answered_after
 
     def _close_passed(self, direction: D) -> None:
-        """The sender's own Close passed: the proxy must not inject another there."""
+        """The sender's own Close passed (its header, at least): the proxy must not inject
+        another there, and nothing after that frame passes."""
         if self.close_initiator is None:
             self.close_initiator = self._sender(direction)
-            self.close_code = direction.tracker.close_code
-        direction.state = DirectionState.CLOSE_PASSED
+            self.close_code = direction.tracker.close_code  # None until its status bytes came
+        if direction.tracker.at_frame_boundary:
+            direction.state = DirectionState.CLOSE_PASSED
+        else:
+            direction.state = DirectionState.CLOSE_PASSING  # the rest of its payload is to come
         direction.plain = False
 
     def _finished(self, direction: D) -> bool:
