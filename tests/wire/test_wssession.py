@@ -1,5 +1,6 @@
 """The WebSocket session's rules, sans-I/O: close handshakes, keepalive, the rate limit, the
-lifetime and violations, table-driven; and, with hypothesis, that no input makes it raise."""
+lifetime and violations, table-driven; and, with hypothesis, that any cutting of the same byte
+streams into reads gives the same events and the same forwarded bytes."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from wsproxy.wire.wsframe import (
     OP_PING,
     OP_PONG,
     OP_TEXT,
+    encode_close,
     encode_frame,
     parse_header,
     unmask,
@@ -589,6 +591,19 @@ def test_a_silent_client_is_pinged_and_only_its_answer_is_taken_out() -> None:
     assert session.next_deadline == 31.0
 
 
+@pytest.mark.parametrize("cut", range(1, 14))
+def test_our_pong_is_recognised_wherever_a_read_cuts_it(cut: int) -> None:
+    run = Run.start(ping_interval=10.0, ping_timeout=3.0)
+    run.tick(10.0).tick(10.0)
+    ((_, payload),) = frames(run.sent(CLIENT))
+    pong = c(OP_PONG, payload)
+    up = c(OP_TEXT, b"a") + pong + c(OP_TEXT, b"b")
+    run.client(up, cuts=[len(c(OP_TEXT, b"a")) + cut])
+    assert frames(run.sent(TARGET)) == [(OP_TEXT, b"a"), (OP_TEXT, b"b")]
+    assert run.session.to_target.ping_payload is None
+    assert run.take_log() == [("wake", 30.0)]
+
+
 def test_a_silent_target_is_pinged_with_a_masked_frame() -> None:
     run = Run.start(target_ping_interval=10.0, ping_timeout=3.0)
     run.target(t(OP_TEXT, b"alive"))
@@ -706,7 +721,155 @@ def test_the_lifetime_ends_the_session_at_message_boundaries() -> None:
     assert sent[1][1][:2] == (1001).to_bytes(2, "big")
 
 
-# --- robustness --------------------------------------------------------------------------------
+# --- any cutting of the same streams ------------------------------------------------------------
+
+SIZES = st.sampled_from([0, 1, 5, 125, 126, 300, 70000])
+
+
+@st.composite
+def side_frames(draw: st.DrawFn, masked: bool, open_message: bool) -> tuple[bytes, bool]:
+    """Valid frames of one side: whole or fragmented messages, control frames between
+    fragments; returns them and whether a message is left open."""
+    mask = MASK if masked else b""
+    out = b""
+    for _ in range(draw(st.integers(1, 3))):
+        fragments = draw(st.integers(1, 3))
+        for index in range(fragments):
+            if draw(st.booleans()):
+                control = draw(st.sampled_from([OP_PING, OP_PONG]))
+                out += encode_frame(control, b"c" * draw(st.integers(0, 10)), mask=mask)
+            first = index == 0 and not open_message
+            opcode = draw(st.sampled_from([OP_TEXT, OP_BINARY])) if first else OP_CONTINUATION
+            fin = index == fragments - 1
+            out += encode_frame(opcode, b"p" * draw(SIZES), fin=fin, mask=mask)
+            open_message = not fin
+    if draw(st.booleans()):
+        opcode = OP_CONTINUATION if open_message else draw(st.sampled_from([OP_TEXT, OP_BINARY]))
+        out += encode_frame(opcode, b"o" * draw(st.integers(0, 40)), fin=False, mask=mask)
+        open_message = True
+    return out, open_message
+
+
+Step = tuple[str, Any]
+
+
+@st.composite
+def scripts(draw: st.DrawFn) -> list[Step]:
+    """Reads from either side, pongs to our pings, ticks, a drain, Close frames: a session's
+    life as the adapter would feed it."""
+    steps: list[Step] = []
+    open_message = {CLIENT: False, TARGET: False}
+    closed = {CLIENT: False, TARGET: False}
+    for _ in range(draw(st.integers(1, 10))):
+        kind = draw(st.sampled_from(["client", "target", "pong", "tick", "drain", "close"]))
+        side = draw(st.sampled_from([CLIENT, TARGET]))
+        if kind in ("client", "target"):
+            side = CLIENT if kind == "client" else TARGET
+            if closed[side]:
+                continue
+            data, open_message[side] = draw(side_frames(side is CLIENT, open_message[side]))
+            steps.append(("bytes", (side, data)))
+        elif kind == "pong":
+            if not closed[side]:
+                steps.append(("pong", side))
+        elif kind == "tick":
+            steps.append(("tick", draw(st.sampled_from([0.5, 3.0, 10.0, 13.0]))))
+        elif kind == "drain":
+            steps.append(("drain", draw(st.sampled_from(list(Boundary)))))
+        elif not closed[side] and not open_message[side]:
+            mask = MASK if side is CLIENT else b""
+            steps.append(("bytes", (side, encode_close(1000, "bye", mask=mask))))
+            closed[side] = True
+    return steps
+
+
+def play(script: list[Step], cut: Callable[[bytes], list[int]]) -> Run:
+    run = Run.start(ping_interval=10.0, target_ping_interval=10.0, ping_timeout=3.0)
+    for kind, value in script:
+        if kind == "bytes":
+            side, data = value
+            feed = run.client if side is CLIENT else run.target
+            feed(data, cut(data))
+        elif kind == "pong":
+            # The side answers our ping, if one is outstanding, with more around it.
+            direction = run.session.to_target if value is CLIENT else run.session.to_client
+            payload = direction.ping_payload
+            if payload is not None and direction.state is DirectionState.OPEN:
+                mask = MASK if value is CLIENT else b""
+                data = (
+                    encode_frame(OP_PONG, b"other", mask=mask)
+                    + encode_frame(OP_PONG, payload, mask=mask)
+                    + encode_frame(OP_PING, b"", mask=mask)
+                )
+                feed = run.client if value is CLIENT else run.target
+                feed(data, cut(data))
+        elif kind == "tick":
+            run.tick(value)
+        else:
+            run.request_close(value)
+    return run
+
+
+def summary(run: Run) -> tuple[object, ...]:
+    session = run.session
+    counts = [
+        (d.tracker.frames, d.tracker.messages, d.tracker.closes, d.received, d.state)
+        for d in (session.to_target, session.to_client)
+    ]
+    return (session.state, session.close_code, session.close_initiator, session.pings_sent, counts)
+
+
+@settings(max_examples=300, deadline=None)
+@given(scripts(), st.data())
+def test_any_cutting_of_the_same_streams_gives_the_same_events_and_bytes(
+    script: list[Step], data: st.DataObject
+) -> None:
+    whole = play(script, lambda _: [])
+
+    def cut(chunk: bytes) -> list[int]:
+        if not chunk:
+            return []
+        return data.draw(st.lists(st.integers(1, max(1, len(chunk) - 1)), max_size=12))
+
+    pieces = play(script, cut)
+    bytewise = play(script, lambda chunk: list(range(1, len(chunk))) if len(chunk) < 400 else [])
+    assert pieces.log == whole.log
+    assert bytewise.log == whole.log
+    assert summary(pieces) == summary(whole) == summary(bytewise)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scripts(),
+    st.sampled_from([row for row in VIOLATIONS if row[1] is CLIENT]),
+    st.data(),
+)
+def test_any_cutting_that_keeps_a_bad_header_whole_gives_the_same_failure(
+    script: list[Step],
+    row: tuple[str, Side, bytes, int, int, Reason],
+    data: st.DataObject,
+) -> None:
+    bad = row[2]
+    header = parse_header(bad)
+    assert header is not None
+    before = c(OP_TEXT, b"before")
+    hostile = before + bad + c(OP_TEXT, b"after")
+    start, end = len(before), len(before) + header.header_len
+    # The client sends nothing else, so the bad frame comes between its messages.
+    script = [step for step in script if step[0] != "bytes" or step[1][0] is not CLIENT]
+    script.append(("bytes", (CLIENT, hostile)))
+
+    def cut(chunk: bytes) -> list[int]:
+        cuts = data.draw(st.lists(st.integers(1, max(1, len(chunk) - 1)), max_size=8))
+        if chunk is hostile:
+            cuts = [point for point in cuts if not start < point < end]
+        return cuts
+
+    whole = play(script, lambda _: [])
+    pieces = play(script, cut)
+    assert pieces.log == whole.log
+    # (After the bad frame the tracker has lost its place: what it still counts may differ.)
+    assert summary(pieces)[:4] == summary(whole)[:4]
 
 
 @settings(max_examples=300, deadline=None)

@@ -170,6 +170,17 @@ class FrameTracker:
         """Between two messages: a Close injected here cuts nothing (control frames included)."""
         return self._opcode < 0 and not self._header and not self._in_message
 
+    @property
+    def partial_header(self) -> int:
+        """Bytes of a frame header fed so far whose end has not come yet (0 to 13)."""
+        return len(self._header)
+
+    def withdraw_header(self) -> bytes:
+        """Take back the bytes of a frame header split at the end of the last chunk, as if they
+        had not been fed: the caller feeds them again in front of what follows."""
+        header, self._header = self._header, b""
+        return header
+
     def feed(self, data: bytes, stop: int = STOP_NONE) -> int:
         """Track the frames in ``data``; return how many leading bytes may be forwarded.
 

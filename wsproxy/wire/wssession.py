@@ -91,7 +91,8 @@ keeps to them.
 What depends on how bytes are cut into reads: a frame header split across reads is forwarded in
 parts (the proxy holds back no bytes on the hot path), so a bad frame whose header was split can
 only be CUT, not answered with a Close; bytes a peer sends after its own Close in the same read
-pass, later ones are dropped; the rate limit counts per read (above).
+pass, later ones are dropped; the rate limit counts per read (above). Everything else, events and
+forwarded bytes, is the same for any cutting of the same streams (tests/wire/test_wssession.py).
 """
 
 from __future__ import annotations
@@ -559,6 +560,9 @@ class Session(Generic[D]):
         tracker = direction.tracker
         data = direction.pong_buf + data
         direction.pong_buf = b""
+        # A header split at the end of the last read went out already (the hot path forwards
+        # what it gets); only one that starts in ``data`` may be held back.
+        partial, frames = tracker.partial_header, tracker.frames
         while data:
             if direction.state is not DirectionState.OPEN:
                 self._forward(direction, data, now)
@@ -571,13 +575,21 @@ class Session(Generic[D]):
                 self.violation(direction, data, exc, now)
                 direction._replain()
                 return
+            if (
+                taken == len(data)
+                and tracker.partial_header
+                and (not partial or tracker.frames != frames)
+            ):
+                # Hold back a header split here: it may be our Pong's, which must not go out in
+                # part (the tracker stops before a Pong only when its header is whole).
+                taken -= len(tracker.withdraw_header())
             if taken:
                 self._send(direction, data[:taken] if taken < len(data) else data)
             if tracker.closes != closes:
                 self._close_passed(direction)
             if taken == len(data):
                 break
-            rest = data[taken:]  # a Pong frame starts here
+            rest = data[taken:]  # a Pong frame, or a split header, starts here
             header = parse_header(rest)
             if header is None or len(rest) < header.header_len + header.payload_len:
                 direction.pong_buf = rest  # at most 14 + 125 bytes: wait for the rest of it
@@ -591,6 +603,7 @@ class Session(Generic[D]):
             else:
                 self._send(direction, frame)  # not ours: the other side may be waiting for it
             data = rest[end:]
+            partial = 0
         direction._replain()
         self._check_close_handshake()
 
