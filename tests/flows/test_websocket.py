@@ -24,7 +24,7 @@ from tests.helpers.servers import (
 from tests.helpers.wsraw import RawWebSocket, upgrade_request
 from wsproxy.address import Address
 from wsproxy.demo import EchoTarget
-from wsproxy.wire.wsframe import OP_BINARY, OP_TEXT, encode_close
+from wsproxy.wire.wsframe import OP_BINARY, OP_TEXT, FrameTracker, encode_close
 
 CanaryFactory = Callable[..., Awaitable[Canary]]
 RawServers = Callable[..., Awaitable[RawServer]]
@@ -545,6 +545,38 @@ async def test_close_codes_pass_through(
     assert await ws.recv_close() == 1000  # aiohttp's answer to any Close
     await ws.closed()
     await wait_for(lambda: proxy.listeners["edge"].stats.closes[("client", "4xxx")] == 1)
+
+
+async def test_a_close_frame_split_across_reads_reaches_the_target_whole(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    """A Close whose status and reason come after its header, in another read, passes whole:
+    the proxy used to drop the rest of the frame once its header had gone through."""
+    seen: list[bytes] = []
+    server = await raw_servers(upgrading_target(seen))
+    proxy = await make_proxy(ws_config(("chat", [server.address])))
+    ws = await RawWebSocket.connect(listener_address(proxy))
+    close = encode_close(4000, "done here", mask=os.urandom(4))
+    ws.writer.write(close[:6])  # the header and the mask key
+    await ws.writer.drain()
+    await asyncio.sleep(0.1)  # its own read at the proxy
+    ws.writer.write(close[6:])
+
+    def close_arrived() -> bool:
+        tracker = FrameTracker(masked=True, max_frame_bytes=1024)
+        received = b"".join(seen)
+        return (
+            tracker.feed(received) == len(received)
+            and tracker.at_frame_boundary
+            and (tracker.close_code == 4000)
+        )
+
+    await wait_for(close_arrived)
+    assert b"".join(seen) == close
+    ws.abort()
+    stats = proxy.listeners["edge"].stats
+    await wait_for(lambda: stats.active == 0)
+    assert stats.closes[("client", "4xxx")] == 1
 
 
 async def test_shutdown_sends_1001_at_a_message_boundary(

@@ -13,6 +13,7 @@ MODULES = [
     "wsproxy.wire.proxyproto",
     "wsproxy.wire.upgrade",
     "wsproxy.wire.wsframe",
+    "wsproxy.wire.wssession",
 ]
 
 

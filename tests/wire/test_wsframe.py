@@ -16,9 +16,11 @@ from wsproxy.wire.wsframe import (
     OP_TEXT,
     STOP_FRAME,
     STOP_MESSAGE,
+    FrameHeader,
     FrameTracker,
     encode_close,
     encode_frame,
+    parse_header,
 )
 
 MASK = b"\x01\x02\x03\x04"
@@ -182,3 +184,27 @@ def test_rsv_bits_need_a_negotiated_extension() -> None:
     tracker = FrameTracker(masked=False, max_frame_bytes=100, allow_rsv=True)
     assert tracker.feed(compressed) == len(compressed)
     assert (tracker.frames, tracker.messages) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("frame", "header"),
+    [
+        (encode_frame(OP_TEXT, b"hi"), FrameHeader(2, True, OP_TEXT, False, 2, b"", 0)),
+        (
+            encode_frame(OP_BINARY, b"x" * 300, fin=False, mask=MASK),
+            FrameHeader(8, False, OP_BINARY, True, 300, MASK, 0),
+        ),
+        (
+            encode_frame(OP_CONTINUATION, b"y" * 70000),
+            FrameHeader(10, True, OP_CONTINUATION, False, 70000, b"", 0),
+        ),
+        (bytes([0xC1, 0x00]), FrameHeader(2, True, OP_TEXT, False, 0, b"", 0x40)),
+    ],
+)
+def test_parse_header_names_every_field(frame: bytes, header: FrameHeader) -> None:
+    parsed = parse_header(frame)
+    assert parsed == header
+    assert parsed is not None and parsed.payload_len == len(frame) - parsed.header_len
+    for cut in range(header.header_len):
+        assert parse_header(frame[:cut]) is None  # short: need more
+    assert parse_header(b"pad" + frame, 3) == header

@@ -175,13 +175,14 @@ class FlowContext:
 
     def count_session(self, relay: WebSocketRelay) -> None:
         stats = self.stats
-        inbound, outbound = relay.to_target.tracker, relay.to_client.tracker
+        session = relay.session
+        inbound, outbound = session.to_target.tracker, session.to_client.tracker
         stats.messages_in += inbound.messages
         stats.messages_out += outbound.messages
         stats.frames_in += inbound.frames
         stats.frames_out += outbound.frames
-        code = relay.close_code if relay.close_code is not None else 1006
-        stats.closes[(relay.close_initiator or "none", close_code_label(code))] += 1
+        code = session.close_code if session.close_code is not None else 1006
+        stats.closes[(session.close_initiator or "none", close_code_label(code))] += 1
 
     # --- the listener's side --------------------------------------------------------------------
 

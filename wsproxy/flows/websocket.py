@@ -62,7 +62,8 @@ from wsproxy.wire.upgrade import (
     validate_upgrade_request,
     wants_upgrade,
 )
-from wsproxy.wire.wsframe import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION, STOP_FRAME
+from wsproxy.wire.wsframe import CLOSE_GOING_AWAY, CLOSE_POLICY_VIOLATION
+from wsproxy.wire.wssession import Boundary
 
 log = logging.getLogger(__name__)
 
@@ -482,7 +483,7 @@ class WebSocketFlow(Flow):
             self.relay.request_close(
                 client_code=CLOSE_POLICY_VIOLATION,
                 target_code=CLOSE_GOING_AWAY,
-                stop=STOP_FRAME,
+                at=Boundary.FRAME,
                 reason=Reason.SESSION_REVOKED,
                 timeout=2.0,
             )
@@ -493,13 +494,14 @@ class WebSocketFlow(Flow):
         counts = super().live_counts()
         relay = self.relay
         if isinstance(relay, WebSocketRelay):
-            inbound, outbound = relay.to_target.tracker, relay.to_client.tracker
+            session = relay.session
+            inbound, outbound = session.to_target.tracker, session.to_client.tracker
             counts.messages_in, counts.messages_out = inbound.messages, outbound.messages
             counts.frames_in, counts.frames_out = inbound.frames, outbound.frames
         return counts
 
     def relay_done(self, relay: Relay) -> None:
         if isinstance(relay, WebSocketRelay):
-            self.close_code = relay.close_code
+            self.close_code = relay.session.close_code
             self.context.count_session(relay)
         super().relay_done(relay)

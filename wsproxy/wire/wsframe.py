@@ -4,11 +4,13 @@
 by length, never unmasked or copied (only the two status bytes of a Close frame are read). That is
 enough to count frames and messages, refuse frames over a size limit before a byte of them is
 forwarded, and find the message boundaries where the proxy may inject a Close frame of its own.
+The rules of a session built on it (close handshake, keepalive, limits) are in ``wssession``.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 from wsproxy.errors import (
     FrameError,
@@ -53,12 +55,21 @@ CLOSE_BAD_GATEWAY = 1014
 _PONG_AHEAD = -2
 
 
-Header = tuple[int, int, int, bool, int, bytes, int]
+class FrameHeader(NamedTuple):
+    """One frame's header (RFC 6455 §5.2), as ``parse_header`` reads it."""
+
+    header_len: int  # bytes of the header itself: 2 to 14
+    fin: bool  # the last frame of its message
+    opcode: int  # OP_* (reserved values included: the tracker refuses them)
+    masked: bool
+    payload_len: int  # bytes of payload after the header (up to 2**64 - 1 as read)
+    mask_key: bytes  # 4 bytes when ``masked``, else b""
+    rsv: int  # the three RSV bits, in place (0x70 of the first byte)
 
 
-def parse_header(buf: bytes, pos: int = 0) -> Header | None:
-    """(header_len, fin, opcode, masked, payload_len, mask_key, rsv), or None if ``buf`` is
-    short; ``rsv`` is the three RSV bits (0x70 of the first byte)."""
+def parse_header(buf: bytes, pos: int = 0) -> FrameHeader | None:
+    """The header of the frame that starts at ``buf[pos]``, or None if ``buf`` ends inside it.
+    Nothing is checked here: ``FrameTracker`` applies the rules."""
     return _parse_header(buf, pos)
 
 
@@ -67,7 +78,7 @@ def unmask(payload: bytes, mask: bytes) -> bytes:
     return bytes(b ^ mask[i % 4] for i, b in enumerate(payload)) if mask else payload
 
 
-def _parse_header(buf: bytes, pos: int) -> Header | None:
+def _parse_header(buf: bytes, pos: int) -> FrameHeader | None:
     """See ``parse_header``."""
     avail = len(buf) - pos
     if avail < 2:
@@ -93,7 +104,7 @@ def _parse_header(buf: bytes, pos: int) -> Header | None:
             return None
         mask_key = bytes(buf[pos + header_len : pos + header_len + 4])
         header_len += 4
-    return header_len, b0 >> 7, b0 & 0x0F, masked, length, mask_key, b0 & 0x70
+    return FrameHeader(header_len, b0 >= 0x80, b0 & 0x0F, masked, length, mask_key, b0 & 0x70)
 
 
 class FrameTracker:
@@ -158,6 +169,17 @@ class FrameTracker:
     def at_message_boundary(self) -> bool:
         """Between two messages: a Close injected here cuts nothing (control frames included)."""
         return self._opcode < 0 and not self._header and not self._in_message
+
+    @property
+    def partial_header(self) -> int:
+        """Bytes of a frame header fed so far whose end has not come yet (0 to 13)."""
+        return len(self._header)
+
+    def withdraw_header(self) -> bytes:
+        """Take back the bytes of a frame header split at the end of the last chunk, as if they
+        had not been fed: the caller feeds them again in front of what follows."""
+        header, self._header = self._header, b""
+        return header
 
     def feed(self, data: bytes, stop: int = STOP_NONE) -> int:
         """Track the frames in ``data``; return how many leading bytes may be forwarded.
@@ -274,7 +296,7 @@ class FrameTracker:
         self._remaining = length
         return pos + header_len - len(pending)
 
-    def _check(self, start: int, fin: int, opcode: int, masked: bool, length: int) -> None:
+    def _check(self, start: int, fin: bool, opcode: int, masked: bool, length: int) -> None:
         if opcode not in _KNOWN_OPCODES:
             raise FrameError(f"reserved opcode 0x{opcode:x}", start)
         if masked != self._masked:
