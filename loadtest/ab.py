@@ -18,15 +18,23 @@ ratio B/A of the medians, the ratio B/A within each round (median and range), an
 less, ``within spread`` otherwise (no verdict under 4 rounds). Rounds and seconds are bounded;
 so is the whole run (``--budget-minutes``: rounds not yet started when it runs out are skipped,
 and the report says so). Every process started is stopped by PID, every worktree added is removed.
+
+``--instructions`` counts instead of timing, for the ``echo-*`` and ``connect-*`` scenarios: each
+round starts each version afresh under valgrind's callgrind twice, serving exactly N and then 3N
+operations on each of ``--instr-sessions`` sessions (echo round trips) or workers (connects);
+the difference of the two totals over 2N operations is the instructions per operation, with
+start-up and shutdown cancelled out. Free of the machine's noise, repeatable to about 2 %.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -41,6 +49,7 @@ from typing import Any
 import uvloop
 
 from loadtest import compare, scenarios
+from loadtest.client import Endpoint, open_session
 from loadtest.compare import LOAD_CORE, PROXY_CORE, Bench, Run
 from loadtest.scenarios import Result
 
@@ -52,6 +61,7 @@ GIT_TIMEOUT = 120.0
 # Two samples of the same distribution fall apart by chance with probability 2 / C(2n, n): 10 %
 # at 3 rounds each, 2.9 % at 4, 0.8 % at 5. Below 4 rounds no verdict is given.
 MIN_VERDICT_ROUNDS = 4
+MAX_OPS = 5000  # --instructions: operations per session in the shorter count
 
 # ab scenario -> (the ``compare`` scenario it runs, the wsproxy listener it runs against).
 SCENARIOS: dict[str, tuple[str, str]] = {
@@ -154,6 +164,8 @@ def remove_worktree(version: Version) -> None:
 
 def metric_of(kind: str, result: Result) -> tuple[str, float | None]:
     """(unit, value) compared between A and B: CPU per operation, or bytes per idle session."""
+    if result["scenario"] == "instructions":
+        return "instructions/op", float(result["instructions_per_op"])
     if kind == "hold":
         value = result.get("marginal_bytes_per_session")
         return "B/session", float(value) if value is not None else None
@@ -190,6 +202,116 @@ async def measure(
     return runs, skipped
 
 
+# --- counting instructions ----------------------------------------------------------------------
+
+
+async def fixed_load(kind: str, endpoint: Endpoint, parallel: int, ops: int) -> None:
+    """Exactly ``ops`` operations on each of ``parallel`` sessions (``echo``: round trips of
+    128 B) or workers (``connect``: open, upgrade, close): the same work for either version."""
+    payload = bytes(128)
+
+    async def echo() -> None:
+        session = await open_session(endpoint, timeout=300)
+        for _ in range(ops):
+            session.send(payload)
+            _, data = await session.receive()
+            if data != payload:
+                raise RuntimeError(f"echo through {endpoint.port}: a message came back changed")
+        await session.close(timeout=60)
+
+    async def connect() -> None:
+        for _ in range(ops):
+            session = await open_session(endpoint, timeout=300)
+            await session.close(timeout=60)
+
+    one = echo if kind.startswith("echo") else connect
+    await asyncio.gather(*(one() for _ in range(parallel)))
+
+
+def callgrind_total(path: Path) -> int:
+    for line in path.read_text().splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no instruction total in {path}")
+
+
+@dataclass
+class Counting:
+    """What ``--instructions`` needs to start a version's proxy afresh for every count."""
+
+    bench: Bench
+    versions: dict[str, Version]
+    echo: int
+    echo_tls: int
+    cert: str
+    key: str
+    started: int = 0
+
+    def instructions(self, label: str, listener: str, kind: str, ops: int, parallel: int) -> int:
+        """Instructions the proxy process of version ``label`` executed, from start to exit,
+        serving ``ops`` operations on each of ``parallel`` sessions or workers."""
+        self.started += 1
+        name = f"{label}-count{self.started}"
+        out = self.bench.workdir / f"callgrind-{name}.out"
+        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--quiet"]
+        if shutil.which("taskset"):
+            wrapper = ["taskset", "-c", PROXY_CORE, *wrapper]
+        popen = self.versions[label].popen()
+        popen["env"]["PYTHONHASHSEED"] = "0"  # the same dict and set layouts in every run
+        process = compare.start_wsproxy(
+            self.bench, self.echo, self.echo_tls, self.cert, self.key, name, wrapper, **popen
+        )
+        try:
+            system = self.bench.systems[f"{name}-{listener}"]
+            endpoint = Endpoint.from_url(
+                system.url, cacert=self.bench.ca_file, server_hostname="bench.internal"
+            )
+            uvloop.run(fixed_load(kind, endpoint, parallel, ops))
+        finally:
+            process.terminate()  # a drain with nothing left to drain, then exit: callgrind writes
+            process.wait(timeout=300)
+            for suffix in ("stream", "ws", "tls", "passthrough"):
+                self.bench.systems.pop(f"{name}-{suffix}", None)
+        return callgrind_total(out)
+
+
+def measure_instructions(
+    counting: Counting, names: list[str], args: argparse.Namespace, deadline: float
+) -> tuple[list[Run], list[str]]:
+    """Per scenario and round, A and B in alternating order: instructions per operation."""
+    runs: list[Run] = []
+    skipped = [name for name in names if not SCENARIOS[name][0].startswith(("echo", "connect"))]
+    small, large = args.ops, 3 * args.ops
+    for name in names:
+        kind, listener = SCENARIOS[name]
+        if name in skipped:
+            continue
+        parallel = 1 if kind == "echo-1" else args.instr_sessions
+        for round_no in range(args.rounds):
+            if time.monotonic() > deadline:
+                skipped.append(f"{name} rounds {round_no + 1}-{args.rounds}")
+                break
+            for label in LABELS if round_no % 2 == 0 else LABELS[::-1]:
+                counts = [
+                    counting.instructions(label, listener, kind, ops, parallel)
+                    for ops in (small, large)
+                ]
+                per_op = (counts[1] - counts[0]) / ((large - small) * parallel)
+                result = {
+                    "scenario": "instructions",
+                    "kind": kind,
+                    "ops": [small, large],
+                    "parallel": parallel,
+                    "instructions": counts,
+                    "instructions_per_op": round(per_op, 1),
+                    "errors": {},
+                }
+                runs.append(Run(name, label, round_no, result))
+                print(f"[{time.strftime('%H:%M:%S')}] {name:<16} {label} round {round_no + 1}: "
+                      f"{per_op:,.0f} instructions/op", file=sys.stderr, flush=True)  # fmt: skip
+    return runs, skipped
+
+
 # --- report --------------------------------------------------------------------------------------
 
 
@@ -208,10 +330,11 @@ def summarize(runs: list[Run], names: list[str]) -> dict[str, dict[str, Any]]:
     """Per scenario: A's and B's figures, B/A of the medians, B/A per round, the verdict."""
     table: dict[str, dict[str, Any]] = {}
     for name in names:
-        kind = SCENARIOS[name][0]
         mine = [run for run in runs if run.scenario == name]
         if not mine:
             continue
+        counted = mine[0].result["scenario"] == "instructions"
+        kind = "instructions" if counted else SCENARIOS[name][0]
         unit = metric_of(kind, mine[0].result)[0]
         entry: dict[str, Any] = {"unit": unit, "kind": kind}
         by_round: dict[str, dict[int, float]] = {label: {} for label in LABELS}
@@ -223,6 +346,9 @@ def summarize(runs: list[Run], names: list[str]) -> dict[str, dict[str, Any]]:
             if kind == "hold":
                 side["alive"] = [run.result["alive_at_end"] for run in rows]
                 side["sessions"] = [run.result["steps"][-1]["sessions"] for run in rows]
+            elif kind == "instructions":
+                small, large = rows[0].result["ops"]
+                side["load"] = f"{small} / {large} ops x {rows[0].result['parallel']}"
             else:
                 side["rate_unit"], _ = compare.rate_of(rows[0].result)
                 side["rate"] = round(
@@ -272,6 +398,9 @@ def command_line(args: argparse.Namespace) -> str:
     parts += ["--scenarios", ",".join(args.scenarios), "--rounds", str(args.rounds)]
     parts += ["--seconds", f"{args.seconds:g}", "--sessions", str(args.sessions)]
     parts += ["--hold", str(args.hold), "--out", args.out, "--name", args.name]
+    if args.instructions:
+        parts += ["--instructions", "--ops", str(args.ops)]
+        parts += ["--instr-sessions", str(args.instr_sessions)]
     return shlex.join(parts)
 
 
@@ -283,14 +412,26 @@ def markdown(
     seconds: float,
 ) -> str:
     a, b = versions
+    if args.instructions:
+        how = (
+            f"Instructions counted by valgrind's callgrind: each round starts each version afresh "
+            f"twice, serving {args.ops} and then {3 * args.ops} operations on each of "
+            f"{args.instr_sessions} sessions (echo round trips of 128 B) or workers (connect, "
+            "upgrade, close); instructions per operation = the difference of the two totals / "
+            f"the difference of operations. {args.rounds} rounds, A and B alternating."
+        )
+    else:
+        how = (
+            f"Both proxies running at once, pinned to core {PROXY_CORE}; load generator and echo "
+            f"target on core {LOAD_CORE}; {args.rounds} rounds x {args.seconds:g} s per scenario, "
+            "A and B alternating, the order reversed every round. "
+            f"`hold-*`: {args.hold} idle sessions, each round in a freshly started process, "
+            "bytes per session = RSS slope between the first and the last step."
+        )
     lines = [
         f"A/B of wsproxy: A = {a.description}; B = {b.description}.",
         "",
-        f"`{command_line(args)}` ({seconds:.0f} s end to end). Both proxies running at once, "
-        f"pinned to core {PROXY_CORE}; load generator and echo target on core {LOAD_CORE}; "
-        f"{args.rounds} rounds x {args.seconds:g} s per scenario, A and B alternating, the order "
-        f"reversed every round. `hold-*`: {args.hold} idle sessions, each round in a freshly "
-        "started process, bytes per session = RSS slope between the first and the last step.",
+        f"`{command_line(args)}` ({seconds:.0f} s end to end). {how}",
         "",
         "Verdict: `worse` = every B round cost more than every A round (B's min > A's max), "
         "`better` = the reverse, `within spread` otherwise (with 5 rounds, two samples of the "
@@ -303,13 +444,15 @@ def markdown(
     ]
     for name, e in table.items():
         sa, sb = e["A"], e["B"]
-        digits = 0 if e["kind"] == "hold" else 3
+        digits = 0 if e["kind"] in ("hold", "instructions") else 3
 
         paired = e.get("ratio_per_round")
         pairs = f"{paired['median']} ({paired['min']}-{paired['max']})" if paired else ""
         if e["kind"] == "hold":
             rate_a = f"alive {min(sa['alive'])}/{max(sa['sessions'])}"
             rate_b = f"alive {min(sb['alive'])}/{max(sb['sessions'])}"
+        elif e["kind"] == "instructions":
+            rate_a, rate_b = sa["load"], sb["load"]
         else:
             rate_a = f"{sa['rate']:,} {sa['rate_unit']}"
             rate_b = f"{sb['rate']:,} {sb['rate_unit']}"
@@ -320,7 +463,7 @@ def markdown(
             f"| {sa['errors']} / {sb['errors']} |"
         )
     if skipped:
-        lines += ["", f"Not run (--budget-minutes {args.budget_minutes:g} ran out): "
+        lines += ["", "Not run (not counted in instructions, or --budget-minutes ran out): "
                   + "; ".join(skipped) + "."]  # fmt: skip
     return "\n".join(lines)
 
@@ -349,6 +492,17 @@ def add_parser(commands: Any) -> None:
     )
     parser.add_argument("--out", default="loadtest/results", help="where reports are written")
     parser.add_argument("--name", default="ab", help="report file names: NAME.md, NAME.json")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="count instructions per operation under valgrind (echo-*, connect-*) instead",
+    )
+    parser.add_argument(
+        "--ops", type=int, default=200, help=f"--instructions: N (then 3N), at most {MAX_OPS}"
+    )
+    parser.add_argument(
+        "--instr-sessions", type=int, default=4, help="--instructions: sessions or workers"
+    )
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
@@ -360,6 +514,11 @@ def run_ab(args: argparse.Namespace) -> int:
     args.rounds = max(1, min(args.rounds, MAX_ROUNDS))
     args.seconds = min(max(args.seconds, 0.2), 120.0)
     args.hold = max(10, min(args.hold, MAX_HOLD))
+    args.ops = max(1, min(args.ops, MAX_OPS))
+    args.instr_sessions = max(1, min(args.instr_sessions, 100))
+    if args.instructions and shutil.which("valgrind") is None:
+        print("--instructions needs valgrind: apt-get install valgrind", file=sys.stderr)
+        return 2
     args.scenarios = [s for s in str(args.scenarios).split(",") if s]
     unknown = [s for s in args.scenarios if s not in SCENARIOS]
     if unknown or not args.scenarios:
@@ -383,11 +542,16 @@ def run_ab(args: argparse.Namespace) -> int:
                     versions.append(materialise(label, spec, scratch))
                 bench.ca_file, cert, key = compare.mint_certificates(bench.workdir)
                 echo, echo_tls = compare.start_echo(bench, cert, key)
-                for version in versions:
-                    compare.start_wsproxy(
-                        bench, echo, echo_tls, cert, key, version.label, **version.popen()
-                    )
-                runs, skipped = uvloop.run(measure(bench, args.scenarios, args, deadline))
+                if args.instructions:
+                    by_label = {version.label: version for version in versions}
+                    counting = Counting(bench, by_label, echo, echo_tls, cert, key)
+                    runs, skipped = measure_instructions(counting, args.scenarios, args, deadline)
+                else:
+                    for version in versions:
+                        compare.start_wsproxy(
+                            bench, echo, echo_tls, cert, key, version.label, **version.popen()
+                        )
+                    runs, skipped = uvloop.run(measure(bench, args.scenarios, args, deadline))
             finally:
                 bench.stop_all()
                 for version in versions:

@@ -130,9 +130,10 @@ async def test_scaling_runs_one_worker_beside_two(tmp_path: Path) -> None:
     assert (out / "scaling.md").read_text().startswith("wsproxy scaling:")
 
 
-async def test_session_memory_attributes_an_idle_session_to_lines() -> None:
+@pytest.mark.parametrize("mode", ["websocket", "tls"])
+async def test_session_memory_attributes_an_idle_session_to_lines(mode: str) -> None:
     result, text = await loadtest(
-        "session-memory", "--mode", "websocket", "--sessions", "40", "--top", "30", timeout=120
+        "session-memory", "--mode", mode, "--sessions", "40", "--top", "30", timeout=120
     )
     assert result["scenario"] == "session-memory" and result["sessions"] == 40
     assert result["errors"] == {}
