@@ -396,11 +396,13 @@ def _span(side: dict[str, Any], digits: int) -> str:
 def command_line(args: argparse.Namespace) -> str:
     parts = ["python", "-m", "loadtest", "ab", "--base", args.base, "--head", args.head]
     parts += ["--scenarios", ",".join(args.scenarios), "--rounds", str(args.rounds)]
-    parts += ["--seconds", f"{args.seconds:g}", "--sessions", str(args.sessions)]
-    parts += ["--hold", str(args.hold), "--out", args.out, "--name", args.name]
     if args.instructions:
         parts += ["--instructions", "--ops", str(args.ops)]
         parts += ["--instr-sessions", str(args.instr_sessions)]
+    else:
+        parts += ["--seconds", f"{args.seconds:g}", "--sessions", str(args.sessions)]
+        parts += ["--hold", str(args.hold)]
+    parts += ["--out", args.out, "--name", args.name]
     return shlex.join(parts)
 
 

@@ -50,15 +50,21 @@ async def proxy(tmp_path: Path, echo_target: int) -> AsyncIterator[RunningProxy]
 
 
 async def loadtest(*args: str, timeout: float = 120) -> tuple[dict[str, Any], str]:
+    """``python -m loadtest args``: its first line of output as JSON, and the rest."""
+    first, _, rest = (await run_module("loadtest", *args, timeout=timeout)).partition("\n")
+    return json.loads(first), rest
+
+
+async def run_module(module: str, *args: str, timeout: float = 120) -> str:
+    """The output of ``python -m module args``, which must succeed."""
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "loadtest", *args,
+        sys.executable, "-m", module, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     async with asyncio.timeout(timeout):
         out, err = await process.communicate()
     assert process.returncode == 0, err.decode()[-3000:]
-    first, _, rest = out.decode().partition("\n")
-    return json.loads(first), rest
+    return out.decode()
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -228,3 +234,19 @@ async def test_the_launcher_refuses_a_wsproxy_from_another_source(tmp_path: Path
         _out, err = await process.communicate()
     assert process.returncode == 1
     assert f"not from {tmp_path}" in err.decode()
+
+
+async def test_call_counts_counts_the_bytecodes_of_a_connection(tmp_path: Path) -> None:
+    output = await run_module(
+        "loadtest.call_counts", "--mode", "stream", "--connects", "8", "--opcodes"
+    )
+    result = json.loads(output)
+    assert result["connects"] == 8 and result["figure"] == "opcodes"
+    assert result["opcodes_per_connect"] > 100  # accept, dial, relay, teardown: Python all
+    # The flow's own teardown runs once per connection, exactly.
+    finish = [f for f in result["functions"] if f["function"].rsplit(":", 1)[1] == "finish"]
+    assert [f["calls"] for f in finish] == [1.0]
+    saved = tmp_path / "calls.json"
+    saved.write_text(output)
+    text = await run_module("loadtest.call_counts", "--diff", str(saved), str(saved))
+    assert text.startswith("per connect: calls A") and "opcodes A" in text
