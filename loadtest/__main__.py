@@ -1,9 +1,9 @@
 """wsproxy's load generator: ``python -m loadtest SCENARIO --url ws://HOST:PORT/PATH ...``.
 
 Scenarios: echo, throughput, connect, hold, sweep (against any WebSocket endpoint), compare
-(wsproxy vs direct vs HAProxy vs nginx, see compare.py), scaling (wsproxy with 1 worker vs N,
-see scaling.py), session-memory (where an idle session's bytes go, see session_memory.py) and
-setup (installs HAProxy and nginx).
+(wsproxy vs direct vs HAProxy vs nginx, see compare.py), ab (two versions of wsproxy, alternating
+rounds, see ab.py), scaling (wsproxy with 1 worker vs N, see scaling.py), session-memory (where
+an idle session's bytes go, see session_memory.py) and setup (installs HAProxy and nginx).
 Each scenario prints one JSON line on stdout, then a human summary; progress goes to stderr.
 """
 
@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtest import compare
 
     compare.add_parser(commands)
+    from loadtest import ab
+
+    ab.add_parser(commands)
     from loadtest import scaling
 
     scaling.add_parser(commands)
@@ -132,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.compare import run_compare
 
         return run_compare(args)
+    if args.command == "ab":
+        from loadtest.ab import run_ab
+
+        return run_ab(args)
     if args.command == "scaling":
         from loadtest.scaling import run_scaling
 

@@ -199,9 +199,21 @@ def start_echo(bench: Bench, cert: str, key: str) -> tuple[int, int]:
     return ws_port, tls_port
 
 
-def start_wsproxy(bench: Bench, echo: int, echo_tls: int, cert: str, key: str) -> None:
+def start_wsproxy(
+    bench: Bench,
+    echo: int,
+    echo_tls: int,
+    cert: str,
+    key: str,
+    name: str = "wsproxy",
+    wrapper: list[str] | None = None,
+    **popen: Any,
+) -> subprocess.Popen[bytes]:
+    """wsproxy with four listeners, as the systems ``{name}-stream``, ``-ws``, ``-tls`` and
+    ``-passthrough``; ``popen`` (``env``, ``cwd``) chooses which wsproxy runs, ``wrapper`` (such
+    as valgrind) runs it instead of pinning it to the proxies' core (``loadtest ab``)."""
     # Every listener binds port 0 and says in its log which port it got (loadtest.ports).
-    config = bench.workdir / "wsproxy.toml"
+    config = bench.workdir / f"{name}.toml"
     config.write_text(
         f"""
 [admin]
@@ -238,16 +250,19 @@ targets = [{{ address = "127.0.0.1:{echo_tls}" }}]
     command = [*WSPROXY, "--log-level", "warning", "--log-format", "json", "run", "-c", str(config)]
 
     def ready(process: subprocess.Popen[bytes]) -> dict[str, str]:
-        ports = announced_ports(process, ("stream", "ws", "tls", "passthrough"), "wsproxy")
+        # Under valgrind, Python takes a minute to import what it took a second for.
+        timeout = 300 if wrapper else 20
+        ports = announced_ports(process, ("stream", "ws", "tls", "passthrough"), name, timeout)
         return {
-            "wsproxy-stream": f"ws://127.0.0.1:{ports['stream']}/",
-            "wsproxy-ws": f"ws://127.0.0.1:{ports['ws']}/",
-            "wsproxy-tls": f"wss://127.0.0.1:{ports['tls']}/",
-            "wsproxy-passthrough": f"wss://127.0.0.1:{ports['passthrough']}/",
+            f"{name}-stream": f"ws://127.0.0.1:{ports['stream']}/",
+            f"{name}-ws": f"ws://127.0.0.1:{ports['ws']}/",
+            f"{name}-tls": f"wss://127.0.0.1:{ports['tls']}/",
+            f"{name}-passthrough": f"wss://127.0.0.1:{ports['passthrough']}/",
         }
 
-    tls = {"wsproxy-tls", "wsproxy-passthrough"}
-    bench.launch(pinned(command), ready, tls, stderr=subprocess.PIPE)
+    tls = {f"{name}-tls", f"{name}-passthrough"}
+    command = [*wrapper, *command] if wrapper else pinned(command)
+    return bench.launch(command, ready, tls, stderr=subprocess.PIPE, **popen)
 
 
 def start_haproxy(bench: Bench, echo: int, echo_tls: int, cert: str, key: str) -> None:

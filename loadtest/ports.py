@@ -32,11 +32,21 @@ BACKLOG = 4096
 # ``python -m wsproxy`` as shipped, with one change to what it logs: its lifecycle lines (listener
 # and admin up, target health changes: a handful per run) at info, so the ports can be read back,
 # while the line per connection stays off as at ``--log-level warning`` (HAProxy and nginx here
-# log nothing per connection either). Run as ``[*WSPROXY, *cli_arguments]``.
+# log nothing per connection either). Run as ``[*WSPROXY, *cli_arguments]``. It runs older
+# versions of wsproxy too (``loadtest ab``): the logs module moved into ``ops/`` in e8fa092. With
+# ``LOADTEST_WSPROXY_ROOT`` set, it refuses to run a wsproxy imported from anywhere else, so an
+# A/B run cannot silently measure the same version twice.
 _ANNOUNCING = """
-import logging, sys
+import logging, os, sys
+import wsproxy
+root = os.environ.get("LOADTEST_WSPROXY_ROOT")
+if root and not wsproxy.__file__.startswith(os.path.join(root, "wsproxy", "")):
+    sys.exit(f"wsproxy was imported from {wsproxy.__file__}, not from {root}")
 from wsproxy.cli import main
-from wsproxy.ops.logs import ACCESS_LOGGER
+try:
+    from wsproxy.ops.logs import ACCESS_LOGGER
+except ImportError:
+    from wsproxy.logs import ACCESS_LOGGER
 logging.getLogger("wsproxy").setLevel(logging.INFO)
 logging.getLogger(ACCESS_LOGGER).setLevel(logging.WARNING)
 sys.exit(main(sys.argv[1:]))

@@ -6,6 +6,9 @@ sessions) run in processes of their own, so neither counts. Two snapshots, befor
 sessions open, are compared by the line that allocated each block still alive, and divided by
 the number of sessions: what uvloop allocates shows up under the asyncio line that ran its C
 code (``runners.py``) or the ``create_connection`` call, wsproxy's own objects under their lines.
+``--mode tls`` (websocket over TLS termination, certificates from wsproxy's CA module) counts
+what Python allocates per TLS session (uvloop's SSL protocol, the ``SSLObject`` and its BIOs),
+not OpenSSL's own buffers, which it allocates outside Python's allocator.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import tracemalloc
 from collections import Counter
 from pathlib import Path
@@ -34,38 +38,45 @@ def add_parser(commands: Any) -> None:
     parser = commands.add_parser(
         "session-memory", help="per-session memory of wsproxy, by allocating line (tracemalloc)"
     )
-    parser.add_argument("--mode", choices=("stream", "websocket"), default="websocket")
+    parser.add_argument("--mode", choices=("stream", "websocket", "tls"), default="websocket")
     parser.add_argument("--sessions", type=int, default=2000, help=f"at most {MAX_SESSIONS}")
     parser.add_argument("--top", type=int, default=20, help="lines to show")
 
 
-async def _client(url: str, count: int) -> None:
+async def _client(url: str, count: int, cacert: str | None) -> None:
     """The load side (its own process): open ``count`` idle sessions, report, hold them."""
     from loadtest.client import Endpoint
     from loadtest.scenarios import open_many, raise_fd_limit
 
     raise_fd_limit()
     errors: Counter[str] = Counter()
-    sessions = await open_many(Endpoint.from_url(url), count, errors)
+    endpoint = Endpoint.from_url(url, cacert=cacert, server_hostname="bench.internal")
+    sessions = await open_many(endpoint, count, errors)
     print(json.dumps({"opened": len(sessions), "errors": dict(errors)}), flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
 
 
-def _config(mode: str, port: int) -> str:
+def _config(mode: str, port: int, cert: str = "", key: str = "") -> str:
+    tls = f"""protocol = "tls"
+[listeners.edge.tls]
+certificates = [{{ cert = "{cert}", key = "{key}" }}]
+"""
     return f"""
 [admin]
 enabled = false
-[listeners.edge]
-address = "127.0.0.1:0"
-websocket = {"true" if mode == "websocket" else "false"}
-default_target_group = "echo"
-max_connections = 100000
 [target_groups.echo]
 targets = [{{ address = "127.0.0.1:{port}" }}]
-"""
+[listeners.edge]
+address = "127.0.0.1:0"
+websocket = {"false" if mode == "stream" else "true"}
+default_target_group = "echo"
+max_connections = 100000
+{tls if mode == "tls" else ""}"""
 
 
-async def _open_sessions(url: str, count: int) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
+async def _open_sessions(
+    url: str, count: int, cacert: str | None = None
+) -> tuple[asyncio.subprocess.Process, dict[str, Any]]:
     client = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -73,6 +84,7 @@ async def _open_sessions(url: str, count: int) -> tuple[asyncio.subprocess.Proce
         "--client",
         url,
         str(count),
+        *([cacert] if cacert else []),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         cwd=ROOT,
@@ -93,9 +105,16 @@ async def _stop(process: asyncio.subprocess.Process) -> None:
         await process.wait()
 
 
-async def profile(mode: str, sessions: int, top: int) -> dict[str, Any]:
+async def profile(mode: str, sessions: int, top: int, workdir: Path) -> dict[str, Any]:
+    """Per-session allocations of wsproxy in this process (``workdir``: its certificates)."""
     from wsproxy.config import parse_config
     from wsproxy.proxy import Proxy
+
+    cacert, cert, key = None, "", ""
+    if mode == "tls":
+        from loadtest.compare import mint_certificates
+
+        cacert, cert, key = mint_certificates(workdir)
 
     echo = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -109,18 +128,19 @@ async def profile(mode: str, sessions: int, top: int) -> dict[str, Any]:
     try:
         assert echo.stdout is not None
         port = int(await asyncio.wait_for(echo.stdout.readline(), timeout=30))
-        proxy = Proxy(parse_config(_config(mode, port), "<session-memory>"), rng=random.Random(1))
+        config = parse_config(_config(mode, port, cert, key), "<session-memory>")
+        proxy = Proxy(config, rng=random.Random(1))
         await proxy.start()
         address = proxy.listeners["edge"].address
         assert address is not None
-        url = f"ws://127.0.0.1:{address.port}/"
+        url = f"{'wss' if mode == 'tls' else 'ws'}://127.0.0.1:{address.port}/"
         # A few sessions first, so objects made once per process (caches, pools) are not counted.
-        warm, _ = await _open_sessions(url, 50)
+        warm, _ = await _open_sessions(url, 50, cacert)
         await _stop(warm)
         await asyncio.sleep(0.5)
         gc.collect()
         before = tracemalloc.take_snapshot()
-        client, opened = await _open_sessions(url, sessions)
+        client, opened = await _open_sessions(url, sessions, cacert)
         await asyncio.sleep(1.0)  # handshakes settle
         gc.collect()
         after = tracemalloc.take_snapshot()
@@ -167,7 +187,8 @@ def _short(filename: str) -> str:
 def run_session_memory(args: argparse.Namespace) -> int:
     sessions = min(max(args.sessions, 10), MAX_SESSIONS)
     tracemalloc.start(1)
-    result = uvloop.run(profile(args.mode, sessions, args.top))
+    with tempfile.TemporaryDirectory(prefix="wsproxy-session-memory-") as workdir:
+        result = uvloop.run(profile(args.mode, sessions, args.top, Path(workdir)))
     tracemalloc.stop()
     print(json.dumps(result, separators=(",", ":")))
     print(f"{result['mode']}: {result['bytes_per_session']:,} bytes per idle session "
@@ -177,5 +198,5 @@ def run_session_memory(args: argparse.Namespace) -> int:
     return 0 if not result["errors"] else 1
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--client":
-    uvloop.run(_client(sys.argv[2], int(sys.argv[3])))
+if __name__ == "__main__" and len(sys.argv) in (4, 5) and sys.argv[1] == "--client":
+    uvloop.run(_client(sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) == 5 else None))
