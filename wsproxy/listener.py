@@ -24,7 +24,7 @@ from wsproxy.flows.websocket import WebSocketFlow
 from wsproxy.openssl import alerts_to
 from wsproxy.ops.logs import CONNECTION_FIELDS, log_connection, log_event
 from wsproxy.ops.metrics import ListenerStats, LiveCounts
-from wsproxy.ops.termination import Phase, termination
+from wsproxy.ops.termination import Phase, PhaseCode, termination
 from wsproxy.relay.relay import Endpoint
 from wsproxy.targets.target_group import TargetGroup
 from wsproxy.tls import ServerTls, classify_handshake_failure
@@ -355,7 +355,7 @@ class Listener:
         self._ended_unserved(reason, detail, peer, duration, Phase.TLS)
 
     def _ended_unserved(
-        self, reason: Reason, detail: str, peer: tuple[str, int], duration: float, phase: Phase
+        self, reason: Reason, detail: str, peer: tuple[str, int], duration: float, phase: PhaseCode
     ) -> None:
         """A connection that ended before it became a flow: counted, and its log line."""
         stats = self.stats

@@ -20,7 +20,7 @@ from tests.helpers.wsraw import RawWebSocket
 from wsproxy import errors
 from wsproxy.demo import EchoTarget
 from wsproxy.errors import Cause, Reason, WsproxyError
-from wsproxy.ops.termination import Phase, replace_tables, termination
+from wsproxy.ops.termination import Phase, PhaseCode, replace_tables, termination
 from wsproxy.wire.wsframe import OP_PING
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
@@ -75,7 +75,7 @@ def test_the_docs_tables_are_generated_from_the_registry() -> None:
         (Reason.NO_ROUTE, Phase.REQUEST, "PR"),
     ],
 )
-def test_termination_codes(reason: Reason, phase: Phase, code: str) -> None:
+def test_termination_codes(reason: Reason, phase: PhaseCode, code: str) -> None:
     """Issue 12 §1.2: ping_timeout and close_timeout came out as PD (no mapping), a revoked
     certificate refused in the handshake as KT (docs: PT)."""
     assert termination(reason, phase) == code

@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import wait_for
 from tests.helpers.servers import RawServer
@@ -18,7 +20,7 @@ from wsproxy.proxy import Proxy
 from wsproxy.targets.balancer import make_balancer
 from wsproxy.targets.probe import run_probe
 from wsproxy.targets.target import LEAVING_STATES, TargetState
-from wsproxy.targets.target_group import TargetGroup
+from wsproxy.targets.target_group import Session, TargetGroup
 
 
 async def _accept_and_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -101,6 +103,8 @@ class _Session:
     def __init__(self) -> None:
         self.drained: list[float] = []
         self.aborted = False
+        self.target_prev: Session | None = None
+        self.target_next: Session | None = None
 
     def drain(self, timeout: float) -> None:
         self.drained.append(timeout)
@@ -118,13 +122,39 @@ async def test_deregistering_drains_only_the_sessions_of_that_target() -> None:
     group.attach(two, others[0])
     assert (one.active, two.active) == (2, 1)
     group.detach(one, mine[1])
-    assert one.active == 1 and set(group.sessions_of(one)) == {mine[0]}
+    assert one.active == 1 and group.sessions_of(one) == [mine[0]]
     group.deregister(one.address)
     await wait_for(lambda: one not in group.targets)
     assert mine[0].drained and not mine[1].drained  # detached sessions are not touched
     assert not others[0].drained and not others[0].aborted
     assert one.state is TargetState.UNUSED and one not in group.records
     assert list(group.sessions_of(one)) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 1), st.integers(0, 5)), max_size=60))
+def test_the_session_lists_follow_any_attach_and_detach_order(
+    steps: list[tuple[bool, int, int]],
+) -> None:
+    """The intrusive per-target lists against a model: any order of attach and detach, on two
+    targets, leaves each list holding exactly the sessions attached to it, and ``active`` equal
+    to their number."""
+    group = _group("127.0.0.1:7001", "127.0.0.1:7002")
+    sessions = [_Session() for _ in range(6)]
+    model: dict[int, int] = {}  # session index -> target index
+    for attach, target_index, index in steps:
+        target = group.targets[target_index]
+        if attach and index not in model:
+            group.attach(target, sessions[index])
+            model[index] = target_index
+        elif not attach and model.get(index) == target_index:
+            group.detach(target, sessions[index])
+            del model[index]
+    for target_index, target in enumerate(group.targets):
+        expected = {i for i, t in model.items() if t == target_index}
+        listed = group.sessions_of(target)
+        assert len(listed) == len(expected) == target.active
+        assert {sessions.index(s) for s in listed} == expected  # type: ignore[arg-type]  # the list holds our _Session objects
 
 
 def test_an_unknown_algorithm_fails_loudly() -> None:

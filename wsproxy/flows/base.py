@@ -22,7 +22,7 @@ from wsproxy.ops.metrics import LiveCounts
 from wsproxy.ops.termination import Phase, termination
 from wsproxy.relay.relay import Endpoint, Relay
 from wsproxy.targets.target import Target
-from wsproxy.targets.target_group import TargetGroup
+from wsproxy.targets.target_group import Session, TargetGroup
 from wsproxy.tls import ClientCertificate
 from wsproxy.wire.proxyproto import PP2_TYPE_AUTHORITY, ProxyHeader, ProxyHeaderReader, encode_v2
 
@@ -60,6 +60,8 @@ class Flow:
         "target",
         "target_endpoint",
         "target_label",
+        "target_next",
+        "target_prev",
         "task",
         "tls_version",
     )
@@ -78,6 +80,9 @@ class Flow:
         self.client.on_made = self._accepted
         self.target_endpoint: Endpoint | None = None
         self.target: Target | None = None
+        # Links in the target group's list of this target's sessions (TargetGroup.attach).
+        self.target_prev: Session | None = None
+        self.target_next: Session | None = None
         self.relay: Relay | None = None
         self.started = self.loop.time()
         self.task: asyncio.Task[None] | None = None
@@ -262,7 +267,6 @@ class Flow:
 
     async def guarded(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a handshake coroutine; turn every way it can end into a reason and a finish."""
-        reason = Reason.INTERNAL_ERROR
         answered = False
         try:
             await coro
@@ -280,6 +284,7 @@ class Flow:
             log.info("listener '%s': %s", self.context.name, exc)
         except Exception:  # connection boundary: log once, close this connection, keep serving
             log.exception("listener '%s': unexpected error in a connection", self.context.name)
+            reason = Reason.INTERNAL_ERROR
         if self.relay is None:
             if self.target_endpoint is not None:
                 self.target_endpoint.abort()
