@@ -32,7 +32,10 @@ from wsproxy.relay.relay import Endpoint, Relay, RelayOwner
 from wsproxy.relay.ticker import Ticker
 from wsproxy.wire.wsframe import CLOSE_GOING_AWAY
 from wsproxy.wire.wssession import (
+    CLIENT,
     CLOSE_TIMEOUT_SECONDS,
+    S_OPEN,
+    TARGET,
     AbortSide,
     Boundary,
     CloseSide,
@@ -41,8 +44,6 @@ from wsproxy.wire.wssession import (
     Send,
     Session,
     Side,
-    State,
-    Wake,
 )
 
 
@@ -162,21 +163,22 @@ class WebSocketRelay(Relay):
         """Do what the session asked, in order."""
         if self.session.events is None:
             return
+        # isinstance and plain attributes, not `match` class patterns: this runs at every close,
+        # and a class pattern also reads its fields through __match_args__.
         for event in self.session.take_events():
-            match event:
-                case Send(side, data):
-                    self._endpoint(side).write(data)
-                case CloseSide(side):
-                    self._endpoint(side).close()
-                case AbortSide(side):
-                    self._endpoint(side).abort()
-                case Ending(reason):
-                    self.set_reason(reason)
-                case Wake():
-                    self._reschedule_tick()
+            if isinstance(event, Send):
+                self._endpoint(event.side).write(event.data)
+            elif isinstance(event, CloseSide):
+                self._endpoint(event.side).close()
+            elif isinstance(event, AbortSide):
+                self._endpoint(event.side).abort()
+            elif isinstance(event, Ending):
+                self.set_reason(event.reason)
+            else:  # Wake
+                self._reschedule_tick()
 
     def _endpoint(self, side: Side) -> Endpoint:
-        return self.client if side is Side.CLIENT else self.target
+        return self.client if side is CLIENT else self.target
 
     # --- time -----------------------------------------------------------------------------------
 
@@ -191,7 +193,7 @@ class WebSocketRelay(Relay):
         if moved != self._idle_mark:
             self._idle_mark = moved
             self._idle_since = now
-        elif now - self._idle_since >= self._idle_timeout and self.session.state is State.OPEN:
+        elif now - self._idle_since >= self._idle_timeout and self.session.state is S_OPEN:
             self.on_idle()
         self._perform()
         self._schedule_tick()
@@ -227,22 +229,22 @@ class WebSocketRelay(Relay):
     # --- the sockets ----------------------------------------------------------------------------
 
     def _client_eof_received(self) -> bool:
-        handled = self.session.eof(Side.CLIENT)
+        handled = self.session.eof(CLIENT)
         self._perform()
         return handled or super()._client_eof_received()
 
     def _target_eof_received(self) -> bool:
-        handled = self.session.eof(Side.TARGET)
+        handled = self.session.eof(TARGET)
         self._perform()
         return handled or super()._target_eof_received()
 
     def _client_lost(self, exc: Exception | None) -> None:
-        self.session.lost(Side.CLIENT, exc is not None)
+        self.session.lost(CLIENT, exc is not None)
         self._perform()
         self._maybe_done()
 
     def _target_lost(self, exc: Exception | None) -> None:
-        self.session.lost(Side.TARGET, exc is not None)
+        self.session.lost(TARGET, exc is not None)
         self._perform()
         self._maybe_done()
 
