@@ -336,6 +336,7 @@ class Session(Generic[D]):
         "close_code",
         "close_initiator",
         "deadline",
+        "ending",
         "events",
         "expires_at",
         "pings_sent",
@@ -385,6 +386,7 @@ class Session(Generic[D]):
         )
         self.state = S_OPEN
         self.events: list[Event] | None = None  # queued for the adapter; None when empty
+        self.ending: Reason | None = None  # the first reason the session gave for ending
         self.close_code: int | None = None  # of the first Close, whoever sent it
         self.close_initiator: Initiator | None = None
         self.deadline: float | None = None  # of the close handshake (CLOSING, FAILING)
@@ -417,6 +419,9 @@ class Session(Generic[D]):
         self._emit(Send(self._receiver(direction), data))
 
     def _end(self, reason: Reason) -> None:
+        """Say why the session ends (the adapter reports the first; ``ending`` keeps it)."""
+        if self.ending is None:
+            self.ending = reason
         self._emit(Ending(reason))
 
     def _close_side(self, side: Side) -> None:
@@ -850,16 +855,20 @@ class Session(Generic[D]):
         """The socket of ``side`` is gone (``error``: reset, not closed); the other side is
         told and closed, unless it is the client and its Close answer is still awaited."""
         self._gone |= side
+        # ``ending`` tested first: most sessions have their reason by now, and looking a Reason
+        # up costs ~150 ns on Python 3.11 (see the aliases above).
         if side is CLIENT:
             self._say_goodbye(self.to_target, "client went away")
-            self._end(Reason.CLIENT_RESET if error else Reason.CLIENT_CLOSED)
+            if self.ending is None:
+                self._end(Reason.CLIENT_RESET if error else Reason.CLIENT_CLOSED)
             self._close_side(TARGET)
             return
         self._say_goodbye(self.to_client, "target went away")
         if self._awaiting_client_reply():
             self._check_close_handshake()
             return
-        self._end(Reason.TARGET_RESET if error else Reason.TARGET_CLOSED)
+        if self.ending is None:
+            self._end(Reason.TARGET_RESET if error else Reason.TARGET_CLOSED)
         self._close_side(CLIENT)
 
     def closing(self) -> None:
