@@ -855,6 +855,8 @@ class Session(Generic[D]):
         """The socket of ``side`` is gone (``error``: reset, not closed); the other side is
         told and closed, unless it is the client and its Close answer is still awaited."""
         self._gone |= side
+        if self.state is S_CLOSED:
+            return  # both sockets were already asked to close: nothing is left to tell anyone
         # ``ending`` tested first: most sessions have their reason by now, and looking a Reason
         # up costs ~150 ns on Python 3.11 (see the aliases above).
         if side is CLIENT:
