@@ -20,7 +20,7 @@ import uvloop
 
 from wsproxy import __version__
 from wsproxy.address import parse_address
-from wsproxy.config import Config, load_config
+from wsproxy.config import Config, load_config, read_config
 from wsproxy.errors import ConfigError
 from wsproxy.ops import logs, systemd
 
@@ -217,7 +217,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from wsproxy.tls import check_files
 
     try:
-        config = check_files(load_config(args.config), args.config)
+        config, text = read_config(args.config)
+        config = check_files(config, args.config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EX_CONFIG
@@ -233,10 +234,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         try:
             if config.proxy.worker_count() > 1:
                 proxy, pool = supervised_proxy(
-                    config, args.config, log_level=args.log_level, log_format=args.log_format
+                    config, args.config, text, log_level=args.log_level, log_format=args.log_format
                 )
             else:
-                proxy = Proxy(config, path=args.config)
+                proxy = Proxy(config, path=args.config, config_text=text)
         except (TlsConfigError, OSError) as exc:
             # A file changed between the check above and its use: still a config problem.
             log.error("%s: %s", args.config, exc)

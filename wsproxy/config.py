@@ -705,8 +705,10 @@ def parse_config(
     return config
 
 
-def load_config(path: str | Path) -> Config:
-    """Read and validate a config file; raises ``ConfigError``."""
+def read_config(path: str | Path) -> tuple[Config, str]:
+    """Read and validate a config file: the config and the exact text it was parsed from (a
+    supervisor hands its workers that text, never the path: the file may change meanwhile).
+    Raises ``ConfigError``."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -715,4 +717,15 @@ def load_config(path: str | Path) -> Config:
         raise ConfigError(str(path), [ConfigIssue("", f"cannot read file: {problem}")]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), [ConfigIssue("", "file is not UTF-8 text")]) from None
+    return parse_file_text(text, path), text
+
+
+def parse_file_text(text: str, path: str | Path) -> Config:
+    """``text`` as if read from the file ``path`` (relative paths taken from its directory)."""
+    path = Path(path)
     return parse_config(text, str(path), path.parent.resolve())
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a config file; raises ``ConfigError``."""
+    return read_config(path)[0]

@@ -14,7 +14,14 @@ from typing import Any, Protocol
 
 from wsproxy import config_diff
 from wsproxy.address import Address
-from wsproxy.config import Config, ListenerConfig, TargetGroupConfig, TargetTls, load_config
+from wsproxy.config import (
+    Config,
+    ListenerConfig,
+    TargetGroupConfig,
+    TargetTls,
+    parse_file_text,
+    read_config,
+)
 from wsproxy.descriptors import DescriptorBudget
 from wsproxy.errors import ConfigError, WsproxyError
 from wsproxy.listener import Listener, ListeningSockets
@@ -77,7 +84,8 @@ class OwnSockets:
 class WorkerControl(Protocol):
     """The supervisor's side of its workers, as the proxy's lifecycle needs it."""
 
-    async def reload(self, path: str, digest: bytes | None) -> list[str]: ...
+    async def reload(self, path: str, text: str) -> list[str]:
+        """Apply ``text`` (the supervisor's new config, read from ``path``) in every worker."""
 
     async def drain(self, grace: float) -> None: ...
 
@@ -103,12 +111,15 @@ class Proxy:
         *,
         rng: random.Random | None = None,
         path: str | None = None,
+        config_text: str | None = None,
         role: Role = Role.SINGLE,
         binding: ListenerBinding | None = None,
     ) -> None:
         self.config = config
         self._tls_digests = config_diff.read_digests(config)  # what the next reload compares to
         self.path = path  # the file reloads read again
+        # The TOML ``config`` was parsed from: what workers run, whatever the file says by now.
+        self.config_text = config_text
         self.role = role
         self.binding: ListenerBinding = binding or OwnSockets()
         self.workers: WorkerControl | None = None  # set by the supervisor
@@ -251,8 +262,10 @@ class Proxy:
 
     # --- reload (SIGHUP, POST /v1/reload) -------------------------------------------------------
 
-    async def reload(self, path: str | None = None) -> list[str]:
+    async def reload(self, path: str | None = None, text: str | None = None) -> list[str]:
         """Apply the config file again; ``[]`` on success, else every error (old config kept).
+
+        ``text``: that file's content as the supervisor read it (a worker never reads the file).
 
         Unchanged listeners keep their sockets and sessions; changed ones are bound anew (before
         the old socket closes) while their sessions keep flowing; removed ones stop accepting and
@@ -269,14 +282,17 @@ class Proxy:
                 return ["the proxy is draining; reload refused"]
             systemd.reloading()
             try:
-                return await self._reload_from(source)
+                return await self._reload_from(source, text)
             finally:
                 systemd.ready(self.status_line())
 
-    async def _reload_from(self, source: str) -> list[str]:
-        digest = file_digest(source)
+    async def _reload_from(self, source: str, text: str | None) -> list[str]:
         try:
-            new = check_files(load_config(source), source)
+            if text is None:
+                new, text = read_config(source)
+            else:
+                new = parse_file_text(text, source)
+            new = check_files(new, source)
             await self._apply(new)
         except ConfigError as exc:
             return self._reload_failed([str(issue) for issue in exc.issues])
@@ -285,8 +301,9 @@ class Proxy:
         tls_digests = config_diff.read_digests(new)
         changes = config_diff.diff(self.config, new, self._tls_digests, tls_digests)
         self.config, self._tls_digests = new, tls_digests
+        self.config_text = text
         if self.workers is not None:
-            errors = await self.workers.reload(source, digest)
+            errors = await self.workers.reload(source, text)
             if errors:
                 return self._reload_failed(errors)
         self.reloads["success"] += 1

@@ -56,15 +56,18 @@ async def start_proxy(
     *extra: str,
     listeners: tuple[str, ...] = ("edge",),
     descriptor_limit: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> RunningProxy:
     """Start ``wsproxy run`` and wait until every named listener and the admin listener are up.
 
     ``descriptor_limit`` sets RLIMIT_NOFILE of the proxy process (through the shell's ulimit:
-    no preexec_fn in a process that has threads)."""
+    no preexec_fn in a process that has threads). ``env``: its whole environment."""
     command = [*WSPROXY, *extra, "run", "-c", str(config)]
     if descriptor_limit is not None:
         command = ["sh", "-c", f'ulimit -n {int(descriptor_limit)} && exec "$@"', "sh", *command]
-    process = await asyncio.create_subprocess_exec(*command, stderr=asyncio.subprocess.PIPE)
+    process = await asyncio.create_subprocess_exec(
+        *command, stderr=asyncio.subprocess.PIPE, env=env
+    )
     assert process.stderr is not None
     ports: dict[str, int] = {}
     lines: list[str] = []

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from tests.helpers.process import WSPROXY, RunningProxy, parse_metrics, start_proxy
-from tests.process.test_workers import round_trip
+from tests.process.test_workers import admin_json, round_trip
 from wsproxy.address import Address
 from wsproxy.demo import EchoTarget
 from wsproxy.listener import ListeningSockets
@@ -151,6 +151,9 @@ async def test_a_supervisor_rebinding_its_own_address_in_a_reload_is_not_refused
     proxy = await start_proxy(path)
     proxies.append(proxy)
     collector = asyncio.create_task(proxy.collect_stderr())
+    async with asyncio.timeout(15):  # a reload while they start is test_workers.py's
+        while sum(" started (pid " in line for line in proxy.stderr_lines) < 2:
+            await asyncio.sleep(0.05)
     text = path.read_text()
     pinned = text.replace(
         'address = "127.0.0.1:0"\n\nwebsocket', f'address = "127.0.0.1:{proxy.port}"\n\nwebsocket'
@@ -161,8 +164,11 @@ async def test_a_supervisor_rebinding_its_own_address_in_a_reload_is_not_refused
         for done, step in enumerate([pinned, renamed], 1):
             path.write_text(step)
             proxy.process.send_signal(signal.SIGHUP)
-            async with asyncio.timeout(15):
-                while sum("reloaded" in line for line in proxy.stderr_lines) < done:
+            async with asyncio.timeout(15):  # the workers log "reloaded" too: ask each one
+                while not all(
+                    worker["reloads"]["success"] == done
+                    for worker in (await admin_json(proxy, "/v1/workers"))["workers"]
+                ):
                     failed = [line for line in proxy.stderr_lines if "reload failed" in line]
                     assert not failed, failed
                     await asyncio.sleep(0.05)

@@ -290,6 +290,69 @@ async def test_reload_and_drain_reach_every_worker(
     assert exit_code == 0
 
 
+# Imported first thing by every Python process on the PYTHONPATH the test sets (site's
+# sitecustomize hook): a worker process (it alone has the control channel's variable) waits
+# there until the gate file exists, so its start provably spans the reload the test sends.
+WORKER_GATE = """
+import os, time
+if os.environ.get("WSPROXY_CONTROL_FD"):
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.environ["TEST_WORKER_GATE"]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+"""
+
+
+async def test_a_reload_while_workers_start_reaches_them(
+    tmp_path: Path, echo: EchoTarget, proxies: list[RunningProxy]
+) -> None:
+    """A reload asks the ready workers; one still starting was passed by, and went on accepting
+    on the sockets the reload had closed in the supervisor, while the new ones, bound by the
+    supervisor, queued connections nobody accepted (a client hung for minutes). It also read
+    the file the reload had changed, and refused to start. A starting worker now takes the
+    config text with its sockets and catches up with any reload once it is ready."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(WORKER_GATE)
+    gate = tmp_path / "gate"
+    path = tmp_path / "workers.toml"
+    path.write_text(config_text([str(echo.address)]))
+    env = dict(os.environ, TEST_WORKER_GATE=str(gate))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hooks), env.get("PYTHONPATH")]))
+    proxy = await start_proxy(path, env=env)  # the supervisor's listener is up, workers not
+    proxies.append(proxy)
+    collector = asyncio.create_task(proxy.collect_stderr())
+
+    # Pinned to the port the supervisor got: a changed listener, bound anew by the reload.
+    path.write_text(
+        config_text([str(echo.address)]).replace(
+            '127.0.0.1:0"\nwebsocket', f'127.0.0.1:{proxy.port}"\nwebsocket'
+        )
+    )
+    proxy.process.send_signal(signal.SIGHUP)
+    async with asyncio.timeout(15):
+        while not any("reloaded" in line for line in proxy.stderr_lines):
+            assert not any("reload failed" in line for line in proxy.stderr_lines), (
+                proxy.stderr_lines
+            )
+            await asyncio.sleep(0.05)
+    assert not any(" started (pid " in line for line in proxy.stderr_lines), proxy.stderr_lines
+    gate.touch()
+    async with asyncio.timeout(15):
+        while sum(" started (pid " in line for line in proxy.stderr_lines) < 2:
+            assert proxy.process.returncode is None, "".join(proxy.stderr_lines)
+            await asyncio.sleep(0.05)
+
+    async with aiohttp.ClientSession() as client:
+        for index in range(20):  # each socket of the group holds about half of them
+            async with asyncio.timeout(10):
+                await round_trip(client, proxy.port, f"after{index}")
+        workers = (await admin_json(proxy, "/v1/workers"))["workers"]
+    assert [worker["reloads"] for worker in workers] == [{"success": 1, "error": 0}] * 2
+    await proxy.stop()
+    await collector
+    assert not any("did not start" in line for line in proxy.stderr_lines), proxy.stderr_lines
+
+
 async def test_health_checks_run_once_per_target_and_states_reach_workers(
     tmp_path: Path, echo_targets: list[EchoTarget], proxies: list[RunningProxy]
 ) -> None:

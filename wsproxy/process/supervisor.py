@@ -36,7 +36,7 @@ from wsproxy.ops.metrics import Metrics, ProxyCollector
 from wsproxy.process.control import Channel, Message, make_pair
 from wsproxy.process.target_sync import mark_passive_unhealthy, snapshot_key, target_snapshot
 from wsproxy.process.worker import CONTROL_FD_ENV
-from wsproxy.proxy import Proxy, Role, file_digest
+from wsproxy.proxy import Proxy, Role
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +156,7 @@ class WorkerPool:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._synced: tuple[object, ...] | None = None
+        self._generation = 0  # reloads so far: a worker started before the last one catches up
         # Counters of workers that exited, so sums stay monotonic across a restart.
         self.retired_counts: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
 
@@ -191,13 +192,15 @@ class WorkerPool:
         slot.started = time.time()
         slot.channel = channel = Channel(mine, self._handler(slot))
         proxy = self._proxy
+        # The sockets and the config text are taken together, with no await in between, and the
+        # worker parses that text, never the file: both are the supervisor's current generation.
+        generation = self._generation
         names, sockets = self._sockets.for_slot(proxy, slot.index)
-        digest = _digest_hex(proxy.path)
         init = {
             "op": "init",
             "slot": slot.index,
             "path": proxy.path,
-            "digest": digest,
+            "config": proxy.config_text,
             "listeners": names,
             "targets": target_snapshot(proxy.target_groups, asyncio.get_running_loop().time()),
         }
@@ -207,6 +210,13 @@ class WorkerPool:
             raise WorkerUnavailable(f"worker {slot.index} did not start: {exc}") from None
         if "error" in reply:
             raise WorkerUnavailable(f"worker {slot.index} did not start: {reply['error']}")
+        # A reload while this worker started passed it by (it asks ready workers only): the
+        # worker would accept on sockets the supervisor has closed, and nobody on the new ones.
+        while generation != self._generation:
+            generation = self._generation
+            errors = await self._ask(slot, channel, self._reload_message(), START_TIMEOUT, True)
+            if errors:
+                raise WorkerUnavailable(f"worker {slot.index} did not start: {'; '.join(errors)}")
         slot.ready = True
         log.info("worker %d started (pid %d)", slot.index, process.pid)
 
@@ -292,30 +302,41 @@ class WorkerPool:
         self, message: Message, wait_seconds: float, *, with_sockets: bool = False
     ) -> list[str]:
         """Send ``message`` to every ready worker; the errors, one line each."""
-        errors: list[str] = []
+        asked = [
+            self._ask(slot, channel, message, wait_seconds, with_sockets)
+            for slot, channel in self._live()
+        ]
+        return [error for errors in await asyncio.gather(*asked) for error in errors]
 
-        async def ask(slot: WorkerSlot, channel: Channel) -> None:
-            sockets: list[socket.socket] = []
-            request = dict(message)
-            if with_sockets:
-                names, sockets = self._sockets.for_slot(self._proxy, slot.index)
-                request["listeners"] = names
-            try:
-                reply = await channel.request(request, wait_seconds, sockets)
-            except WorkerUnavailable as exc:
-                errors.append(f"worker {slot.index}: {exc}")
-                return
-            if "error" in reply:
-                errors.append(f"worker {slot.index}: {reply['error']}")
-            errors.extend(f"worker {slot.index}: {error}" for error in reply.get("errors", []))
-
-        await asyncio.gather(*(ask(slot, channel) for slot, channel in self._live()))
+    async def _ask(
+        self,
+        slot: WorkerSlot,
+        channel: Channel,
+        message: Message,
+        wait_seconds: float,
+        with_sockets: bool,
+    ) -> list[str]:
+        sockets: list[socket.socket] = []
+        request = dict(message)
+        if with_sockets:
+            names, sockets = self._sockets.for_slot(self._proxy, slot.index)
+            request["listeners"] = names
+        try:
+            reply = await channel.request(request, wait_seconds, sockets)
+        except WorkerUnavailable as exc:
+            return [f"worker {slot.index}: {exc}"]
+        errors = [f"worker {slot.index}: {reply['error']}"] if "error" in reply else []
+        errors.extend(f"worker {slot.index}: {error}" for error in reply.get("errors", []))
         return errors
+
+    def _reload_message(self) -> Message:
+        return {"op": "reload", "path": self._proxy.path, "config": self._proxy.config_text}
 
     # --- WorkerControl --------------------------------------------------------------------------
 
-    async def reload(self, path: str, digest: bytes | None) -> list[str]:
-        message = {"op": "reload", "path": path, "digest": digest.hex() if digest else ""}
+    async def reload(self, path: str, text: str) -> list[str]:
+        self._generation += 1  # workers starting now catch up once they are ready
+        message = {"op": "reload", "path": path, "config": text}
         errors = await self._ask_all(message, START_TIMEOUT, with_sockets=True)
         self._synced = None  # groups a reload added get their targets' states now
         return errors
@@ -483,13 +504,6 @@ def _add(
     total.value += value
 
 
-def _digest_hex(path: str | None) -> str:
-    if path is None:
-        return ""
-    digest = file_digest(path)
-    return digest.hex() if digest else ""
-
-
 def _exit_text(code: int) -> str:
     if code < 0:
         return f"signal {signal.Signals(-code).name}"
@@ -497,11 +511,12 @@ def _exit_text(code: int) -> str:
 
 
 def supervised_proxy(
-    config: Config, path: str, *, log_level: str, log_format: str
+    config: Config, path: str, text: str, *, log_level: str, log_format: str
 ) -> tuple[Proxy, WorkerPool]:
-    """The supervisor's proxy (sockets, admin, health checks) and its pool of workers."""
+    """The supervisor's proxy (sockets, admin, health checks) and its pool of workers;
+    ``text`` is the file's content ``config`` was parsed from, what the workers will parse."""
     sockets = SupervisorSockets(config.proxy.worker_count())
-    proxy = Proxy(config, path=path, role=Role.SUPERVISOR, binding=sockets)
+    proxy = Proxy(config, path=path, config_text=text, role=Role.SUPERVISOR, binding=sockets)
     pool = WorkerPool(proxy, sockets, log_level=log_level, log_format=log_format)
     proxy.workers = pool
     proxy.metrics = Metrics(WorkerMetricsCollector(ProxyCollector(proxy), pool))

@@ -15,12 +15,12 @@ import os
 import socket
 from typing import Any
 
-from wsproxy.config import load_config
+from wsproxy.config import parse_file_text
 from wsproxy.listener import Listener
 from wsproxy.ops.admin import listener_rows
 from wsproxy.process.control import Channel, Message
 from wsproxy.process.target_sync import apply_snapshot
-from wsproxy.proxy import Proxy, Role, file_digest
+from wsproxy.proxy import Proxy, Role
 from wsproxy.targets.target import Target
 
 log = logging.getLogger(__name__)
@@ -94,12 +94,10 @@ class Worker:
         return {"error": f"unknown operation {op!r}"}
 
     async def _init(self, message: Message, socks: list[socket.socket]) -> Message:
-        path = str(message["path"])
-        if file_digest(path) != bytes.fromhex(message["digest"]):
-            raise RuntimeError("config file changed while the worker started; restart it")
-        config = load_config(path)
+        path, text = str(message["path"]), str(message["config"])
         self.sockets.give(list(message["listeners"]), socks)
-        proxy = Proxy(config, path=path, role=Role.WORKER, binding=self.sockets)
+        config = parse_file_text(text, path)
+        proxy = Proxy(config, path=path, config_text=text, role=Role.WORKER, binding=self.sockets)
         apply_snapshot(proxy, message["targets"], asyncio.get_running_loop().time())
         self._report_passive_failures(proxy)
         await proxy.start()
@@ -109,12 +107,9 @@ class Worker:
         return {"pid": os.getpid()}
 
     async def _reload(self, proxy: Proxy, message: Message, socks: list[socket.socket]) -> Message:
-        path = str(message["path"])
         self.sockets.give(list(message["listeners"]), socks)
         try:
-            if file_digest(path) != bytes.fromhex(message["digest"]):
-                return {"errors": ["config file changed during the reload; reload again"]}
-            errors = await proxy.reload(path)
+            errors = await proxy.reload(str(message["path"]), str(message["config"]))
         finally:
             self.sockets.close_unused()
         self._report_passive_failures(proxy)
