@@ -9,6 +9,7 @@ import pytest
 
 MODULES = [
     "wsproxy.wire.clienthello",
+    "wsproxy.wire.forwarding",
     "wsproxy.wire.http1",
     "wsproxy.wire.proxyproto",
     "wsproxy.wire.upgrade",

@@ -41,6 +41,7 @@ from wsproxy.relay.relay import Endpoint, Relay
 from wsproxy.relay.websocket import WebSocketRelay
 from wsproxy.targets.target import Target
 from wsproxy.targets.target_group import RetryElsewhere, TargetGroup
+from wsproxy.wire.forwarding import forwarded_fields
 from wsproxy.wire.http1 import (
     BodyKind,
     BodyTracker,
@@ -80,6 +81,10 @@ _FORWARDED = {
     "x-client-cert-fingerprint-sha256",
     "x-client-cert-not-after",
 }
+# Every client field in these families is dropped, not only the names the proxy sets today: an
+# application may trust X-Forwarded-Ssl or X-Client-Cert-Verify (Rack, nginx conventions) as
+# coming from the proxy.
+_RESERVED_PREFIXES = ("x-forwarded-", "x-client-cert-")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection"}
 
 
@@ -240,7 +245,6 @@ class WebSocketFlow(Flow):
         await self._exchange(group, head, forwarded, key, rest, kind, length)
 
     def _forwarded_head(self, head: RequestHead, host: str, upgrade: bool) -> bytes:
-        drop = set(_FORWARDED)
         add: tuple[tuple[str, str], ...] = (
             ("X-Forwarded-For", self.client_ip),
             ("X-Forwarded-Proto", "https" if self.context.tls else "http"),
@@ -249,10 +253,11 @@ class WebSocketFlow(Flow):
         )
         if self.client_cert is not None:
             add += self.client_cert.headers()
-        if not upgrade:
-            drop |= _HOP_BY_HOP
-            add += (("Connection", "close"),)
-        headers = replace_headers(head.headers, drop, add)
+        # Ours only: the client's Connection and the fields it names there stay on its hop.
+        add += (("Connection", "Upgrade" if upgrade else "close"),)
+        headers = forwarded_fields(
+            head, add, reserved=_FORWARDED, reserved_prefixes=_RESERVED_PREFIXES
+        )
         return serialize_request(head.method, head.target, head.version, headers)
 
     # --- 3. dial and exchange -------------------------------------------------------------------
