@@ -17,6 +17,7 @@ import stat
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -103,8 +104,33 @@ class ServerCertificate:
     path: str
 
 
+# Printable ASCII but "%": what an identity header value may hold as it is (RFC 9110 §5.5).
+_HEADER_SAFE = "".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%")
+
+
+def header_value(text: str) -> str:
+    """``text`` as one header-safe line: its UTF-8 bytes outside printable ASCII, and ``%``
+    itself, percent-encoded (AWS ALB and Traefik URL-encode their client certificate headers);
+    a leading or trailing space too, which parsers would strip. ``urllib.parse.unquote`` gives
+    ``text`` back."""
+    encoded = quote(text, safe=_HEADER_SAFE)
+    if encoded.startswith(" "):
+        encoded = "%20" + encoded[1:]
+    if encoded.endswith(" "):
+        encoded = encoded[:-1] + "%20"
+    return encoded
+
+
 @dataclass(frozen=True, slots=True)
 class ClientCertificate:
+    """What the proxy vouches for about a verified client certificate, ready for headers.
+
+    ``subject`` is the RFC 4514 string (``\\`` escapes ``,+"\\<>;``, NUL, a leading ``#`` or
+    space and a trailing space), passed through ``header_value``: a subject such as
+    ``CN=Łukasz`` or one holding CR LF can neither fail the request nor add a header line. The
+    log shows the same string.
+    """
+
     subject: str
     serial: str
     fingerprint_sha256: str
@@ -309,7 +335,7 @@ class ServerTls:
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
             raise ClientCertRejected("bad_eku", "client certificate lacks the clientAuth EKU")
         return ClientCertificate(
-            subject=cert.subject.rfc4514_string(),
+            subject=header_value(cert.subject.rfc4514_string()),
             serial=f"{cert.serial_number:x}",
             fingerprint_sha256=hashlib.sha256(der).hexdigest(),
             not_after=cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),

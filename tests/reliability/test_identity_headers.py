@@ -11,14 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import ssl
+import string
 from collections.abc import Awaitable, Callable, Iterator
+from urllib.parse import unquote
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import ProxyFactory, listener_address
 from tests.flows.test_tls import client_context, leaf_certificate, tls_config
@@ -29,6 +34,7 @@ from tests.helpers.wsgi import WsgiTarget, environ_of
 from tests.helpers.wsraw import upgrade_request
 from tests.reliability.test_smuggling import recording_target
 from wsproxy.address import Address
+from wsproxy.tls import header_value
 from wsproxy.wire.http1 import RequestHead, parse_request_head
 
 RawServers = Callable[..., Awaitable[RawServer]]
@@ -189,6 +195,54 @@ async def test_underscore_spellings_are_dropped_on_the_wire(
         "x-forwarded-port": [str(address.port)],
         "x-forwarded-host": ["test.internal"],
     }
+
+
+# --- item 7: certificate subjects that break or inject headers --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("common_name", "expected"),
+    [
+        ("Łukasz", "CN=%C5%81ukasz"),
+        (
+            "alice\r\nX-Client-Cert-Subject: CN=admin",
+            "CN=alice%0D%0AX-Client-Cert-Subject: CN=admin",
+        ),
+        ("100% alice", "CN=100%25 alice"),
+        ("a, b", "CN=a\\, b"),
+    ],
+    ids=["non-latin-1", "crlf", "percent", "rfc4514-escape"],
+)
+async def test_certificate_subjects_are_encoded_in_one_header_line(
+    make_proxy: ProxyFactory,
+    raw_servers: RawServers,
+    pki: Pki,
+    common_name: str,
+    expected: str,
+) -> None:
+    """Before: a non-Latin-1 subject made every request fail (UnicodeEncodeError), and a CR LF in
+    the CN put a second, forged X-Client-Cert-Subject line in front of the target."""
+    record: list[bytes] = []
+    server = await raw_servers(recording_target(record, upgrade=True))
+    proxy = await make_proxy(tls_config(pki, server.address, client_auth="required"))
+    stem = hashlib.sha256(common_name.encode()).hexdigest()[:12]
+    cert, key = issue_client_named(pki, common_name, stem)
+    request = upgrade_request(host="edge.internal")
+    response = await exchange_tls(listener_address(proxy), client_context(pki, cert, key), request)
+    assert status_of(response) == 101, response
+    head = parse_request_head(record[0])
+    assert head.get_all("x-client-cert-subject") == [expected]
+    assert record[0].count(b"\r\nX-Client-Cert-Subject: ") == 1
+    subject = leaf_certificate(cert).subject
+    assert unquote(expected) == subject.rfc4514_string()
+
+
+@given(st.text())
+def test_header_value_is_one_printable_ascii_line_that_decodes_back(text: str) -> None:
+    encoded = header_value(text)
+    assert all(char in string.printable and char not in "\t\n\r\x0b\x0c" for char in encoded)
+    assert encoded == encoded.strip()
+    assert unquote(encoded, errors="strict") == text
 
 
 # --- item 11: Connection names hop-by-hop headers; only ours go upstream ----------------------
