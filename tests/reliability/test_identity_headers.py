@@ -197,6 +197,30 @@ async def test_underscore_spellings_are_dropped_on_the_wire(
     }
 
 
+async def test_every_header_the_proxy_adds_is_reserved_in_any_spelling(
+    make_proxy: ProxyFactory, raw_servers: RawServers, pki: Pki
+) -> None:
+    """Whatever header the proxy adds (today's and any added later), a client's copy spelled with
+    ``_`` and another case must not reach the target: learnt from a clean request under mTLS,
+    where the proxy adds the most."""
+    record: list[bytes] = []
+    server = await raw_servers(recording_target(record, upgrade=True))
+    proxy = await make_proxy(tls_config(pki, server.address, client_auth="required"))
+    context = client_context(pki, *pki.files("alice"))
+    request = upgrade_request(host="edge.internal")
+    assert status_of(await exchange_tls(listener_address(proxy), context, request)) == 101
+    sent = {fold(name) for name, _ in parse_request_head(request).headers}
+    added = [name for name, _ in parse_request_head(record[0]).headers if fold(name) not in sent]
+    assert len(added) >= 8, added  # X-Forwarded-* and X-Client-Cert-*
+    forged = tuple(f"{name.upper().replace('-', '_')}: forged" for name in added)
+    response = await exchange_tls(
+        listener_address(proxy), context, upgrade_request(host="edge.internal", extra=forged)
+    )
+    assert status_of(response) == 101
+    heads = [data for data in record if data.startswith(b"GET ")]
+    assert len(heads) == 2 and b"forged" not in heads[1], heads
+
+
 # --- item 7: certificate subjects that break or inject headers --------------------------------
 
 

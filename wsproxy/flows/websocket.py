@@ -41,7 +41,7 @@ from wsproxy.relay.relay import Endpoint, Relay
 from wsproxy.relay.websocket import WebSocketRelay
 from wsproxy.targets.target import Target
 from wsproxy.targets.target_group import RetryElsewhere, TargetGroup
-from wsproxy.wire.forwarding import forwarded_fields
+from wsproxy.wire.forwarding import fold, forwarded_fields
 from wsproxy.wire.http1 import (
     BodyKind,
     BodyTracker,
@@ -85,6 +85,7 @@ _FORWARDED = {
 # application may trust X-Forwarded-Ssl or X-Client-Cert-Verify (Rack, nginx conventions) as
 # coming from the proxy.
 _RESERVED_PREFIXES = ("x-forwarded-", "x-client-cert-")
+_RESERVED = frozenset(fold(name) for name in _FORWARDED)
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection"}
 
 
@@ -256,7 +257,7 @@ class WebSocketFlow(Flow):
         # Ours only: the client's Connection and the fields it names there stay on its hop.
         add += (("Connection", "Upgrade" if upgrade else "close"),)
         headers = forwarded_fields(
-            head, add, reserved=_FORWARDED, reserved_prefixes=_RESERVED_PREFIXES
+            head, add, reserved=_RESERVED, reserved_prefixes=_RESERVED_PREFIXES
         )
         return serialize_request(head.method, head.target, head.version, headers)
 

@@ -7,15 +7,13 @@ Two rules, both about headers the target will trust because the proxy sent them:
   its own ``Connection`` (``Upgrade`` or ``close``). Forwarding the client's ``Connection`` would
   let it name the proxy's ``X-Forwarded-For`` there, so that the next hop removes it
   (CVE-2024-45410 one hop later).
-* The proxy's own fields are its alone: any client field whose name equals one the proxy adds,
-  or starts with a prefix the proxy reserves, after folding case and reading ``_`` as ``-``, is
-  dropped. CGI, WSGI, Rack and PHP map ``X_Client_Cert_Subject`` and ``X-Client-Cert-Subject`` to
+* The proxy's own fields are its alone: any client field whose name equals one the proxy
+  reserves, or starts with a prefix it reserves, after folding case and reading ``_`` as ``-``,
+  is dropped. CGI, WSGI, Rack and PHP map ``X_Client_Cert_Subject`` and ``X-Client-Cert-Subject`` to
   the same variable (nginx refuses underscores in names by default for this reason).
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterable
 
 from wsproxy.wire.http1 import Headers, RequestHead
 
@@ -37,25 +35,26 @@ def forwarded_fields(
     head: RequestHead,
     add: Headers,
     *,
-    reserved: Iterable[str] = (),
+    reserved: frozenset[str],
     reserved_prefixes: tuple[str, ...] = (),
 ) -> Headers:
     """The client's fields to forward, in their order, followed by ``add`` (the proxy's own).
 
-    Removed: the hop-by-hop fields above; every field whose folded name is the folded name of a
-    field in ``add`` or in ``reserved``, or starts with one of ``reserved_prefixes`` (lower-case,
-    ``-`` separated). ``add`` should carry the proxy's ``Connection``.
+    Removed: the hop-by-hop fields above, and every field whose folded name is in ``reserved``
+    or starts with one of ``reserved_prefixes`` (both folded: lower-case, ``-`` separated). These
+    must cover every name in ``add`` but ``Connection``, which ``add`` should carry; the test
+    ``test_every_header_the_proxy_adds_is_reserved_in_any_spelling`` checks it on the wire.
+    Reserved names are given rather than taken from ``add`` so that a request costs no set
+    building: this runs once per request.
     """
     named = head.tokens("connection") - _KEPT_WHEN_NAMED
-    ours = {fold(name) for name, _ in add}
-    ours.update(fold(name) for name in reserved)
     kept = []
     for name, value in head.headers:
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in named:
             continue
         folded = lower.replace("_", "-")
-        if folded in ours or folded.startswith(reserved_prefixes):
+        if folded in reserved or folded.startswith(reserved_prefixes):
             continue
         kept.append((name, value))
     return (*kept, *add)
