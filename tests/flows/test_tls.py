@@ -16,6 +16,7 @@ from cryptography import x509
 from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.helpers.pki import Pki, make_pki
 from tests.helpers.servers import RawServer, tcp_echo
+from tests.helpers.wsraw import upgrade_request
 from wsproxy.address import Address
 from wsproxy.config import parse_config
 from wsproxy.demo import EchoTarget
@@ -108,6 +109,33 @@ async def test_wss_through_a_terminating_listener(
     assert entry["sni"] == "edge.internal"
     assert entry["tls_version"] in ("TLSv1.2", "TLSv1.3")
     assert proxy.listeners["edge"].stats.tls_handshakes["ok"] == 1
+
+
+async def test_a_client_closing_its_tls_without_a_close_frame_logs_no_error(
+    make_proxy: ProxyFactory,
+    echo_targets: list[EchoTarget],
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A TLS close_notify right after the 101: the proxy passed the FIN on to the target
+    (write_eof), then the client's transport closed and the session sent the target a goodbye
+    Close: "Cannot call write() after write_eof()" came out of connection_lost. The session is
+    logged as the client's abnormal end, and nothing else."""
+    proxy = await make_proxy(tls_config(pki, echo_targets[0].address))
+    address = listener_address(proxy)
+    with caplog.at_level(logging.INFO):
+        reader, writer = await asyncio.open_connection(
+            address.host, address.port, ssl=client_context(pki), server_hostname="edge.internal"
+        )
+        writer.write(upgrade_request("/bye", host="edge.internal"))
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+        writer.close()  # close_notify, no Close frame
+        # The access line is written once both sockets are gone (after connection_lost).
+        await wait_for(lambda: any(r.name == "wsproxy.access" for r in caplog.records))
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [], [r.getMessage() for r in errors]
+    entry = next(r.__dict__["connection"] for r in caplog.records if r.name == "wsproxy.access")
+    assert entry["reason"] == "client_closed"
 
 
 async def peer_names(address: Address, pki: Pki, server_name: str) -> list[str]:

@@ -458,6 +458,21 @@ def test_a_fin_without_a_close_is_an_abnormal_end(side: Side, reason: Reason) ->
     assert run.events() == [("ending", reason)]
 
 
+@pytest.mark.parametrize(("side", "other"), [(CLIENT, TARGET), (TARGET, CLIENT)])
+def test_nothing_is_written_after_a_half_close_was_passed_on(side: Side, other: Side) -> None:
+    """The adapter passes an unhandled FIN on (write_eof): the other side's write end is shut,
+    so the goodbye the session would send when the socket then goes (a TLS client's
+    close_notify closes its transport at once) must not be written: it raised "Cannot call
+    write() after write_eof()" in the relay."""
+    run = Run.start()
+    assert run.eof(side) is False
+    run.take_log()
+    run.lost(side)
+    assert run.sent(other) == b""
+    assert ("close", other) in run.take_log()
+    assert run.session.state is State.CLOSED
+
+
 def test_sockets_the_adapter_closes_end_the_session() -> None:
     run = Run.start(ping_interval=1.0)
     run.session.closing()

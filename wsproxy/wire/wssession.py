@@ -845,11 +845,23 @@ class Session(Generic[D]):
                 # A WebSocket ends with a Close frame (§7.1.1): a FIN without one is an abnormal
                 # end by the client (its peer sees 1006), whatever the other side does next.
                 self._end(Reason.CLIENT_CLOSED)
+            self._half_closed(self.to_target)
             return False
         if not self.to_client.tracker.closes:
             # A target that dies (SIGKILL: the kernel sends its FIN) sent no Close: not clean.
             self._end(Reason.TARGET_CLOSED)
-        return self._awaiting_client_reply()
+        if self._awaiting_client_reply():
+            return True
+        self._half_closed(self.to_client)
+        return False
+
+    @staticmethod
+    def _half_closed(direction: D) -> None:
+        """The adapter passes the sender's FIN on to the receiver (write_eof): nothing may be
+        written there any more, not even a goodbye when the sender's socket goes."""
+        if direction.state not in _SHUT:
+            direction.state = D_CUT
+            direction.plain = False
 
     def lost(self, side: Side, error: bool) -> None:
         """The socket of ``side`` is gone (``error``: reset, not closed); the other side is
