@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 import uvloop
+from hypothesis import HealthCheck, settings
 
 from tests.helpers.canary import Canary
 from tests.helpers.process import RunningProxy
@@ -18,6 +19,12 @@ from wsproxy.address import Address
 from wsproxy.config import parse_config
 from wsproxy.demo import EchoTarget
 from wsproxy.proxy import Proxy
+
+# Hypothesis's own timing checks (a 200 ms deadline per example, the too_slow health check)
+# measure the machine, not the code: on a loaded CI runner they fail at random. Tests never
+# assert timings, so neither does Hypothesis here.
+settings.register_profile("wsproxy", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("wsproxy")
 
 
 def pytest_asyncio_loop_factories() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
