@@ -69,6 +69,8 @@ log = logging.getLogger(__name__)
 
 # A target's response head is bounded like the client's request head.
 MAX_RESPONSE_HEAD_BYTES = 16 * 1024
+# Interim (1xx) answers forwarded before the final one; real targets send one or two.
+MAX_INTERIM_RESPONSES = 16
 _FORWARDED = {
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -114,16 +116,36 @@ class _Exchange:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        self._loop = loop
         self.head: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
         self.finished: asyncio.Future[Reason] = loop.create_future()
         self.received = 0
+        self._ended_why: str | None = None
         self._buffer = HeadBuffer(MAX_RESPONSE_HEAD_BYTES)
         endpoint.on_data = self._head_data
         endpoint.callbacks.on_eof = self._eof
         endpoint.callbacks.on_lost = self._lost
 
+    def read_next_head(self, rest: bytes) -> None:
+        """After an interim (1xx) answer: read the next head into a new ``head`` future, starting
+        with ``rest`` (the bytes that followed the interim head) and whatever was held back."""
+        self.head = self._loop.create_future()
+        self._buffer = HeadBuffer(MAX_RESPONSE_HEAD_BYTES)
+        pending = rest + self.endpoint.take_held()
+        if pending:
+            self._feed_head(pending)
+        if self.head.done():
+            return
+        if self._ended_why is not None:
+            self.head.set_exception(TargetClosed(f"{self._ended_why} after an interim answer"))
+        else:
+            self.endpoint.resume_reading()
+
     def _head_data(self, data: bytes) -> None:
         self.received += len(data)
+        self._feed_head(data)
+
+    def _feed_head(self, data: bytes) -> None:
         if self.head.done():
             self.endpoint.hold(data)
             return
@@ -144,6 +166,7 @@ class _Exchange:
         self._ended("target reset the connection" if exc else "target closed the connection")
 
     def _ended(self, why: str) -> None:
+        self._ended_why = why
         if not self.head.done():
             self.head.set_exception(TargetClosed(f"{why} before answering ({self.received} bytes)"))
         if not self.finished.done():
@@ -315,10 +338,28 @@ class WebSocketFlow(Flow):
         client_rest: bytes,
         exchange: _Exchange,
     ) -> None:
-        try:
-            response = parse_response_head(raw_response)
-        except MalformedHead as exc:
-            raise BadTargetResponse(f"target sent an invalid response head: {exc}") from None
+        response = self._parse_response(raw_response)
+        interim = 0
+        while 100 <= response.status < 200 and response.status != 101:
+            # RFC 9110 §15.2: a proxy forwards 1xx answers (100 Continue, 103 Early Hints) and
+            # goes on to the final one, as HAProxy and nginx do. Bounded: a target sending them
+            # forever would otherwise hold the connection past every deadline.
+            interim += 1
+            if interim > MAX_INTERIM_RESPONSES:
+                raise BadTargetResponse(
+                    f"target sent more than {MAX_INTERIM_RESPONSES} interim (1xx) answers"
+                )
+            self._forward_interim(head, response)
+            exchange.read_next_head(response_rest)
+            try:
+                await self._until_quiet(exchange.head, group.config.handshake_timeout_seconds)
+            except TimeoutError:
+                raise TargetHandshakeTimeout(
+                    f"target sent {response.status} but no final answer within "
+                    f"{group.config.handshake_timeout_seconds:g} s"
+                ) from None
+            raw_response, response_rest = exchange.head.result()
+            response = self._parse_response(raw_response)
         if key and is_valid_upgrade_response(response, key):
             self.status = response.status
             extensions = bool(response.get("sec-websocket-extensions"))
@@ -332,6 +373,25 @@ class WebSocketFlow(Flow):
             self.context.count_upgrade(group.name, Reason.REJECTED_BY_TARGET)
         self.status = response.status
         await self._forward_response(head, response, response_rest, exchange)
+
+    @staticmethod
+    def _parse_response(raw_response: bytes) -> ResponseHead:
+        try:
+            return parse_response_head(raw_response)
+        except MalformedHead as exc:
+            raise BadTargetResponse(f"target sent an invalid response head: {exc}") from None
+
+    def _forward_interim(self, request: RequestHead, response: ResponseHead) -> None:
+        """Send a 1xx answer on to the client, without hop-by-hop fields; an HTTP/1.0 client
+        gets none (RFC 9110 §15.2: 1.0 defines no 1xx)."""
+        if request.version == "HTTP/1.0":
+            return
+        headers = replace_headers(response.headers, _HOP_BY_HOP, ())
+        interim = serialize_response_head(
+            ResponseHead(response.version, response.status, response.reason, headers)
+        )
+        self.handshake_bytes_out += len(interim)
+        self.client.write(interim)
 
     async def _until_quiet(self, future: asyncio.Future[Any], quiet_seconds: float) -> None:
         """Wait for ``future`` while bytes keep moving; TimeoutError once none moved for
