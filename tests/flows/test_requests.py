@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
+import pytest
+
 from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.flows.test_websocket import exchange_raw, status_of, ws_config
-from tests.helpers.servers import Handler, RawServer, read_head
+from tests.helpers.servers import Handler, RawServer, closed_port, read_head
 from tests.helpers.tools import require_tool
 from wsproxy.wire.http1 import parse_request_head
 from wsproxy.wire.upgrade import accept_key
@@ -167,3 +169,70 @@ async def test_a_101_to_a_request_that_did_not_ask_for_an_upgrade_is_a_502(
         b"POST /x HTTP/1.1\r\nHost: web\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n",
     )
     assert status_of(response) == 502
+
+
+# --- item 10: retries --------------------------------------------------------------------------
+
+
+def read_then_close(record: list[bytes]) -> Handler:
+    """A target that reads the request head, records it and closes without a word."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        record.append(await read_head(reader))
+
+    return handler
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE", "PUT", "PATCH"])
+async def test_a_request_that_reached_a_target_is_not_retried_unless_it_is_safe(
+    make_proxy: ProxyFactory, raw_servers: RawServers, method: str
+) -> None:
+    """Item 10: a body-less POST (or DELETE) that the first target read before closing was sent
+    again to a second target. Now it reaches exactly one target; the client gets a 502."""
+    first: list[bytes] = []
+    second: list[bytes] = []
+    closing = await raw_servers(read_then_close(first))
+    answering = await raw_servers(answering_target(second))
+    proxy = await make_proxy(ws_config(("web", [closing.address, answering.address])))
+    statuses = []
+    for _ in range(4):
+        response = await exchange_raw(
+            listener_address(proxy), f"{method} /charge HTTP/1.1\r\nHost: web\r\n\r\n".encode()
+        )
+        statuses.append(status_of(response))
+    requests_at_second = [head for head in second if head.startswith(method.encode())]
+    assert len(first) + len(requests_at_second) == 4, "each request reached one target"
+    assert statuses.count(502) == len(first) > 0
+    assert statuses.count(200) == len(requests_at_second)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])
+async def test_a_safe_request_is_retried_after_a_target_closed_without_answering(
+    make_proxy: ProxyFactory, raw_servers: RawServers, method: str
+) -> None:
+    first: list[bytes] = []
+    second: list[bytes] = []
+    closing = await raw_servers(read_then_close(first))
+    answering = await raw_servers(answering_target(second))
+    proxy = await make_proxy(ws_config(("web", [closing.address, answering.address])))
+    for _ in range(4):
+        response = await exchange_raw(
+            listener_address(proxy), f"{method} /page HTTP/1.1\r\nHost: web\r\n\r\n".encode()
+        )
+        assert status_of(response) == 200
+    assert len(first) > 0 and len([h for h in second if h.startswith(method.encode())]) == 4
+
+
+async def test_a_post_is_retried_when_nothing_was_sent_to_the_first_target(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    second: list[bytes] = []
+    dead = await closed_port()
+    answering = await raw_servers(answering_target(second))
+    proxy = await make_proxy(ws_config(("web", [dead, answering.address])))
+    for _ in range(4):
+        response = await exchange_raw(
+            listener_address(proxy), b"POST /charge HTTP/1.1\r\nHost: web\r\n\r\n"
+        )
+        assert status_of(response) == 200
+    assert len([h for h in second if h.startswith(b"POST")]) == 4
