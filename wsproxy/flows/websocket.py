@@ -83,6 +83,10 @@ _FORWARDED = {
     "x-client-cert-not-after",
 }
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection"}
+# RFC 9110 §9.2.1: the methods that are safe to send again to another target after one read
+# the request and closed. PUT and DELETE are idempotent (§9.2.2) but change state, and
+# applications often do not make them idempotent in fact, so they are not retried.
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 def error_response(exc: HttpError) -> bytes:
@@ -315,9 +319,11 @@ class WebSocketFlow(Flow):
                     f"{config.handshake_timeout_seconds:g} s"
                 ) from None
             except TargetClosed as exc:
-                # Nothing reached the client yet and the request had no body: another target may
-                # answer it (an Upgrade GET is idempotent).
-                if exchange.received or kind is not BodyKind.NONE:
+                # The target may have acted on the request before closing: only a safe method
+                # (RFC 9110 §9.2.1; an Upgrade is a GET) without a body, of which nothing
+                # reached the client yet, may go to another target. HAProxy's default retries
+                # nothing once the request was sent; the dial retries connect failures for all.
+                if exchange.received or kind is not BodyKind.NONE or head.method not in _SAFE:
                     raise
                 self.drop_target()
                 raise RetryElsewhere(exc) from None
