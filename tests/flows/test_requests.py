@@ -13,6 +13,10 @@ from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.flows.test_websocket import exchange_raw, status_of, ws_config
 from tests.helpers.servers import Handler, RawServer, closed_port, read_head
 from tests.helpers.tools import require_tool
+from tests.helpers.wsraw import upgrade_request
+from wsproxy.address import Address
+from wsproxy.config import parse_config
+from wsproxy.errors import ConfigError
 from wsproxy.wire.http1 import parse_request_head
 from wsproxy.wire.upgrade import accept_key
 
@@ -236,3 +240,233 @@ async def test_a_post_is_retried_when_nothing_was_sent_to_the_first_target(
         )
         assert status_of(response) == 200
     assert len([h for h in second if h.startswith(b"POST")]) == 4
+
+
+# --- item 12: request lines and absolute-form targets ------------------------------------------
+
+
+def admin_rules(*, host_rule: bool = False) -> str:
+    rules = """
+[[listeners.edge.rules]]
+path_prefix = "/admin"
+target_group = "admin"
+"""
+    if host_rule:
+        rules += """
+[[listeners.edge.rules]]
+host = "internal"
+target_group = "admin"
+"""
+    return rules
+
+
+async def two_groups(
+    make_proxy: ProxyFactory, raw_servers: RawServers, listener: str
+) -> tuple[Address, list[bytes], list[bytes]]:
+    """A proxy whose default group 'public' and group 'admin' each record what they get."""
+    public: list[bytes] = []
+    admin: list[bytes] = []
+    public_target = await raw_servers(answering_target(public))
+    admin_target = await raw_servers(answering_target(admin))
+    proxy = await make_proxy(
+        ws_config(
+            ("public", [public_target.address]),
+            ("admin", [admin_target.address]),
+            listener=listener,
+        )
+    )
+    return listener_address(proxy), public, admin
+
+
+async def test_absolute_form_is_routed_on_its_path_and_authority(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    """Item 12: `GET http://internal/admin` with `Host: public` went to the default group,
+    whose target (accepting absolute-form, as RFC 9112 §3.2.2 requires of it) served /admin."""
+    address, public, admin = await two_groups(make_proxy, raw_servers, admin_rules())
+    response = await exchange_raw(
+        address, b"GET http://internal/admin/users HTTP/1.1\r\nHost: public\r\n\r\n"
+    )
+    assert status_of(response) == 200
+    assert public == []
+    (head,) = [h for h in admin if h.startswith(b"GET")]
+    forwarded = parse_request_head(head)
+    assert forwarded.target == "/admin/users", "sent on in origin-form"
+    assert forwarded.get_all("host") == ["internal"], "the authority replaced Host"
+    assert forwarded.get_all("x-forwarded-host") == ["internal"]
+
+
+async def test_absolute_form_authority_is_the_host_rules_see(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    address, public, admin = await two_groups(make_proxy, raw_servers, admin_rules(host_rule=True))
+    response = await exchange_raw(
+        address, b"GET http://INTERNAL:80/page HTTP/1.1\r\nHost: public\r\n\r\n"
+    )
+    assert status_of(response) == 200
+    assert public == [] and len(admin) == 2
+
+
+BAD_REQUEST_LINES: list[tuple[str, bytes, int, str]] = [
+    ("HTTP/0.9", b"GET / HTTP/0.9\r\nHost: x\r\n\r\n", 505, "http_version_not_supported"),
+    ("HTTP/2.0", b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505, "http_version_not_supported"),
+    ("HTTP/1.2", b"GET / HTTP/1.2\r\nHost: x\r\n\r\n", 505, "http_version_not_supported"),
+    (
+        "HTTP/2.0 upgrade",
+        upgrade_request().replace(b"HTTP/1.1", b"HTTP/2.0", 1),
+        505,
+        "http_version_not_supported",
+    ),
+    (
+        "TE on HTTP/1.0",
+        b"POST / HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        400,
+        "bad_request",
+    ),
+    (
+        "CONNECT",
+        b"CONNECT internal:443 HTTP/1.1\r\nHost: internal:443\r\n\r\n",
+        400,
+        "bad_request_target",
+    ),
+    ("GET *", b"GET * HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request_target"),
+    ("ftp URL", b"GET ftp://internal/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request_target"),
+    ("userinfo", b"GET http://a@internal/ HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request_target"),
+    (
+        "encoded slash",
+        b"GET /public/..%2Fadmin HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        "bad_request_target",
+    ),
+    ("backslash", b"GET /public\\..\\admin HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request_target"),
+    ("bad escape", b"GET /a%zz HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request_target"),
+    ("NUL escape", b"GET /a%00.txt HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request_target"),
+    ("upgrade to %2F", upgrade_request(path="/public/..%2fadmin"), 400, "bad_request_target"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "request_bytes", "status", "reason"),
+    BAD_REQUEST_LINES,
+    ids=[row[0] for row in BAD_REQUEST_LINES],
+)
+async def test_bad_request_lines_and_targets(
+    make_proxy: ProxyFactory,
+    raw_servers: RawServers,
+    name: str,
+    request_bytes: bytes,
+    status: int,
+    reason: str,
+) -> None:
+    record: list[bytes] = []
+    server = await raw_servers(answering_target(record))
+    proxy = await make_proxy(ws_config(("web", [server.address])))
+    response = await exchange_raw(listener_address(proxy), request_bytes)
+    assert status_of(response) == status, response
+    await wait_for(lambda: proxy.listeners["edge"].stats.rejected[reason] == 1)
+    assert record == [], "nothing may reach the target"
+
+
+async def test_options_asterisk_and_http_1_0_still_go_through(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    record: list[bytes] = []
+    server = await raw_servers(answering_target(record))
+    proxy = await make_proxy(ws_config(("web", [server.address])))
+    address = listener_address(proxy)
+    response = await exchange_raw(address, b"OPTIONS * HTTP/1.1\r\nHost: web\r\n\r\n")
+    assert status_of(response) == 200
+    response = await exchange_raw(
+        address, b"POST /f HTTP/1.0\r\nHost: web\r\nContent-Length: 2\r\n\r\nhi"
+    )
+    assert status_of(response) == 200 and response.endswith(b"got 2 bytes")
+    assert record[0].startswith(b"OPTIONS * HTTP/1.1\r\n")
+    assert record[2].startswith(b"POST /f HTTP/1.0\r\n")
+
+
+# --- item 16: paths are normalised before rules match them -------------------------------------
+
+PUBLIC_RULE = """
+[[listeners.edge.rules]]
+path_prefix = "/public/"
+target_group = "admin"
+"""
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/public/../admin",
+        "/public/%2e%2e/admin",
+        "/public/%2E%2E/admin",
+        "/public/.%2e/admin",
+        "/public//../admin",
+        "/public/./../admin",
+        "/public/x/../../admin",
+    ],
+)
+async def test_dot_segments_cannot_leave_a_path_prefix(
+    make_proxy: ProxyFactory, raw_servers: RawServers, path: str
+) -> None:
+    """Item 16: these matched `path_prefix = "/public/"` as sent, and a target that resolves
+    them served /admin from the group of /public/. Now the rules see /admin, and so does the
+    target: the normalised path is what goes on. (Here the group of /public/ is named 'admin'
+    and the default 'public', so a wrong match shows as a request in 'admin'.)"""
+    address, default, prefixed = await two_groups(make_proxy, raw_servers, PUBLIC_RULE)
+    response = await exchange_raw(address, f"GET {path}?q=1 HTTP/1.1\r\nHost: web\r\n\r\n".encode())
+    assert status_of(response) == 200
+    assert prefixed == []
+    (head,) = [h for h in default if h.startswith(b"GET")]
+    assert head.startswith(b"GET /admin?q=1 HTTP/1.1\r\n")
+
+
+async def test_an_upgrade_is_routed_and_sent_on_with_its_normalised_path(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    address, default, prefixed = await two_groups(make_proxy, raw_servers, PUBLIC_RULE)
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        writer.write(upgrade_request(path="/public/%2e%2e/admin"))
+        head = await read_response_head(reader)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert prefixed == []
+    assert default[0].startswith(b"GET /admin HTTP/1.1\r\n")
+
+
+async def test_a_normalised_path_still_matches_its_own_prefix(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    address, default, prefixed = await two_groups(make_proxy, raw_servers, PUBLIC_RULE)
+    for path in ("/public/a/../b", "/%70ublic/b", "//public/b"):
+        response = await exchange_raw(address, f"GET {path} HTTP/1.1\r\nHost: w\r\n\r\n".encode())
+        assert status_of(response) == 200
+    assert default == []
+    assert [h.split(b" ")[1] for h in prefixed if h] == [b"/public/b"] * 3
+
+
+@pytest.mark.parametrize(
+    ("prefix", "message"),
+    [
+        ("/a/../b", "write '/b'"),
+        ("/%7euser/", "write '/~user/'"),
+        ("//v2/", "write '/v2/'"),
+        ("/a%2Fb", "%2F"),
+    ],
+)
+def test_a_path_prefix_not_in_normal_form_is_a_config_error(prefix: str, message: str) -> None:
+    text = f"""
+[listeners.edge]
+address = "127.0.0.1:0"
+websocket = true
+default_target_group = "web"
+[[listeners.edge.rules]]
+path_prefix = "{prefix}"
+target_group = "web"
+[target_groups.web]
+targets = [{{ address = "127.0.0.1:9" }}]
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "<test>")
+    assert "listeners.edge.rules" in str(caught.value) and message in str(caught.value)

@@ -11,6 +11,7 @@ MODULES = [
     "wsproxy.wire.clienthello",
     "wsproxy.wire.http1",
     "wsproxy.wire.proxyproto",
+    "wsproxy.wire.request_target",
     "wsproxy.wire.upgrade",
     "wsproxy.wire.wsframe",
     "wsproxy.wire.wssession",

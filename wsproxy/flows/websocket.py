@@ -55,6 +55,7 @@ from wsproxy.wire.http1 import (
     serialize_request,
     serialize_response_head,
 )
+from wsproxy.wire.request_target import check_version, in_origin_form, parse_request_target
 from wsproxy.wire.upgrade import (
     WEBSOCKET_VERSION,
     check_host,
@@ -245,10 +246,15 @@ class WebSocketFlow(Flow):
             head = parse_request_head(raw_head)
         except MalformedHead as exc:
             raise BadRequest(str(exc)) from None
+        check_version(head)
+        # Rules see the normalised path, and so does the target (wire/request_target.py).
+        target = parse_request_target(head.method, head.target)
         # Interned: every session of a service names the same host and few paths, and the log
         # fields live as long as the session.
-        self.path = sys.intern(head.path[:256])
+        self.path = sys.intern(target.path[:256])
         host = check_host(head)
+        if target.authority is not None:
+            host = target.authority  # RFC 9112 §3.2.2: an absolute-form URL's authority wins
         self.host = sys.intern(host[:256])
         upgrade = wants_upgrade(head)
         key = ""
@@ -262,8 +268,8 @@ class WebSocketFlow(Flow):
                 kind, length = request_body(head)
             except MalformedHead as exc:
                 raise BadRequest(str(exc)) from None
-        group = self.group = self.context.target_group(self.context.router.route(host, head.path))
-        forwarded = self._forwarded_head(head, host, upgrade)
+        group = self.group = self.context.target_group(self.context.router.route(host, target.path))
+        forwarded = self._forwarded_head(in_origin_form(head, target), host, upgrade)
         await self._exchange(group, head, forwarded, key, rest, kind, length)
 
     def _forwarded_head(self, head: RequestHead, host: str, upgrade: bool) -> bytes:
