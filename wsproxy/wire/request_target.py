@@ -19,7 +19,7 @@ Rules (each refusal names what to send instead):
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from wsproxy.errors import BadRequestTarget, VersionNotSupported
 from wsproxy.wire.http1 import RequestHead
@@ -38,10 +38,11 @@ _ABSOLUTE_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?]*)([^?]*)(?:\?(.*)
 _AUTHORITY_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{0,5})?")
 
 
-@dataclass(frozen=True, slots=True)
-class RequestTarget:
+class RequestTarget(NamedTuple):
     """A request-target after checking: ``path`` normalised (``*`` for OPTIONS *), ``query``
-    as sent (None when there is none), ``authority`` from an absolute-form target, else None."""
+    as sent (None when there is none), ``authority`` from an absolute-form target, else None.
+
+    A NamedTuple: one is built per request, and it costs half a frozen dataclass."""
 
     path: str
     query: str | None = None
