@@ -34,7 +34,8 @@ from pydantic import (
 )
 
 from wsproxy.address import Address, parse_address
-from wsproxy.errors import ConfigError, ConfigIssue
+from wsproxy.errors import BadRequestTarget, ConfigError, ConfigIssue
+from wsproxy.wire.request_target import normalize_path
 
 MiB = 1024 * 1024
 
@@ -263,6 +264,27 @@ class RuleConfig(_Section):
             raise ValueError("'sni' rules (tls_passthrough) cannot also match host or path")
         if self.sni is None and self.host is None and self.path_prefix is None:
             raise ValueError("a rule needs 'host' and/or 'path_prefix' (or 'sni' on passthrough)")
+        return self
+
+    @model_validator(mode="after")
+    def _path_prefix_is_normal(self) -> RuleConfig:
+        # Requests are matched on their normalised path (wire/request_target.py): a prefix that
+        # is not in normal form could never match, and one with %2F or %5C names refused paths.
+        prefix = self.path_prefix
+        if prefix is None:
+            return self
+        try:
+            normal = normalize_path(prefix)
+        except BadRequestTarget as exc:
+            raise ValueError(
+                f"path_prefix {prefix!r} can never match: request paths like it are refused "
+                f"with 400 ({exc})"
+            ) from None
+        if normal != prefix:
+            raise ValueError(
+                f"path_prefix {prefix!r} is matched against normalised request paths and would "
+                f"never match; write {normal!r}"
+            )
         return self
 
 

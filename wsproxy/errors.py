@@ -242,6 +242,19 @@ class Reason(DescribedEnum):
         400,
         "a chunked body or Content-Length that breaks RFC 9112",
     )
+    BAD_REQUEST_TARGET = (
+        "bad_request_target",
+        Cause.REFUSED,
+        400,
+        "a request-target that is not origin-form, absolute-form (http, https) or OPTIONS *, "
+        "or a path the proxy will not normalise (%2F, %5C, %00, a backslash, a bad %-escape)",
+    )
+    HTTP_VERSION_NOT_SUPPORTED = (
+        "http_version_not_supported",
+        Cause.REFUSED,
+        505,
+        "a request line whose version is not HTTP/1.0 or HTTP/1.1",
+    )
     # --- refused input: WebSocket frames (the offending side gets the close code)
     WS_PROTOCOL_ERROR = "ws_protocol_error", Cause.REFUSED, 1002, "a frame that breaks RFC 6455"
     WS_FRAME_TOO_LARGE = (
@@ -444,6 +457,18 @@ class UpgradeRequired(HttpError):
 
 class HeadTooLarge(HttpError):
     reason = Reason.HEAD_TOO_LARGE
+
+
+class BadRequestTarget(HttpError):
+    """A request-target the proxy cannot route safely (RFC 9112 §3.2, RFC 3986 §6.2.2)."""
+
+    reason = Reason.BAD_REQUEST_TARGET
+
+
+class VersionNotSupported(HttpError):
+    """505: a request line with a version other than HTTP/1.0 or HTTP/1.1 (RFC 9110 §15.6.6)."""
+
+    reason = Reason.HTTP_VERSION_NOT_SUPPORTED
 
 
 # --- targets -----------------------------------------------------------------------------------

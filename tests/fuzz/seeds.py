@@ -64,6 +64,7 @@ def seeds() -> dict[str, list[bytes]]:
             upgrade_request(),
             b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc",
             b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked,
+            b"GET http://in.ternal:80/a/%2e%2E//b/./../%7e?q=/.. HTTP/1.0\r\nHost: a\r\n\r\n",
         ],
         "http_response": [
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

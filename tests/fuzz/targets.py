@@ -25,6 +25,7 @@ from wsproxy.wire.http1 import (
     request_body,
 )
 from wsproxy.wire.proxyproto import ProxyHeaderReader
+from wsproxy.wire.request_target import check_version, in_origin_form, parse_request_target
 from wsproxy.wire.upgrade import check_host, validate_upgrade_request, wants_upgrade
 from wsproxy.wire.wsframe import FrameTracker
 
@@ -49,6 +50,8 @@ def http_request(data: bytes) -> None:
             assert buffer.size <= HEAD_LIMIT + 16 * 1024, "head buffer grew past its bound"
             if found is not None:
                 head = parse_request_head(found[0])
+                check_version(head)
+                in_origin_form(head, parse_request_target(head.method, head.target))
                 check_host(head)
                 if wants_upgrade(head):
                     validate_upgrade_request(head)

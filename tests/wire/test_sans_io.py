@@ -12,6 +12,7 @@ MODULES = [
     "wsproxy.wire.forwarding",
     "wsproxy.wire.http1",
     "wsproxy.wire.proxyproto",
+    "wsproxy.wire.request_target",
     "wsproxy.wire.upgrade",
     "wsproxy.wire.wsframe",
     "wsproxy.wire.wssession",

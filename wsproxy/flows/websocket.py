@@ -56,6 +56,7 @@ from wsproxy.wire.http1 import (
     serialize_request,
     serialize_response_head,
 )
+from wsproxy.wire.request_target import check_version, in_origin_form, parse_request_target
 from wsproxy.wire.upgrade import (
     WEBSOCKET_VERSION,
     check_host,
@@ -70,6 +71,8 @@ log = logging.getLogger(__name__)
 
 # A target's response head is bounded like the client's request head.
 MAX_RESPONSE_HEAD_BYTES = 16 * 1024
+# Interim (1xx) answers forwarded before the final one; real targets send one or two.
+MAX_INTERIM_RESPONSES = 16
 _FORWARDED = {
     "x-forwarded-for",
     "x-forwarded-proto",
@@ -87,6 +90,10 @@ _FORWARDED = {
 _RESERVED_PREFIXES = ("x-forwarded-", "x-client-cert-")
 _RESERVED = frozenset(fold(name) for name in _FORWARDED)
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection"}
+# RFC 9110 §9.2.1: the methods that are safe to send again to another target after one read
+# the request and closed. PUT and DELETE are idempotent (§9.2.2) but change state, and
+# applications often do not make them idempotent in fact, so they are not retried.
+_SAFE = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 
 
 def error_response(exc: HttpError) -> bytes:
@@ -120,16 +127,36 @@ class _Exchange:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
+        self._loop = loop
         self.head: asyncio.Future[tuple[bytes, bytes]] = loop.create_future()
         self.finished: asyncio.Future[Reason] = loop.create_future()
         self.received = 0
+        self._ended_why: str | None = None
         self._buffer = HeadBuffer(MAX_RESPONSE_HEAD_BYTES)
         endpoint.on_data = self._head_data
         endpoint.callbacks.on_eof = self._eof
         endpoint.callbacks.on_lost = self._lost
 
+    def read_next_head(self, rest: bytes) -> None:
+        """After an interim (1xx) answer: read the next head into a new ``head`` future, starting
+        with ``rest`` (the bytes that followed the interim head) and whatever was held back."""
+        self.head = self._loop.create_future()
+        self._buffer = HeadBuffer(MAX_RESPONSE_HEAD_BYTES)
+        pending = rest + self.endpoint.take_held()
+        if pending:
+            self._feed_head(pending)
+        if self.head.done():
+            return
+        if self._ended_why is not None:
+            self.head.set_exception(TargetClosed(f"{self._ended_why} after an interim answer"))
+        else:
+            self.endpoint.resume_reading()
+
     def _head_data(self, data: bytes) -> None:
         self.received += len(data)
+        self._feed_head(data)
+
+    def _feed_head(self, data: bytes) -> None:
         if self.head.done():
             self.endpoint.hold(data)
             return
@@ -150,6 +177,7 @@ class _Exchange:
         self._ended("target reset the connection" if exc else "target closed the connection")
 
     def _ended(self, why: str) -> None:
+        self._ended_why = why
         if not self.head.done():
             self.head.set_exception(TargetClosed(f"{why} before answering ({self.received} bytes)"))
         if not self.finished.done():
@@ -224,10 +252,15 @@ class WebSocketFlow(Flow):
             head = parse_request_head(raw_head)
         except MalformedHead as exc:
             raise BadRequest(str(exc)) from None
+        check_version(head)
+        # Rules see the normalised path, and so does the target (wire/request_target.py).
+        target = parse_request_target(head.method, head.target)
         # Interned: every session of a service names the same host and few paths, and the log
         # fields live as long as the session.
-        self.path = sys.intern(head.path[:256])
+        self.path = sys.intern(target.path[:256])
         host = check_host(head)
+        if target.authority is not None:
+            host = target.authority  # RFC 9112 §3.2.2: an absolute-form URL's authority wins
         self.host = sys.intern(host[:256])
         upgrade = wants_upgrade(head)
         key = ""
@@ -241,8 +274,8 @@ class WebSocketFlow(Flow):
                 kind, length = request_body(head)
             except MalformedHead as exc:
                 raise BadRequest(str(exc)) from None
-        group = self.group = self.context.target_group(self.context.router.route(host, head.path))
-        forwarded = self._forwarded_head(head, host, upgrade)
+        group = self.group = self.context.target_group(self.context.router.route(host, target.path))
+        forwarded = self._forwarded_head(in_origin_form(head, target), host, upgrade)
         await self._exchange(group, head, forwarded, key, rest, kind, length)
 
     def _forwarded_head(self, head: RequestHead, host: str, upgrade: bool) -> bytes:
@@ -298,9 +331,11 @@ class WebSocketFlow(Flow):
                     f"{config.handshake_timeout_seconds:g} s"
                 ) from None
             except TargetClosed as exc:
-                # Nothing reached the client yet and the request had no body: another target may
-                # answer it (an Upgrade GET is idempotent).
-                if exchange.received or kind is not BodyKind.NONE:
+                # The target may have acted on the request before closing: only a safe method
+                # (RFC 9110 §9.2.1; an Upgrade is a GET) without a body, of which nothing
+                # reached the client yet, may go to another target. HAProxy's default retries
+                # nothing once the request was sent; the dial retries connect failures for all.
+                if exchange.received or kind is not BodyKind.NONE or head.method not in _SAFE:
                     raise
                 self.drop_target()
                 raise RetryElsewhere(exc) from None
@@ -321,10 +356,28 @@ class WebSocketFlow(Flow):
         client_rest: bytes,
         exchange: _Exchange,
     ) -> None:
-        try:
-            response = parse_response_head(raw_response)
-        except MalformedHead as exc:
-            raise BadTargetResponse(f"target sent an invalid response head: {exc}") from None
+        response = self._parse_response(raw_response)
+        interim = 0
+        while 100 <= response.status < 200 and response.status != 101:
+            # RFC 9110 §15.2: a proxy forwards 1xx answers (100 Continue, 103 Early Hints) and
+            # goes on to the final one, as HAProxy and nginx do. Bounded: a target sending them
+            # forever would otherwise hold the connection past every deadline.
+            interim += 1
+            if interim > MAX_INTERIM_RESPONSES:
+                raise BadTargetResponse(
+                    f"target sent more than {MAX_INTERIM_RESPONSES} interim (1xx) answers"
+                )
+            self._forward_interim(head, response)
+            exchange.read_next_head(response_rest)
+            try:
+                await self._until_quiet(exchange.head, group.config.handshake_timeout_seconds)
+            except TimeoutError:
+                raise TargetHandshakeTimeout(
+                    f"target sent {response.status} but no final answer within "
+                    f"{group.config.handshake_timeout_seconds:g} s"
+                ) from None
+            raw_response, response_rest = exchange.head.result()
+            response = self._parse_response(raw_response)
         if key and is_valid_upgrade_response(response, key):
             self.status = response.status
             extensions = bool(response.get("sec-websocket-extensions"))
@@ -338,6 +391,25 @@ class WebSocketFlow(Flow):
             self.context.count_upgrade(group.name, Reason.REJECTED_BY_TARGET)
         self.status = response.status
         await self._forward_response(head, response, response_rest, exchange)
+
+    @staticmethod
+    def _parse_response(raw_response: bytes) -> ResponseHead:
+        try:
+            return parse_response_head(raw_response)
+        except MalformedHead as exc:
+            raise BadTargetResponse(f"target sent an invalid response head: {exc}") from None
+
+    def _forward_interim(self, request: RequestHead, response: ResponseHead) -> None:
+        """Send a 1xx answer on to the client, without hop-by-hop fields; an HTTP/1.0 client
+        gets none (RFC 9110 §15.2: 1.0 defines no 1xx)."""
+        if request.version == "HTTP/1.0":
+            return
+        headers = replace_headers(response.headers, _HOP_BY_HOP, ())
+        interim = serialize_response_head(
+            ResponseHead(response.version, response.status, response.reason, headers)
+        )
+        self.handshake_bytes_out += len(interim)
+        self.client.write(interim)
 
     async def _until_quiet(self, future: asyncio.Future[Any], quiet_seconds: float) -> None:
         """Wait for ``future`` while bytes keep moving; TimeoutError once none moved for

@@ -293,6 +293,10 @@ def _is_chunked(fields: _HeadFields) -> bool | None:
 
 def request_body(head: RequestHead) -> tuple[BodyKind, int]:
     """How the request's body is framed (RFC 9112 §6.3); ambiguous framing is an error."""
+    if head.version == "HTTP/1.0" and head.get_all("transfer-encoding"):
+        # RFC 9112 §6.1: HTTP/1.0 has no Transfer-Encoding, so a 1.0 message with one has faulty
+        # framing; parsers that honour it and parsers that do not would split it differently.
+        raise MalformedHead("Transfer-Encoding in an HTTP/1.0 request; send Content-Length")
     chunked = _is_chunked(head)
     length = _content_length(head)
     if chunked is not None:
