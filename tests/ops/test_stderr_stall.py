@@ -60,11 +60,13 @@ class StalledProxy:
         writer = os.open(f"/proc/{self.process.pid}/fd/2", os.O_WRONLY | os.O_NONBLOCK)
         written = 0
         try:
-            while True:
-                try:
-                    written += os.write(writer, b"#" * 4096)
-                except BlockingIOError:
-                    return written
+            # Pages first, then single bytes: a write of up to PIPE_BUF bytes is all or nothing,
+            # so the last page could otherwise keep room for a short traceback.
+            for size in (4096, 1):
+                with contextlib.suppress(BlockingIOError):
+                    while True:
+                        written += os.write(writer, b"#" * size)
+            return written
         finally:
             os.close(writer)
 
