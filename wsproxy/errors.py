@@ -307,6 +307,12 @@ class Reason(DescribedEnum):
         None,
         "the TLS handshake failed for another reason (the log says which)",
     )
+    TLS_BAD_SERVER_NAME = (
+        "tls_bad_server_name",
+        Cause.REFUSED,
+        None,
+        "a ClientHello whose server name (SNI) is not ASCII; refused with a TLS alert",
+    )
     TLS_MALFORMED_CLIENT_HELLO = (
         "tls_malformed_client_hello",
         Cause.REFUSED,

@@ -304,12 +304,25 @@ class ServerTls:
 
     def _on_sni(
         self, ssl_object: ssl.SSLObject, server_name: str | None, context: ssl.SSLContext
-    ) -> None:
-        if server_name:
-            self._sni[ssl_object] = server_name
-        chosen = self.select(server_name)
-        if chosen is not context:
-            ssl_object.context = chosen
+    ) -> int | None:
+        """OpenSSL's server-name callback: switch to the certificate chosen for the name.
+
+        It runs inside OpenSSL, where CPython can only report an exception as "unraisable"
+        (on stderr, from the event loop's thread): so nothing escapes; the handshake is refused
+        with a fatal internal_error alert, counted as ``tls_bad_server_name``. A name that is
+        not ASCII never gets here: CPython refuses it the same way before calling (RFC 6066 §3:
+        a HostName is ASCII), and ``ops.logs.report_unraisable`` logs its report.
+        """
+        try:
+            if server_name:
+                self._sni[ssl_object] = server_name
+            chosen = self.select(server_name)
+            if chosen is not context:
+                ssl_object.context = chosen
+        except Exception:  # inside OpenSSL, where nothing may escape: refuse, log, go on
+            log.exception("listener '%s': server name %r refused", self.listener, server_name)
+            return ssl.ALERT_DESCRIPTION_INTERNAL_ERROR
+        return None
 
     def server_name(self, ssl_object: ssl.SSLObject) -> str | None:
         return self._sni.get(ssl_object)
@@ -351,6 +364,8 @@ def classify_handshake_failure(exc: BaseException) -> tuple[Reason, str]:
         tag = (exc.reason or "").upper()
         if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in tag or "CERTIFICATE_REQUIRED" in tag:
             return Reason.CLIENT_CERT_MISSING, "no client certificate"
+        if tag == "CALLBACK_FAILED":  # the only callback that refuses is the SNI one (_on_sni)
+            return Reason.TLS_BAD_SERVER_NAME, "server name refused (not ASCII, or unusable)"
         if tag == "HTTP_REQUEST":
             return Reason.TLS_HTTP_REQUEST, "plain HTTP sent to a TLS listener"
         if tag in ("WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -78,6 +80,30 @@ class ProxyCommands(Protocol):
 
 
 log = logging.getLogger(__name__)
+# aiohttp's request handlers log here (instead of aiohttp.server), through _client_faults_quietly.
+_http_log = logging.getLogger(f"{__name__}.http")
+
+
+def _client_faults_quietly(record: logging.LogRecord) -> bool:
+    """aiohttp logs a request it cannot parse (bytes not allowed in a header, a broken request
+    line; answered 400) at error level with its traceback. The client is at fault, and any
+    client can send it: one line at info instead, without the client's bytes."""
+    exc = record.exc_info[1] if record.exc_info else None
+    if not isinstance(exc, HttpProcessingError) or not 400 <= exc.code < 500:
+        return True
+    level = min(record.levelno, logging.INFO)  # aiohttp logs some at debug already
+    if not _http_log.isEnabledFor(level):
+        return False
+    lines = exc.message.strip().splitlines() if isinstance(exc.message, str) else []
+    remote = record.args[0] if isinstance(record.args, tuple) and record.args else "unknown"
+    record.levelno, record.levelname = level, logging.getLevelName(level)
+    record.msg = "admin: answered %s to %s: not valid HTTP (%s)"
+    record.args = (exc.code, remote, lines[0].rstrip(":") if lines else "unparsable request")
+    record.exc_info = record.exc_text = None
+    return True
+
+
+_http_log.addFilter(_client_faults_quietly)
 
 # The status page is one self-contained file: no external assets, so it works offline.
 _STATUS_PAGE = status_page.StatusTemplate(
@@ -101,6 +127,55 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+_REGISTER_HINT = 'send {"address": "host:port", "weight": 1}'
+
+
+def _json_kind(value: object) -> str:
+    """What a JSON value is, for an error message (never the value: it may be huge or deep)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+async def _json_body(request: web.Request) -> object:
+    """The request's body as JSON; ``web.HTTPException`` (answered as JSON) when it is not.
+
+    Over ``client_max_size`` is 413 (aiohttp). The body must be UTF-8 (RFC 8259 §8.1: JSON
+    exchanged between systems is UTF-8), whatever charset ``Content-Type`` names. Too deep a
+    nesting is 400: CPython's parser recurses per level and raises ``RecursionError``.
+    """
+    raw = await request.read()
+    if not raw.strip():
+        raise web.HTTPBadRequest(text=f"the body is empty; {_REGISTER_HINT}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise web.HTTPBadRequest(
+            text=f"the body is not UTF-8 (byte {exc.start}); JSON is UTF-8 (RFC 8259 §8.1)"
+        ) from None
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise web.HTTPBadRequest(
+            text=f"the body's JSON nests too deeply; {_REGISTER_HINT}"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise web.HTTPBadRequest(
+            text=f"the body is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            f"{_REGISTER_HINT}"
+        ) from None
+    except ValueError as exc:  # e.g. an integer over Python's 4,300-digit conversion limit
+        raise web.HTTPBadRequest(
+            text=f"the body is not usable JSON ({str(exc).partition(':')[0]}); {_REGISTER_HINT}"
+        ) from None
 
 
 # RFC 2585 §4.2 registers application/pkix-crl for a DER CRL, which is what an HTTP CRL
@@ -164,6 +239,7 @@ class AdminServer:
         self._runner: web.AppRunner | None = None
         token_file = proxy.config.admin.token_file
         self._token = Path(token_file).read_text(encoding="utf-8").strip() if token_file else None
+        self._expected = f"Bearer {self._token}".encode() if self._token is not None else None
         # Like the address and the token, fixed for the process's life (not reloaded).
         self._open_paths = proxy.config.admin.open_paths()
 
@@ -186,7 +262,7 @@ class AdminServer:
         app.router.add_delete("/v1/target-groups/{name}/targets/{address}", self._deregister)
         app.router.add_post("/v1/drain", self._drain)
         app.router.add_post("/v1/reload", self._reload)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=_http_log)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._requested.host, self._requested.port)
         try:
@@ -221,9 +297,7 @@ class AdminServer:
                 f"{request.path} needs a bearer token and this proxy has none: set [admin] "
                 "token_file ([admin] unauthenticated lists the endpoints open without one)",
             )
-        header = request.headers.get("Authorization", "")
-        expected = f"Bearer {self._token}"
-        if not hmac.compare_digest(header.encode(), expected.encode()):
+        if not self._has_token(request):
             return _error(401, "missing or wrong bearer token", {"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
@@ -307,19 +381,27 @@ class AdminServer:
         name = request.match_info["name"]
         if name not in self._proxy.target_groups:
             return _error(404, f"no target group {name!r}")
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            return _error(422, f"expected a JSON object, got {_json_kind(body)}; {_REGISTER_HINT}")
+        unknown = sorted(set(body) - {"address", "weight"})
+        if unknown:
+            names = ", ".join(repr(key[:40]) for key in unknown[:3])
+            return _error(422, f"unknown key(s) {names}: only 'address' and 'weight' are known")
+        given = body.get("address")
+        if not isinstance(given, str):
+            kind = _json_kind(given) if "address" in body else "nothing (no such key)"
+            return _error(422, f"address: must be a string 'host:port', got {kind}")
         try:
-            body = await request.json()
-        except ValueError:
-            return _error(400, 'body is not JSON; send {"address": "host:port", "weight": 1}')
-        if not isinstance(body, dict) or set(body) - {"address", "weight"}:
-            return _error(422, "expected an object with 'address' and optional 'weight'")
-        try:
-            address = parse_address(str(body.get("address", "")))
+            address = parse_address(given)
         except ValueError as exc:
             return _error(422, f"address: {exc}")
         weight = body.get("weight", 1)
-        if not isinstance(weight, int) or isinstance(weight, bool) or not 1 <= weight <= 1000:
-            return _error(422, f"weight: must be an integer 1-1000, got {weight!r}")
+        if not isinstance(weight, int) or isinstance(weight, bool):
+            return _error(422, f"weight: must be an integer 1-1000, got {_json_kind(weight)}")
+        if not 1 <= weight <= 1000:
+            shown = str(weight) if abs(weight) < 10**9 else "a larger number"
+            return _error(422, f"weight: must be an integer 1-1000, got {shown}")
         try:
             target = self._commands.register(name, address, weight)
         except TargetExists as exc:
@@ -378,10 +460,12 @@ class AdminServer:
 
     def _has_token(self, request: web.Request) -> bool:
         """Whether the request may see data: no token configured, or the right one sent."""
-        if self._token is None:
+        if self._expected is None:
             return True
-        header = request.headers.get("Authorization", "")
-        return hmac.compare_digest(header.encode(), f"Bearer {self._token}".encode())
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape, so a byte that is not
+        # UTF-8 (0xff) comes back here as the bytes the client sent, instead of raising.
+        sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        return hmac.compare_digest(sent, self._expected)
 
     async def _status_page(self, request: web.Request) -> web.Response:
         # The first view is rendered here, so curl and clients without scripts see the states;

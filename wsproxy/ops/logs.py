@@ -3,6 +3,12 @@
 Lines are formatted on the event loop but written by a thread of their own through a bounded
 queue: when stderr is slow or blocked (a full pipe, a stalled journald), lines are dropped and
 counted (``wsproxy_log_lines_dropped_total``) instead of stalling every session on a write.
+
+Python itself writes to stderr on the calling thread in a few places: "Exception ignored"
+reports (an exception raised inside a C callback such as OpenSSL's SNI callback, or in
+``__del__``), exceptions that end a thread, warnings, and logging's own errors. ``configure``
+routes each of them through the same handler, so no client input can make the event loop wait
+on stderr.
 """
 
 from __future__ import annotations
@@ -88,12 +94,13 @@ class NonBlockingHandler(logging.Handler):
         self._queue: queue.Queue[str | None] = queue.Queue(maxsize=capacity)
         self.dropped_full = 0  # counted by emitters
         self.dropped_failed = 0  # counted by the writer thread (stderr closed or broken)
+        self.dropped_unformattable = 0  # records whose message could not be formatted
         self._writer = threading.Thread(target=self._write, name="wsproxy-log", daemon=True)
         self._writer.start()
 
     @property
     def dropped(self) -> int:
-        return self.dropped_full + self.dropped_failed
+        return self.dropped_full + self.dropped_failed + self.dropped_unformattable
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -105,6 +112,16 @@ class NonBlockingHandler(logging.Handler):
             self._queue.put_nowait(line)
         except queue.Full:
             self.dropped_full += 1
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A record that cannot be formatted (a log call whose arguments do not fit its message):
+        counted, and a one-line note queued in its place. logging's default prints a traceback
+        to stderr on the caller's thread, which would block the event loop on a stalled stderr.
+        """
+        self.dropped_unformattable += 1
+        note = f"logging error: cannot format a record of {record.name} ({record.pathname}:"
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(f"{note}{record.lineno}); dropped\n")
 
     def _write(self) -> None:
         while True:
@@ -153,6 +170,70 @@ def configure(level: str = "info", fmt: str = "text", stream: TextIO | None = No
     root.setLevel(level.upper())
     # aiohttp's own access log would duplicate ours for the admin listener.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    install_hooks()
+
+
+def _short_repr(value: object, limit: int = 200) -> str:
+    """``repr(value)``, cut to ``limit`` characters; a repr that raises is named, not raised."""
+    try:
+        text = repr(value)
+    except Exception:  # noqa: BLE001  # a broken __repr__ must not lose the report it is part of
+        text = f"<{type(value).__name__} object (repr failed)>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def report_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    """``sys.unraisablehook``: an exception Python could not raise to any caller, as one log line
+    (``event = "unraisable"``, level warning) through the non-blocking handler.
+
+    CPython reports this way, among others, a server name in a ClientHello that is not ASCII
+    (it cannot decode it for the SNI callback, and OpenSSL then refuses the handshake with an
+    internal_error alert): a client can cause it at will, hence a warning, not an error.
+    """
+    try:
+        where = unraisable.err_msg or "Exception ignored in"
+        target = _short_repr(unraisable.object) if unraisable.object is not None else None
+        exc_info = None
+        if unraisable.exc_value is not None:
+            exc_info = (unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback)
+        _HOOKS.warning(
+            "%s: %s",
+            where,
+            target,
+            exc_info=exc_info,
+            extra={"event": "unraisable", "fields": {"object": target}},
+        )
+    except Exception:  # noqa: BLE001, S110  # a hook that raises is reported on stderr
+        pass
+
+
+def report_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """``threading.excepthook``: an exception that ended a thread, as one log line
+    (``event = "thread_exception"``, level error) through the non-blocking handler."""
+    if args.exc_type is SystemExit:
+        return  # the default hook ignores it too: a thread that asked to end
+    try:
+        name = args.thread.name if args.thread is not None else "unknown"
+        exc_info = None
+        if args.exc_value is not None:
+            exc_info = (args.exc_type, args.exc_value, args.exc_traceback)
+        _HOOKS.error(
+            "thread %s ended by an exception",
+            name,
+            exc_info=exc_info,
+            extra={"event": "thread_exception", "fields": {"thread": name}},
+        )
+    except Exception:  # noqa: BLE001, S110  # a hook that raises is reported on stderr
+        pass
+
+
+def install_hooks() -> None:
+    """Route what Python writes to stderr by itself through the log handler: unraisable
+    exceptions, exceptions that end threads, and warnings (logger ``py.warnings``). Called by
+    ``configure``; the hooks are process-wide, as the logging configuration is."""
+    sys.unraisablehook = report_unraisable
+    threading.excepthook = report_thread_exception
+    logging.captureWarnings(True)
 
 
 def flush() -> None:
@@ -190,3 +271,4 @@ def connection_logging() -> bool:
 
 
 _ACCESS = logging.getLogger(ACCESS_LOGGER)
+_HOOKS = logging.getLogger("wsproxy.python")
