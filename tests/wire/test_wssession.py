@@ -473,6 +473,19 @@ def test_nothing_is_written_after_a_half_close_was_passed_on(side: Side, other: 
     assert run.session.state is State.CLOSED
 
 
+def test_bytes_that_race_the_closing_of_both_sockets_are_ignored() -> None:
+    """Found by the chunking property: once the session told both sockets to close, a client
+    read still in flight was forwarded, and a bad frame in it ended the session a second time
+    (and, cut elsewhere, a third): what a session says must not depend on late reads."""
+    run = Run.start(ping_interval=10.0, target_ping_interval=10.0, ping_timeout=3.0)
+    run.target(t(OP_CLOSE, (1000).to_bytes(2, "big") + b"bye"))
+    run.tick(10.0).tick(10.0).tick(3.0)  # the target owes a Pong: aborted, the client closed
+    assert run.state() is State.CLOSED
+    run.take_log()
+    run.client(c(OP_TEXT, b"late") + b"\x81\x01x" + c(OP_TEXT, b"after"), cuts=[14])
+    assert run.take_log() == []
+
+
 def test_sockets_the_adapter_closes_end_the_session() -> None:
     run = Run.start(ping_interval=1.0)
     run.session.closing()

@@ -430,6 +430,7 @@ class Session(Generic[D]):
             self._emit(CloseSide(side))
         if self._gone == CLIENT | TARGET:
             self.state = S_CLOSED
+            self.to_target.plain = self.to_client.plain = False  # receive() ignores the rest
 
     def _receiver(self, direction: Direction) -> Side:
         return CLIENT if direction is self.to_client else TARGET
@@ -517,6 +518,10 @@ class Session(Generic[D]):
             return len(data)
         direction.received += len(data)
         taken = 0
+        if self.state is S_CLOSED:
+            # Both sockets were told to close: a transport stops reading then, and bytes that
+            # raced that mean nothing (a bad frame among them must not end the session again).
+            return 0
         if direction.ping_payload is not None or direction.pong_buf:
             self._filter_pongs(direction, data, now)
         elif direction.state is D_OPEN:
@@ -890,6 +895,7 @@ class Session(Generic[D]):
         on): the session is over."""
         self._gone = CLIENT | TARGET
         self.state = S_CLOSED
+        self.to_target.plain = self.to_client.plain = False
 
     def _say_goodbye(self, direction: D, why: str) -> None:
         """One side vanished without a Close: send the other a 1001 if its stream allows it."""
