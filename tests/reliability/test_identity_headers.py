@@ -129,6 +129,7 @@ FORGED = (
     "X_Client_Cert_Subject: CN=admin",
     "X-Client-Cert_Serial: 01",
     "X_CLIENT_CERT_VERIFY: SUCCESS",
+    "Forwarded: for=6.6.6.6;host=evil.example;proto=https",
 )
 
 
@@ -149,7 +150,7 @@ async def test_underscore_spellings_do_not_reach_a_wsgi_app(
     assert environ["HTTP_X_FORWARDED_PROTO"] == "http"
     assert environ["HTTP_X_FORWARDED_HOST"] == "test.internal"
     assert environ["HTTP_X_FORWARDED_PORT"] == str(address.port)
-    for absent in ("SSL", "SUBJECT", "SERIAL", "VERIFY"):
+    for absent in ("SSL", "SUBJECT", "SERIAL", "VERIFY", "HTTP_FORWARDED"):
         assert not [key for key in environ if key.endswith(absent)], environ
 
 
@@ -170,6 +171,7 @@ async def test_underscore_spellings_do_not_reach_a_wsgi_app_under_mtls(
     assert environ["HTTP_X_FORWARDED_PROTO"] == "https"
     assert "HTTP_X_FORWARDED_SSL" not in environ
     assert "HTTP_X_CLIENT_CERT_VERIFY" not in environ
+    assert "HTTP_FORWARDED" not in environ
 
 
 @pytest.mark.parametrize("forged", FORGED)

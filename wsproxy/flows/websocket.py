@@ -88,7 +88,9 @@ _FORWARDED = {
 # application may trust X-Forwarded-Ssl or X-Client-Cert-Verify (Rack, nginx conventions) as
 # coming from the proxy.
 _RESERVED_PREFIXES = ("x-forwarded-", "x-client-cert-")
-_RESERVED = frozenset(fold(name) for name in _FORWARDED)
+# RFC 7239 Forwarded carries the same claims, and frameworks (Spring) read it before the
+# X-Forwarded-* fields: a client's copy is dropped; the proxy adds none.
+_RESERVED = frozenset(fold(name) for name in (*_FORWARDED, "forwarded"))
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-connection"}
 # RFC 9110 §9.2.1: the methods that are safe to send again to another target after one read
 # the request and closed. PUT and DELETE are idempotent (§9.2.2) but change state, and
