@@ -3,6 +3,7 @@ revokes them, and publishes a CRL. Built on ``cryptography``; time comes from an
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import shlex
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from wsproxy.ca.store import (
+    LOCK_TIMEOUT_SECONDS,
     CAStore,
     Index,
     IndexEntry,
@@ -136,11 +138,23 @@ class Listing:
 
 
 class CertificateAuthority:
-    """One CA directory. Every operation reads what it needs from disk and writes atomically."""
+    """One CA directory. Every operation reads what it needs from disk and writes atomically;
+    one that changes the directory holds its lock (``CAStore.lock``) throughout, waiting up to
+    ``lock_timeout_seconds`` for another command to finish."""
 
-    def __init__(self, directory: str, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        clock: Clock | None = None,
+        *,
+        lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS,
+    ) -> None:
         self.store = CAStore(directory)
         self.clock = clock or SystemClock()
+        self.lock_timeout_seconds = lock_timeout_seconds
+
+    def _locked(self, command: str) -> contextlib.AbstractContextManager[None]:
+        return self.store.lock(command, self.lock_timeout_seconds)
 
     @property
     def _dir(self) -> str:
@@ -153,9 +167,17 @@ class CertificateAuthority:
         """Create the root; refuses to overwrite an existing CA. ``crl_urls`` (http) go into
         every certificate it issues, as their CRL Distribution Points."""
         store = self.store
+        urls = [check_crl_url(url) for url in crl_urls]
         if store.exists():
             raise CAError(f"a CA already exists in {store.ca_dir}; refusing to overwrite it")
-        urls = [check_crl_url(url) for url in crl_urls]
+        with self._locked("init"):
+            # Checked again under the lock: two concurrent inits must not both write a root.
+            if store.exists():
+                raise CAError(f"a CA already exists in {store.ca_dir}; refusing to overwrite it")
+            return self._init(name, urls)
+
+    def _init(self, name: str, urls: list[str]) -> x509.Certificate:
+        store = self.store
         now = self.clock.now()
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -209,9 +231,11 @@ class CertificateAuthority:
         """Replace the CRL URLs written into certificates issued from now on (``[]``: none).
         Certificates issued before keep what they carry; re-issue them to change it."""
         urls = [check_crl_url(url) for url in crl_urls]
-        settings = self.settings
-        settings.crl_urls = urls
-        self.store.save_settings(settings)
+        self.store.require()
+        with self._locked("settings"):
+            settings = self.store.load_settings()
+            settings.crl_urls = urls
+            self.store.save_settings(settings)
         return settings
 
     @property
@@ -268,6 +292,23 @@ class CertificateAuthority:
         check_name(name)
         if days <= 0:
             raise CAError(f"--days must be > 0, got {days}")
+        self.store.require()
+        # Generated before taking the lock: an RSA key can take a second, and needs no state.
+        key = _new_key(key_type)
+        with self._locked(f"issue {kind}"):
+            return self._issue_locked(name, kind, common_name, sans, usage, days, key, key_type)
+
+    def _issue_locked(
+        self,
+        name: str,
+        kind: str,
+        common_name: str,
+        sans: list[x509.GeneralName],
+        usage: x509.ObjectIdentifier,
+        days: int,
+        key: PrivateKey,
+        key_type: KeyType,
+    ) -> Issued:
         ca_cert, ca_key = self._load_ca()
         crl_urls = self.store.load_settings().crl_urls
         index = self.store.load_index()
@@ -280,7 +321,6 @@ class CertificateAuthority:
             )
         now = self.clock.now()
         not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-        key = _new_key(key_type)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         serial = x509.random_serial_number()  # 159 random bits (RFC 5280 §4.1.2.2 allows 20 octets)
@@ -325,20 +365,26 @@ class CertificateAuthority:
         chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(
             serialization.Encoding.PEM
         )
-        write_atomic(store.leaf_key(name), _key_pem(key), 0o600)
-        write_atomic(store.leaf_cert(name), chain, 0o644)
-        index.certificates.append(
-            IndexEntry(
-                name=name,
-                serial=f"{serial:x}",
-                kind=kind,
-                subject=cert.subject.rfc4514_string(),
-                not_before=_iso(cert.not_valid_before_utc),
-                not_after=_iso(cert.not_valid_after_utc),
-                key_type=key_type,
-            )
+        entry = IndexEntry(
+            name=name,
+            serial=f"{serial:x}",
+            kind=kind,
+            subject=cert.subject.rfc4514_string(),
+            not_before=_iso(cert.not_valid_before_utc),
+            not_after=_iso(cert.not_valid_after_utc),
+            key_type=key_type,
         )
+        # The index first: a crash after it leaves an entry without files (revocable, harmless),
+        # never a certificate on disk that the index does not know and so cannot revoke.
+        index.certificates.append(entry)
         store.save_index(index)
+        try:
+            write_atomic(store.leaf_key(name), _key_pem(key), 0o600)
+            write_atomic(store.leaf_cert(name), chain, 0o644)
+        except BaseException:
+            index.certificates.remove(entry)
+            store.save_index(index)
+            raise
         return Issued(
             name,
             serial,
@@ -354,21 +400,27 @@ class CertificateAuthority:
         """Mark a certificate revoked and publish a fresh CRL."""
         if reason not in REASONS:
             raise CAError(f"unknown reason {reason!r}; use one of {', '.join(REASONS)}")
-        ca_cert, ca_key = self._load_ca()
-        index = self.store.load_index()
-        entry = index.find(name_or_serial, self._dir)
-        if entry.status == "revoked":
-            raise CAError(f"certificate {entry.name} (serial {entry.serial}) is already revoked")
-        entry.status = "revoked"
-        entry.revoked_at = _iso(self.clock.now())
-        entry.revocation_reason = reason
-        self._write_crl(ca_cert, ca_key, index)
+        self.store.require()
+        with self._locked("revoke"):
+            ca_cert, ca_key = self._load_ca()
+            index = self.store.load_index()
+            entry = index.find(name_or_serial, self._dir)
+            if entry.status == "revoked":
+                raise CAError(
+                    f"certificate {entry.name} (serial {entry.serial}) is already revoked"
+                )
+            entry.status = "revoked"
+            entry.revoked_at = _iso(self.clock.now())
+            entry.revocation_reason = reason
+            self._write_crl(ca_cert, ca_key, index)
         return entry
 
     def crl(self) -> x509.CertificateRevocationList:
         """Publish a fresh CRL (run it before ``nextUpdate``, e.g. daily from cron)."""
-        ca_cert, ca_key = self._load_ca()
-        return self._write_crl(ca_cert, ca_key, self.store.load_index())
+        self.store.require()
+        with self._locked("crl"):
+            ca_cert, ca_key = self._load_ca()
+            return self._write_crl(ca_cert, ca_key, self.store.load_index())
 
     def _write_crl(
         self, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, index: Index
@@ -445,5 +497,6 @@ class CertificateAuthority:
             name.encode(), key, certs[0], certs[1:], encryption
         )
         path = store.leaf_p12(name)
-        write_atomic(path, blob, 0o600)
+        with self._locked("export-p12"):
+            write_atomic(path, blob, 0o600)
         return str(path)
