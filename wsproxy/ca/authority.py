@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from wsproxy.ca.names import check_common_name, check_dns_name
 from wsproxy.ca.store import (
     LOCK_TIMEOUT_SECONDS,
     CAStore,
@@ -29,7 +30,7 @@ from wsproxy.ca.store import (
     write_atomic,
 )
 from wsproxy.clock import Clock, SystemClock
-from wsproxy.errors import CAError
+from wsproxy.errors import CAError, CAInputError
 
 KeyType = Literal["ec-p256", "ed25519", "rsa-3072"]
 KEY_TYPES: tuple[KeyType, ...] = ("ec-p256", "ed25519", "rsa-3072")
@@ -60,7 +61,7 @@ def _new_key(key_type: KeyType) -> PrivateKey:
         return ed25519.Ed25519PrivateKey.generate()
     if key_type == "rsa-3072":
         return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    raise CAError(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
+    raise CAInputError(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
 
 
 def _key_pem(key: PrivateKey) -> bytes:
@@ -96,21 +97,21 @@ def check_crl_url(url: str) -> str:
     """
     hint = "e.g. http://wsproxy.internal:9900/v1/crl (the admin listener serves the CRL there)"
     if not url.isascii() or any(char.isspace() or not char.isprintable() for char in url):
-        raise CAError(f"--crl-url {url!r}: must be ASCII without spaces (percent-encode them)")
+        raise CAInputError(f"--crl-url {url!r}: must be ASCII without spaces (percent-encode them)")
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme != "http":
-        raise CAError(
+        raise CAInputError(
             f"--crl-url {url!r}: must be an http:// URL (clients fetch CRLs over plain HTTP; "
             f"the CRL is signed, so it needs no TLS); {hint}"
         )
     try:
         _ = parsed.port  # reading it parses it: a bad port raises here
     except ValueError as exc:
-        raise CAError(f"--crl-url {url!r}: {exc}; {hint}") from None
+        raise CAInputError(f"--crl-url {url!r}: {exc}; {hint}") from None
     if not parsed.hostname:
-        raise CAError(f"--crl-url {url!r}: names no host; {hint}")
+        raise CAInputError(f"--crl-url {url!r}: names no host; {hint}")
     if parsed.fragment:
-        raise CAError(f"--crl-url {url!r}: a fragment (#...) means nothing to a CRL client")
+        raise CAInputError(f"--crl-url {url!r}: a fragment (#...) means nothing to a CRL client")
     return url
 
 
@@ -167,6 +168,7 @@ class CertificateAuthority:
         """Create the root; refuses to overwrite an existing CA. ``crl_urls`` (http) go into
         every certificate it issues, as their CRL Distribution Points."""
         store = self.store
+        check_common_name(name, "--name")
         urls = [check_crl_url(url) for url in crl_urls]
         if store.exists():
             raise CAError(f"a CA already exists in {store.ca_dir}; refusing to overwrite it")
@@ -254,15 +256,17 @@ class CertificateAuthority:
         key_type: KeyType = "ec-p256",
     ) -> Issued:
         """A serverAuth certificate for ``dns`` names and ``ips`` (at least one of them)."""
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans: list[x509.GeneralName] = [x509.DNSName(check_dns_name(d)) for d in dns]
         for ip in ips or []:
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
             except ValueError:
-                raise CAError(f"--ip {ip!r} is not an IP address") from None
+                raise CAInputError(f"--ip {ip!r} is not an IP address") from None
         if not sans:
-            raise CAError("a server certificate needs at least one --dns or --ip")
+            raise CAInputError("a server certificate needs at least one --dns or --ip")
         common_name = dns[0] if dns else str(ips[0] if ips else name)
+        if len(common_name) > 64:  # a DNS name may have 253; the SAN carries it, the CN cannot
+            common_name = name
         return self._issue(
             name, "server", common_name, sans, ExtendedKeyUsageOID.SERVER_AUTH, days, key_type
         )
@@ -275,6 +279,8 @@ class CertificateAuthority:
         key_type: KeyType = "ec-p256",
     ) -> Issued:
         """A clientAuth certificate whose subject CN is ``cn`` (default: the name)."""
+        if cn:
+            check_common_name(cn, "--cn")
         return self._issue(
             name, "client", cn or name, [], ExtendedKeyUsageOID.CLIENT_AUTH, days, key_type
         )
@@ -291,7 +297,7 @@ class CertificateAuthority:
     ) -> Issued:
         check_name(name)
         if days <= 0:
-            raise CAError(f"--days must be > 0, got {days}")
+            raise CAInputError(f"--days must be > 0, got {days}")
         self.store.require()
         # Generated before taking the lock: an RSA key can take a second, and needs no state.
         key = _new_key(key_type)
@@ -320,7 +326,9 @@ class CertificateAuthority:
                 "name"
             )
         now = self.clock.now()
-        not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+        # Capped at the CA's own lifetime (which ends before then anyway): a huge --days
+        # would overflow the datetime.
+        not_after = min(now + dt.timedelta(days=min(days, CA_DAYS)), ca_cert.not_valid_after_utc)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         serial = x509.random_serial_number()  # 159 random bits (RFC 5280 §4.1.2.2 allows 20 octets)
@@ -399,7 +407,7 @@ class CertificateAuthority:
     def revoke(self, name_or_serial: str, reason: str = "unspecified") -> IndexEntry:
         """Mark a certificate revoked and publish a fresh CRL."""
         if reason not in REASONS:
-            raise CAError(f"unknown reason {reason!r}; use one of {', '.join(REASONS)}")
+            raise CAInputError(f"unknown reason {reason!r}; use one of {', '.join(REASONS)}")
         self.store.require()
         with self._locked("revoke"):
             ca_cert, ca_key = self._load_ca()

@@ -14,7 +14,7 @@ from wsproxy.ca.authority import (
     SERVER_DAYS,
     CertificateAuthority,
 )
-from wsproxy.errors import CAError
+from wsproxy.errors import CAError, CAInputError
 
 
 def add_parser(commands: Any) -> None:
@@ -100,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
     authority = CertificateAuthority(args.dir)
     try:
         return _dispatch(authority, args)
+    except CAInputError as exc:  # a malformed value: usage, as argparse's own errors
+        print(f"wsproxy ca: {exc}", file=sys.stderr)
+        return 2
     except CAError as exc:
         print(f"wsproxy ca: {exc}", file=sys.stderr)
         return 1

@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsproxy.errors import CAError
+from wsproxy.ca.names import check_printable
+from wsproxy.errors import CAError, CAInputError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 INDEX_VERSION = 1
@@ -46,8 +47,10 @@ LOCK_POLL_SECONDS = 0.02
 
 
 def check_name(name: str) -> str:
+    """A certificate's name, which becomes a file name under issued/; ``CAInputError`` if not."""
+    check_printable(name, "certificate name")
     if not NAME_RE.fullmatch(name):
-        raise CAError(
+        raise CAInputError(
             f"certificate name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
             "(it becomes a file name under issued/)"
         )
