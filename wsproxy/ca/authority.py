@@ -39,7 +39,12 @@ PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPri
 CA_DAYS = 3650
 SERVER_DAYS = 397  # the CA/Browser Forum's cap for server certificates
 CLIENT_DAYS = 90
+# A CRL's lifetime (nextUpdate - thisUpdate) and how often it should be published again: daily,
+# so six runs can fail in a row before a CRL expires (and the proxy refuses every client
+# certificate). deploy/systemd/wsproxy-crl.timer and docs/operations.md give the same numbers;
+# tests/ca/test_crl_lifetime.py holds them to these.
 CRL_DAYS = 7
+CRL_REFRESH_HOURS = 24
 # Backdating absorbs clock skew between the CA and the machines that verify its certificates.
 BACKDATE = dt.timedelta(minutes=5)
 REASONS = {
@@ -424,7 +429,7 @@ class CertificateAuthority:
         return entry
 
     def crl(self) -> x509.CertificateRevocationList:
-        """Publish a fresh CRL (run it before ``nextUpdate``, e.g. daily from cron)."""
+        """Publish a fresh CRL, valid ``CRL_DAYS``; publish again every ``CRL_REFRESH_HOURS``."""
         self.store.require()
         with self._locked("crl"):
             ca_cert, ca_key = self._load_ca()
