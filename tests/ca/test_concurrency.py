@@ -132,3 +132,45 @@ def test_a_failed_certificate_write_takes_its_entry_back_out(
     monkeypatch.undo()
     assert index_entries(tmp_path / "certs") == []
     authority.issue_client("alice")  # the name is free: nothing claims it
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
+    """The kernel drops an flock with its holder, so a command killed mid-write (SIGKILL, OOM)
+    blocks nobody afterwards."""
+    directory = tmp_path / "certs"
+    authority = CertificateAuthority(str(directory), lock_timeout_seconds=10)
+    authority.init()
+    holder = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import sys, time\n"
+            "from wsproxy.ca.store import CAStore\n"
+            "with CAStore(sys.argv[1]).lock('issue client'):\n"
+            "    print('locked', flush=True)\n"
+            "    time.sleep(600)\n",
+            str(directory),
+        ],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert "`wsproxy ca issue client`" in authority.store.lock_file.read_text()
+        holder.kill()
+        holder.wait(timeout=30)
+        authority.issue_client("alice")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert [entry["name"] for entry in index_entries(directory)] == ["alice"]
+
+
+def test_concurrent_inits_make_one_root(tmp_path: Path) -> None:
+    directory = tmp_path / "certs"
+    processes = [start(directory, "init", "--name", f"CA {n}") for n in range(4)]
+    results = [(process.communicate(timeout=90), process.returncode) for process in processes]
+    assert sorted(code for _, code in results) == [0, 1, 1, 1], results
+    assert all("already exists" in err for (_, err), code in results if code)
+    authority = CertificateAuthority(str(directory))
+    authority.issue_client("alice")  # the key on disk matches the certificate on disk
+    winner = next(out for (out, _), code in results if code == 0)
+    assert f"created CA '{authority.ca_certificate.subject.rfc4514_string()[3:]}'" in winner
