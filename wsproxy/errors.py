@@ -592,6 +592,11 @@ class CAError(WsproxyError):
     """The certificate authority cannot do what was asked; the message says how to fix it."""
 
 
+class CAInputError(CAError):
+    """A value given to the certificate authority is malformed (a name with a control character,
+    a bad URL or IP); ``wsproxy ca`` exits 2, as for other bad command-line input."""
+
+
 class TlsConfigError(WsproxyError):
     """A TLS listener's certificates, keys, CA or CRL cannot be used."""
 

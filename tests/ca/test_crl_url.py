@@ -136,6 +136,6 @@ def test_crl_url_on_the_command_line_and_as_openssl_reads_it(tmp_path: Path) -> 
     assert changed.returncode == 0 and "http://crl.example/ca.crl" in changed.stdout
     assert "crl_urls: none" in ca("settings", "--no-crl-url").stdout
     refused = ca("settings", "--crl-url", "https://crl.example/ca.crl")
-    assert refused.returncode == 1 and "must be an http:// URL" in refused.stderr
+    assert refused.returncode == 2 and "must be an http:// URL" in refused.stderr
     both = ca("settings", "--crl-url", URL, "--no-crl-url")
     assert both.returncode == 2  # argparse: mutually exclusive

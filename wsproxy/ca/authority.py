@@ -3,6 +3,7 @@ revokes them, and publishes a CRL. Built on ``cryptography``; time comes from an
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import shlex
@@ -17,7 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from wsproxy.ca.names import check_common_name, check_dns_name
 from wsproxy.ca.store import (
+    LOCK_TIMEOUT_SECONDS,
     CAStore,
     Index,
     IndexEntry,
@@ -27,7 +30,7 @@ from wsproxy.ca.store import (
     write_atomic,
 )
 from wsproxy.clock import Clock, SystemClock
-from wsproxy.errors import CAError
+from wsproxy.errors import CAError, CAInputError
 
 KeyType = Literal["ec-p256", "ed25519", "rsa-3072"]
 KEY_TYPES: tuple[KeyType, ...] = ("ec-p256", "ed25519", "rsa-3072")
@@ -36,7 +39,12 @@ PrivateKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPri
 CA_DAYS = 3650
 SERVER_DAYS = 397  # the CA/Browser Forum's cap for server certificates
 CLIENT_DAYS = 90
+# A CRL's lifetime (nextUpdate - thisUpdate) and how often it should be published again: daily,
+# so six runs can fail in a row before a CRL expires (and the proxy refuses every client
+# certificate). deploy/systemd/wsproxy-crl.timer and docs/operations.md give the same numbers;
+# tests/ca/test_crl_lifetime.py holds them to these.
 CRL_DAYS = 7
+CRL_REFRESH_HOURS = 24
 # Backdating absorbs clock skew between the CA and the machines that verify its certificates.
 BACKDATE = dt.timedelta(minutes=5)
 REASONS = {
@@ -58,7 +66,7 @@ def _new_key(key_type: KeyType) -> PrivateKey:
         return ed25519.Ed25519PrivateKey.generate()
     if key_type == "rsa-3072":
         return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-    raise CAError(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
+    raise CAInputError(f"unknown key type {key_type!r}; use one of {', '.join(KEY_TYPES)}")
 
 
 def _key_pem(key: PrivateKey) -> bytes:
@@ -94,21 +102,21 @@ def check_crl_url(url: str) -> str:
     """
     hint = "e.g. http://wsproxy.internal:9900/v1/crl (the admin listener serves the CRL there)"
     if not url.isascii() or any(char.isspace() or not char.isprintable() for char in url):
-        raise CAError(f"--crl-url {url!r}: must be ASCII without spaces (percent-encode them)")
+        raise CAInputError(f"--crl-url {url!r}: must be ASCII without spaces (percent-encode them)")
     parsed = urllib.parse.urlsplit(url)
     if parsed.scheme != "http":
-        raise CAError(
+        raise CAInputError(
             f"--crl-url {url!r}: must be an http:// URL (clients fetch CRLs over plain HTTP; "
             f"the CRL is signed, so it needs no TLS); {hint}"
         )
     try:
         _ = parsed.port  # reading it parses it: a bad port raises here
     except ValueError as exc:
-        raise CAError(f"--crl-url {url!r}: {exc}; {hint}") from None
+        raise CAInputError(f"--crl-url {url!r}: {exc}; {hint}") from None
     if not parsed.hostname:
-        raise CAError(f"--crl-url {url!r}: names no host; {hint}")
+        raise CAInputError(f"--crl-url {url!r}: names no host; {hint}")
     if parsed.fragment:
-        raise CAError(f"--crl-url {url!r}: a fragment (#...) means nothing to a CRL client")
+        raise CAInputError(f"--crl-url {url!r}: a fragment (#...) means nothing to a CRL client")
     return url
 
 
@@ -136,11 +144,23 @@ class Listing:
 
 
 class CertificateAuthority:
-    """One CA directory. Every operation reads what it needs from disk and writes atomically."""
+    """One CA directory. Every operation reads what it needs from disk and writes atomically;
+    one that changes the directory holds its lock (``CAStore.lock``) throughout, waiting up to
+    ``lock_timeout_seconds`` for another command to finish."""
 
-    def __init__(self, directory: str, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        clock: Clock | None = None,
+        *,
+        lock_timeout_seconds: float = LOCK_TIMEOUT_SECONDS,
+    ) -> None:
         self.store = CAStore(directory)
         self.clock = clock or SystemClock()
+        self.lock_timeout_seconds = lock_timeout_seconds
+
+    def _locked(self, command: str) -> contextlib.AbstractContextManager[None]:
+        return self.store.lock(command, self.lock_timeout_seconds)
 
     @property
     def _dir(self) -> str:
@@ -153,9 +173,18 @@ class CertificateAuthority:
         """Create the root; refuses to overwrite an existing CA. ``crl_urls`` (http) go into
         every certificate it issues, as their CRL Distribution Points."""
         store = self.store
+        check_common_name(name, "--name")
+        urls = [check_crl_url(url) for url in crl_urls]
         if store.exists():
             raise CAError(f"a CA already exists in {store.ca_dir}; refusing to overwrite it")
-        urls = [check_crl_url(url) for url in crl_urls]
+        with self._locked("init"):
+            # Checked again under the lock: two concurrent inits must not both write a root.
+            if store.exists():
+                raise CAError(f"a CA already exists in {store.ca_dir}; refusing to overwrite it")
+            return self._init(name, urls)
+
+    def _init(self, name: str, urls: list[str]) -> x509.Certificate:
+        store = self.store
         now = self.clock.now()
         key = ec.generate_private_key(ec.SECP256R1())
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -209,9 +238,11 @@ class CertificateAuthority:
         """Replace the CRL URLs written into certificates issued from now on (``[]``: none).
         Certificates issued before keep what they carry; re-issue them to change it."""
         urls = [check_crl_url(url) for url in crl_urls]
-        settings = self.settings
-        settings.crl_urls = urls
-        self.store.save_settings(settings)
+        self.store.require()
+        with self._locked("settings"):
+            settings = self.store.load_settings()
+            settings.crl_urls = urls
+            self.store.save_settings(settings)
         return settings
 
     @property
@@ -230,15 +261,17 @@ class CertificateAuthority:
         key_type: KeyType = "ec-p256",
     ) -> Issued:
         """A serverAuth certificate for ``dns`` names and ``ips`` (at least one of them)."""
-        sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
+        sans: list[x509.GeneralName] = [x509.DNSName(check_dns_name(d)) for d in dns]
         for ip in ips or []:
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(ip)))
             except ValueError:
-                raise CAError(f"--ip {ip!r} is not an IP address") from None
+                raise CAInputError(f"--ip {ip!r} is not an IP address") from None
         if not sans:
-            raise CAError("a server certificate needs at least one --dns or --ip")
+            raise CAInputError("a server certificate needs at least one --dns or --ip")
         common_name = dns[0] if dns else str(ips[0] if ips else name)
+        if len(common_name) > 64:  # a DNS name may have 253; the SAN carries it, the CN cannot
+            common_name = name
         return self._issue(
             name, "server", common_name, sans, ExtendedKeyUsageOID.SERVER_AUTH, days, key_type
         )
@@ -251,6 +284,8 @@ class CertificateAuthority:
         key_type: KeyType = "ec-p256",
     ) -> Issued:
         """A clientAuth certificate whose subject CN is ``cn`` (default: the name)."""
+        if cn:
+            check_common_name(cn, "--cn")
         return self._issue(
             name, "client", cn or name, [], ExtendedKeyUsageOID.CLIENT_AUTH, days, key_type
         )
@@ -267,7 +302,24 @@ class CertificateAuthority:
     ) -> Issued:
         check_name(name)
         if days <= 0:
-            raise CAError(f"--days must be > 0, got {days}")
+            raise CAInputError(f"--days must be > 0, got {days}")
+        self.store.require()
+        # Generated before taking the lock: an RSA key can take a second, and needs no state.
+        key = _new_key(key_type)
+        with self._locked(f"issue {kind}"):
+            return self._issue_locked(name, kind, common_name, sans, usage, days, key, key_type)
+
+    def _issue_locked(
+        self,
+        name: str,
+        kind: str,
+        common_name: str,
+        sans: list[x509.GeneralName],
+        usage: x509.ObjectIdentifier,
+        days: int,
+        key: PrivateKey,
+        key_type: KeyType,
+    ) -> Issued:
         ca_cert, ca_key = self._load_ca()
         crl_urls = self.store.load_settings().crl_urls
         index = self.store.load_index()
@@ -279,8 +331,9 @@ class CertificateAuthority:
                 "name"
             )
         now = self.clock.now()
-        not_after = min(now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
-        key = _new_key(key_type)
+        # Capped at the CA's own lifetime (which ends before then anyway): a huge --days
+        # would overflow the datetime.
+        not_after = min(now + dt.timedelta(days=min(days, CA_DAYS)), ca_cert.not_valid_after_utc)
         subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         serial = x509.random_serial_number()  # 159 random bits (RFC 5280 §4.1.2.2 allows 20 octets)
@@ -325,20 +378,26 @@ class CertificateAuthority:
         chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(
             serialization.Encoding.PEM
         )
-        write_atomic(store.leaf_key(name), _key_pem(key), 0o600)
-        write_atomic(store.leaf_cert(name), chain, 0o644)
-        index.certificates.append(
-            IndexEntry(
-                name=name,
-                serial=f"{serial:x}",
-                kind=kind,
-                subject=cert.subject.rfc4514_string(),
-                not_before=_iso(cert.not_valid_before_utc),
-                not_after=_iso(cert.not_valid_after_utc),
-                key_type=key_type,
-            )
+        entry = IndexEntry(
+            name=name,
+            serial=f"{serial:x}",
+            kind=kind,
+            subject=cert.subject.rfc4514_string(),
+            not_before=_iso(cert.not_valid_before_utc),
+            not_after=_iso(cert.not_valid_after_utc),
+            key_type=key_type,
         )
+        # The index first: a crash after it leaves an entry without files (revocable, harmless),
+        # never a certificate on disk that the index does not know and so cannot revoke.
+        index.certificates.append(entry)
         store.save_index(index)
+        try:
+            write_atomic(store.leaf_key(name), _key_pem(key), 0o600)
+            write_atomic(store.leaf_cert(name), chain, 0o644)
+        except BaseException:
+            index.certificates.remove(entry)
+            store.save_index(index)
+            raise
         return Issued(
             name,
             serial,
@@ -353,22 +412,28 @@ class CertificateAuthority:
     def revoke(self, name_or_serial: str, reason: str = "unspecified") -> IndexEntry:
         """Mark a certificate revoked and publish a fresh CRL."""
         if reason not in REASONS:
-            raise CAError(f"unknown reason {reason!r}; use one of {', '.join(REASONS)}")
-        ca_cert, ca_key = self._load_ca()
-        index = self.store.load_index()
-        entry = index.find(name_or_serial, self._dir)
-        if entry.status == "revoked":
-            raise CAError(f"certificate {entry.name} (serial {entry.serial}) is already revoked")
-        entry.status = "revoked"
-        entry.revoked_at = _iso(self.clock.now())
-        entry.revocation_reason = reason
-        self._write_crl(ca_cert, ca_key, index)
+            raise CAInputError(f"unknown reason {reason!r}; use one of {', '.join(REASONS)}")
+        self.store.require()
+        with self._locked("revoke"):
+            ca_cert, ca_key = self._load_ca()
+            index = self.store.load_index()
+            entry = index.find(name_or_serial, self._dir)
+            if entry.status == "revoked":
+                raise CAError(
+                    f"certificate {entry.name} (serial {entry.serial}) is already revoked"
+                )
+            entry.status = "revoked"
+            entry.revoked_at = _iso(self.clock.now())
+            entry.revocation_reason = reason
+            self._write_crl(ca_cert, ca_key, index)
         return entry
 
     def crl(self) -> x509.CertificateRevocationList:
-        """Publish a fresh CRL (run it before ``nextUpdate``, e.g. daily from cron)."""
-        ca_cert, ca_key = self._load_ca()
-        return self._write_crl(ca_cert, ca_key, self.store.load_index())
+        """Publish a fresh CRL, valid ``CRL_DAYS``; publish again every ``CRL_REFRESH_HOURS``."""
+        self.store.require()
+        with self._locked("crl"):
+            ca_cert, ca_key = self._load_ca()
+            return self._write_crl(ca_cert, ca_key, self.store.load_index())
 
     def _write_crl(
         self, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, index: Index
@@ -445,5 +510,6 @@ class CertificateAuthority:
             name.encode(), key, certs[0], certs[1:], encryption
         )
         path = store.leaf_p12(name)
-        write_atomic(path, blob, 0o600)
+        with self._locked("export-p12"):
+            write_atomic(path, blob, 0o600)
         return str(path)

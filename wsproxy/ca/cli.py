@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import Any
+
+from cryptography import x509
 
 from wsproxy.ca.authority import (
     CA_DAYS,
     CLIENT_DAYS,
+    CRL_DAYS,
+    CRL_REFRESH_HOURS,
     KEY_TYPES,
     REASONS,
     SERVER_DAYS,
     CertificateAuthority,
 )
-from wsproxy.errors import CAError
+from wsproxy.errors import CAError, CAInputError
 
 
 def add_parser(commands: Any) -> None:
@@ -78,7 +83,12 @@ def add_parser(commands: Any) -> None:
         help="the reason recorded in the CRL (RFC 5280 §5.3.1) (default: %(default)s)",
     )
 
-    actions.add_parser("crl", parents=[common], help="publish a fresh CRL (valid 7 days)")
+    actions.add_parser(
+        "crl",
+        parents=[common],
+        help=f"publish a fresh CRL (valid {CRL_DAYS} days; run it daily, e.g. from "
+        "deploy/systemd/wsproxy-crl.timer)",
+    )
     settings = actions.add_parser(
         "settings", parents=[common], help="show or change what the CA writes into certificates"
     )
@@ -100,9 +110,28 @@ def run(args: argparse.Namespace) -> int:
     authority = CertificateAuthority(args.dir)
     try:
         return _dispatch(authority, args)
+    except CAInputError as exc:  # a malformed value: usage, as argparse's own errors
+        print(f"wsproxy ca: {exc}", file=sys.stderr)
+        return 2
     except CAError as exc:
         print(f"wsproxy ca: {exc}", file=sys.stderr)
         return 1
+
+
+def _crl_validity(
+    authority: CertificateAuthority, crl: x509.CertificateRevocationList | None = None
+) -> str:
+    """When the CRL just published expires, and how to publish it again before then."""
+    if crl is None:
+        crl = x509.load_pem_x509_crl(authority.store.crl_file.read_bytes())
+    until = f"{crl.next_update_utc:%Y-%m-%d %H:%M:%S} UTC" if crl.next_update_utc else "never"
+    every = "daily" if CRL_REFRESH_HOURS == 24 else f"every {CRL_REFRESH_HOURS} hours"
+    directory = shlex.quote(str(authority.store.root))
+    return (
+        f"  CRL valid until {until} ({CRL_DAYS} days); once it expires, listeners that check it "
+        f"refuse every client certificate\n  publish it again {every}: `wsproxy ca crl --dir "
+        f"{directory}` from cron or deploy/systemd/wsproxy-crl.timer"
+    )
 
 
 def _dispatch(authority: CertificateAuthority, args: argparse.Namespace) -> int:
@@ -112,6 +141,7 @@ def _dispatch(authority: CertificateAuthority, args: argparse.Namespace) -> int:
         cert = authority.init(args.name, args.crl_url)
         until = f"{cert.not_valid_after_utc:%Y-%m-%d}"
         print(f"created CA '{args.name}' in {store.ca_dir} (valid until {until})")
+        print(_crl_validity(authority))
         for url in args.crl_url:
             print(f"  CRL distribution point of the certificates it issues: {url}")
         return 0
@@ -140,11 +170,12 @@ def _dispatch(authority: CertificateAuthority, args: argparse.Namespace) -> int:
         print(
             f"revoked '{entry.name}' serial {entry.serial} ({args.reason}); CRL: {store.crl_file}"
         )
+        print(_crl_validity(authority))
         return 0
     if command == "crl":
         crl = authority.crl()
-        next_update = f"{crl.next_update_utc:%Y-%m-%d %H:%M} UTC"
-        print(f"wrote {store.crl_file}: {len(list(crl))} revoked, next update {next_update}")
+        print(f"wrote {store.crl_file}: {len(list(crl))} revoked")
+        print(_crl_validity(authority, crl))
         return 0
     if command == "list":
         rows = authority.list()

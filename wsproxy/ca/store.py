@@ -2,36 +2,55 @@
 
 Layout under the CA directory::
 
-    ca/ca.pem  ca/ca.key  ca/index.json  ca/crl.pem  ca/settings.json
+    ca/ca.pem  ca/ca.key  ca/index.json  ca/crl.pem  ca/settings.json  ca/lock
     issued/NAME.pem (leaf + chain)  issued/NAME.key  issued/NAME.p12
 
 Every write goes to a temporary file in the same directory, is fsynced, then renamed over the
 target, so a crash leaves either the old file or the new one. Private keys are created with mode
 0600 from the first byte; a key readable by group or others is refused.
+
+Every command that changes the directory holds ``ca/lock`` (an exclusive ``flock``) from its
+first read to its last write: two commands that each read the index, add to it and write it back
+would otherwise lose one's change (a certificate missing from the index cannot be revoked; a
+revocation overwritten by a concurrent issue disappears from the next CRL). Readers take no lock:
+each file is replaced whole, so they see the old version or the new one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import fcntl
 import json
 import os
 import re
 import shlex
+import socket
 import stat
+import tempfile
+import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsproxy.errors import CAError
+from wsproxy.ca.names import check_printable
+from wsproxy.errors import CAError, CAInputError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 INDEX_VERSION = 1
 SETTINGS_VERSION = 1
+# How long a command waits for another one changing the same CA. The longest hold is an issue
+# (signing and three fsynced writes; keys are generated before the lock), well under a second.
+LOCK_TIMEOUT_SECONDS = 30.0
+LOCK_POLL_SECONDS = 0.02
 
 
 def check_name(name: str) -> str:
+    """A certificate's name, which becomes a file name under issued/; ``CAInputError`` if not."""
+    check_printable(name, "certificate name")
     if not NAME_RE.fullmatch(name):
-        raise CAError(
+        raise CAInputError(
             f"certificate name {name!r} must be 1-64 letters, digits, '.', '_' or '-' "
             "(it becomes a file name under issued/)"
         )
@@ -41,9 +60,12 @@ def check_name(name: str) -> str:
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` with ``mode``, all or nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    # A fresh random name (mkstemp: O_EXCL, mode 0600): a temporary file left by a killed
+    # command can never collide with a later one.
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp = Path(temp_name)
     try:
+        os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -131,6 +153,48 @@ class CAStore:
         self.index_file = self.ca_dir / "index.json"
         self.crl_file = self.ca_dir / "crl.pem"
         self.settings_file = self.ca_dir / "settings.json"
+        self.lock_file = self.ca_dir / "lock"
+
+    @contextlib.contextmanager
+    def lock(self, command: str, timeout_seconds: float = LOCK_TIMEOUT_SECONDS) -> Iterator[None]:
+        """Hold ``ca/lock`` exclusively for a read-modify-write of the directory.
+
+        Waits up to ``timeout_seconds`` for another holder, then raises ``CAError`` naming the
+        file and the holder (pid, host, command, since when), which the holder writes into the
+        file. The kernel releases an ``flock`` when its holder exits, even on SIGKILL, so a lock
+        is never left stale. Creates ``ca/`` when missing (for ``init``).
+        """
+        self.ca_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            deadline = time.monotonic() + timeout_seconds
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    # Polled rather than blocking: flock has no timeout of its own.
+                    if time.monotonic() >= deadline:
+                        raise self._lock_timeout(fd, timeout_seconds) from None
+                    time.sleep(LOCK_POLL_SECONDS)
+            since = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+            host = socket.gethostname()
+            holder = f"pid {os.getpid()} on {host}, `wsproxy ca {command}` since {since}"
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder.encode() + b"\n", 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # only a live holder is described
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _lock_timeout(self, fd: int, timeout_seconds: float) -> CAError:
+        holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
+        return CAError(
+            f"{self.lock_file} is held by {holder} (another command changing this CA); gave "
+            f"up after {timeout_seconds:g} s. Run the command again once that one has finished"
+        )
 
     def leaf_cert(self, name: str) -> Path:
         return self.issued_dir / f"{check_name(name)}.pem"
