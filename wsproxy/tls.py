@@ -8,6 +8,7 @@ per config generation and never changed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -104,6 +105,44 @@ class ServerCertificate:
 
 
 @dataclass(frozen=True, slots=True)
+class CrlFacts:
+    """What wsproxy reads of a listener's CRL file itself (OpenSSL reads its own copy).
+
+    ``revoked``: serials in lower-case hex, empty unless ``signed``; times are Unix seconds.
+    """
+
+    issuer: x509.Name
+    number: int | None  # the CRLNumber extension (RFC 5280 §5.2.3), None when absent
+    last_update: float
+    next_update: float | None
+    signed: bool  # by a certificate of client_ca
+    revoked: frozenset[str]
+
+
+def read_crl(crl_path: str, client_ca: str | None) -> CrlFacts:
+    """The facts of the PEM CRL at ``crl_path``; ``OSError`` or ``ValueError`` if unreadable."""
+    crl = x509.load_pem_x509_crl(Path(crl_path).read_bytes())
+    issuers = x509.load_pem_x509_certificates(Path(client_ca).read_bytes()) if client_ca else []
+    signed = any(
+        issuer.subject == crl.issuer and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]  # CA keys are EC or RSA, which CRLs accept
+        for issuer in issuers
+    )
+    try:
+        number: int | None = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = None
+    next_update = crl.next_update_utc
+    return CrlFacts(
+        issuer=crl.issuer,
+        number=number,
+        last_update=crl.last_update_utc.timestamp(),
+        next_update=next_update.timestamp() if next_update is not None else None,
+        signed=signed,
+        revoked=frozenset(f"{entry.serial_number:x}" for entry in crl) if signed else frozenset(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ClientCertificate:
     subject: str
     serial: str
@@ -141,6 +180,13 @@ class ServerTls:
         ]
         for certificate in self.certificates:
             certificate.context.sni_callback = self._on_sni
+        # The CRL as it was when these contexts were built: a handshake that started under an
+        # older one is checked against this one when it completes (``client_certificate``).
+        self.crl: CrlFacts | None = None
+        if config.crl:
+            # Unreadable here but accepted by OpenSSL: its own check in the handshake stands.
+            with contextlib.suppress(OSError, ValueError):
+                self.crl = read_crl(config.crl, config.client_ca)
         self.expiries = self._expiries()
 
     @property
@@ -239,10 +285,8 @@ class ServerTls:
             if config.client_ca:
                 cas = x509.load_pem_x509_certificates(Path(config.client_ca).read_bytes())
                 found["client_ca"] = min(ca.not_valid_after_utc.timestamp() for ca in cas)
-            if config.crl:
-                crl = x509.load_pem_x509_crl(Path(config.crl).read_bytes())
-                if crl.next_update_utc is not None:
-                    found["crl"] = crl.next_update_utc.timestamp()
+            if self.crl is not None and self.crl.next_update is not None:
+                found["crl"] = self.crl.next_update
         except (OSError, ValueError):
             pass  # OpenSSL accepted these files; what cryptography cannot read goes unreported
         return found
@@ -251,14 +295,11 @@ class ServerTls:
         """Serials (lower-case hex) listed by the CRL, after checking its signature."""
         if not self.config.crl or not self.config.client_ca:
             return set()
-        crl = x509.load_pem_x509_crl(Path(self.config.crl).read_bytes())
-        issuers = x509.load_pem_x509_certificates(Path(self.config.client_ca).read_bytes())
-        if not any(
-            issuer.subject == crl.issuer and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]  # CA keys are EC or RSA, which CRLs accept
-            for issuer in issuers
-        ):
+        if self.crl is None:
+            raise TlsConfigError(f"CRL {self.config.crl} cannot be read as a PEM CRL")
+        if not self.crl.signed:
             raise TlsConfigError(f"CRL {self.config.crl} is not signed by client_ca")
-        return {f"{entry.serial_number:x}" for entry in crl}
+        return set(self.crl.revoked)
 
     # --- per connection -------------------------------------------------------------------------
 
@@ -308,9 +349,16 @@ class ServerTls:
             ) from None
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
             raise ClientCertRejected("bad_eku", "client certificate lacks the clientAuth EKU")
+        serial = f"{cert.serial_number:x}"
+        if self.crl is not None and serial in self.crl.revoked:
+            # OpenSSL checked the CRL of the context this handshake started with; a newer CRL
+            # (these contexts) may have revoked the certificate since.
+            raise ClientCertRejected(
+                "revoked", "client certificate revoked by a CRL loaded during its handshake"
+            )
         return ClientCertificate(
             subject=cert.subject.rfc4514_string(),
-            serial=f"{cert.serial_number:x}",
+            serial=serial,
             fingerprint_sha256=hashlib.sha256(der).hexdigest(),
             not_after=cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
