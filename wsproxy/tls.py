@@ -32,7 +32,7 @@ from wsproxy.config import (
     describe_unreadable,
 )
 from wsproxy.errors import ClientCertRejected, ConfigError, ConfigIssue, Reason, TlsConfigError
-from wsproxy.openssl import GROUPS, ListenerContext, limit_groups
+from wsproxy.openssl import GROUPS, ListenerContext, disable_resumption, limit_groups
 
 log = logging.getLogger(__name__)
 
@@ -220,9 +220,17 @@ class ServerTls:
             context.verify_mode = (
                 ssl.CERT_REQUIRED if config.client_auth == "required" else ssl.CERT_OPTIONAL
             )
-            # A resumed session skips certificate verification, so a revoked client could
-            # resume; no tickets on listeners that verify clients.
-            context.options |= ssl.OP_NO_TICKET
+            # A resumed session skips certificate verification (no certificate is sent), so a
+            # client revoked or expired since, or refused by a stricter reload, could resume:
+            # no resumption at all on listeners that verify clients.
+            why = disable_resumption(context)
+            if why is not None:
+                log.warning(
+                    "listener '%s': TLS 1.2 session ids still resume on this client_auth "
+                    "listener: %s",
+                    self.listener,
+                    why,
+                )
             if config.crl:
                 self._load_verify(context, config.crl, "crl", ca_hint(config.crl, "crl"))
                 context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
