@@ -298,8 +298,9 @@ class ProxyCollector(Collector):
         )
         pauses = _counter(
             "wsproxy_listener_accept_pauses",
-            "Times the listener stopped accepting for a while, by reason (handshakes: at "
-            "max_handshakes_in_flight; fd_exhausted: accept failed for lack of descriptors)",
+            "Times a connection or the listener had to wait, by reason (handshakes: a "
+            "connection waited for a handshake slot, at max_handshakes_in_flight or its "
+            "address's share; fd_exhausted: accept failed for lack of descriptors)",
             "listener",
             "reason",
         )
