@@ -401,6 +401,9 @@ class Listener:
                 )
                 continue
             self.tls = fresh
+            stale = fresh.crl_staleness()
+            if stale is not None:
+                log.warning("listener '%s': %s", self.name, stale)
             closed = 0
             for flow in list(self.flows):
                 if flow.client_cert is not None and flow.client_cert.serial in revoked:
@@ -498,3 +501,11 @@ class Listener:
 
     def tls_expiries(self) -> dict[str, float]:
         return self.tls.expiries if self.tls is not None else {}
+
+    def crl_updates(self) -> tuple[float, float] | None:
+        """The CRL in use: (thisUpdate, nextUpdate) in Unix seconds; None without a CRL or a
+        nextUpdate."""
+        crl = self.tls.crl if self.tls is not None else None
+        if crl is None or crl.next_update is None:
+            return None
+        return crl.last_update, crl.next_update

@@ -119,6 +119,38 @@ class CrlFacts:
     revoked: frozenset[str]
 
 
+# A CRL is near its nextUpdate within the shorter of these: a day leaves time to notice a
+# publishing job that stopped; a tenth of its lifetime keeps a CRL re-published every hour
+# from warning all the time.
+CRL_WARN_SECONDS = 24 * 3600.0
+CRL_WARN_FRACTION = 0.1
+
+
+def crl_staleness(facts: CrlFacts, path: str, now: float) -> str | None:
+    """Why the CRL at ``path`` needs re-publishing soon (``now`` in Unix seconds), or None.
+
+    Past its nextUpdate OpenSSL refuses every client certificate ("CRL has expired"); near it
+    (see ``CRL_WARN_SECONDS``) that is about to happen.
+    """
+    if facts.next_update is None:
+        return None  # no nextUpdate: OpenSSL never calls it expired
+    left = facts.next_update - now
+    when = dt.datetime.fromtimestamp(facts.next_update, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    hint = ca_hint(path, "crl")
+    if left <= 0:
+        return (
+            f"CRL {path} expired at {when} (its nextUpdate): every client certificate is "
+            f"refused until a new one is published; {hint}"
+        )
+    lifetime = facts.next_update - facts.last_update
+    if left < min(CRL_WARN_SECONDS, CRL_WARN_FRACTION * lifetime):
+        return (
+            f"CRL {path} expires at {when} (its nextUpdate, in {left / 3600:.1f} h), then every "
+            f"client certificate is refused; {hint}, and check the job that re-publishes it"
+        )
+    return None
+
+
 def read_crl(crl_path: str, client_ca: str | None) -> CrlFacts:
     """The facts of the PEM CRL at ``crl_path``; ``OSError`` or ``ValueError`` if unreadable."""
     crl = x509.load_pem_x509_crl(Path(crl_path).read_bytes())
@@ -299,6 +331,12 @@ class ServerTls:
             pass  # OpenSSL accepted these files; what cryptography cannot read goes unreported
         return found
 
+    def crl_staleness(self) -> str | None:
+        """Why this listener's CRL needs re-publishing soon (see ``crl_staleness``), or None."""
+        if self.crl is None or not self.config.crl:
+            return None
+        return crl_staleness(self.crl, self.config.crl, self._clock.now().timestamp())
+
     def revoked_serials(self) -> set[str]:
         """Serials (lower-case hex) listed by the CRL, after checking its signature."""
         if not self.config.crl or not self.config.client_ca:
@@ -401,11 +439,18 @@ def classify_handshake_failure(exc: BaseException) -> tuple[Reason, str]:
 
 
 def check_listener_files(listener: str, config: ListenerTls) -> list[ConfigIssue]:
-    """Every problem with a TLS listener's files, for ``check-config`` (no socket opened)."""
+    """Every problem with a TLS listener's files, for ``check-config`` (no socket opened).
+
+    A CRL past or near its nextUpdate is logged as a warning, not an issue: refusing to start
+    (or to reload) would not let any more clients in.
+    """
     try:
-        ServerTls(listener, config)
+        tls = ServerTls(listener, config)
     except TlsConfigError as exc:
         return [ConfigIssue(f"listeners.{listener}.tls", str(exc))]
+    stale = tls.crl_staleness()
+    if stale is not None:
+        log.warning("listener '%s': %s", listener, stale)
     return []
 
 
