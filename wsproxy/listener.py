@@ -135,7 +135,10 @@ class Listener:
         target_groups: Mapping[str, TargetGroup],
         stats: ListenerStats | None = None,
         budget: DescriptorBudget | None = None,
+        previous_tls: ServerTls | None = None,
     ) -> None:
+        """``previous_tls``: the TLS contexts of the listener of this name that this one
+        replaces (a reload), so an older CRL is refused (``ServerTls``'s ``previous``)."""
         self.name = name
         self.config = config
         self.address: Address | None = None
@@ -149,7 +152,7 @@ class Listener:
         if config.tls is not None:
             # ALPN http/1.1 in websocket mode: the only protocol the flow speaks.
             alpn = ["http/1.1"] if config.websocket else None
-            tls = ServerTls(name, config.tls, alpn=alpn)
+            tls = ServerTls(name, config.tls, alpn=alpn, previous=previous_tls)
         # What the flows see of this listener (they never see the listener itself).
         self.context = FlowContext(
             name,
@@ -393,7 +396,7 @@ class Listener:
                 continue
             last = stamp
             try:
-                fresh = ServerTls(self.name, self.tls.config, alpn=self.tls.alpn)
+                fresh = ServerTls(self.name, self.tls.config, alpn=self.tls.alpn, previous=self.tls)
                 revoked = fresh.revoked_serials()
             except (TlsConfigError, OSError, ValueError) as exc:
                 log.error(

@@ -151,6 +151,24 @@ def crl_staleness(facts: CrlFacts, path: str, now: float) -> str | None:
     return None
 
 
+def crl_rollback(current: CrlFacts, fresh: CrlFacts, path: str) -> str | None:
+    """Why ``fresh`` must not replace the ``current`` CRL, or None.
+
+    CRLNumber only grows (RFC 5280 §5.2.3): a lower one from the same issuer is an older CRL (a
+    restored backup, a CA directory copied before a revocation), which would un-revoke every
+    certificate revoked since.
+    """
+    if fresh.issuer != current.issuer or fresh.number is None or current.number is None:
+        return None  # another CA, or numbers to compare missing: nothing to say
+    if fresh.number >= current.number:
+        return None
+    return (
+        f"CRL {path} has CRLNumber {fresh.number}, lower than the {current.number} of the CRL "
+        "in use: it is older and would un-revoke certificates revoked since; publish a current "
+        "one with `wsproxy ca crl` from the CA that issued the newer CRL"
+    )
+
+
 def read_crl(crl_path: str, client_ca: str | None) -> CrlFacts:
     """The facts of the PEM CRL at ``crl_path``; ``OSError`` or ``ValueError`` if unreadable."""
     crl = x509.load_pem_x509_crl(Path(crl_path).read_bytes())
@@ -200,7 +218,10 @@ class ServerTls:
         *,
         alpn: list[str] | None = None,
         clock: Clock | None = None,
+        previous: ServerTls | None = None,
     ) -> None:
+        """``previous``: the contexts these replace (a reload, a new CRL); a CRL older than
+        theirs raises ``TlsConfigError`` (see ``crl_rollback``)."""
         self.listener = listener
         self.config = config
         self._clock = clock or SystemClock()
@@ -219,6 +240,10 @@ class ServerTls:
             # Unreadable here but accepted by OpenSSL: its own check in the handshake stands.
             with contextlib.suppress(OSError, ValueError):
                 self.crl = read_crl(config.crl, config.client_ca)
+        if previous is not None and previous.crl is not None and self.crl is not None:
+            why = crl_rollback(previous.crl, self.crl, config.crl or "")
+            if why is not None:
+                raise TlsConfigError(f"listener '{listener}': {why}")
         self.expiries = self._expiries()
 
     @property
