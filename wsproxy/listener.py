@@ -297,6 +297,9 @@ class Listener:
             # Exact reads on the bare socket: not one byte of the ClientHello may be consumed.
             try:
                 flow.proxied = await self._read_proxy_header(connection)
+            except asyncio.CancelledError:
+                connection.close()
+                raise
             except (WireError, TimeoutError, OSError) as exc:
                 connection.close()
                 reason = exc.reason if isinstance(exc, WireError) else Reason.PROXY_PROTOCOL_TIMEOUT
@@ -327,6 +330,9 @@ class Listener:
             try:
                 async with asyncio.timeout(timeout):
                     await slots.acquire(source)
+            except asyncio.CancelledError:  # the listener stops: no transport owns the socket
+                connection.close()
+                raise
             except TimeoutError:
                 connection.close()
                 reason = Reason.TLS_HANDSHAKE_TIMEOUT

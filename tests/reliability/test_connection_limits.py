@@ -14,6 +14,7 @@ from tests.flows.test_tls import client_context, tls_config, wss_echo
 from tests.flows.test_websocket import ws_config
 from tests.helpers.pki import Pki, make_pki
 from tests.helpers.process import parse_metrics, start_proxy
+from wsproxy.config import parse_config
 from wsproxy.demo import EchoTarget
 from wsproxy.proxy import Proxy
 
@@ -176,6 +177,31 @@ async def test_one_address_holding_idle_sockets_does_not_stall_other_handshakes(
         for _, writer in silent:
             writer.close()
     await wait_for(lambda: listener.context.handshakes == 0)
+
+
+async def test_connections_waiting_for_a_handshake_slot_are_closed_at_shutdown(
+    echo_targets: list[EchoTarget], pki: Pki
+) -> None:
+    config = "[admin]\nenabled = false\n" + tls_config(
+        pki,
+        echo_targets[0].address,
+        extra="max_handshakes_in_flight = 1\ntls_handshake_timeout_seconds = 60",
+    )
+    proxy = Proxy(parse_config(config, "<test>"))
+    await proxy.start()
+    listener = proxy.listeners["edge"]
+    address = listener_address(proxy)
+    silent = [await asyncio.open_connection(address.host, address.port) for _ in range(3)]
+    try:
+        await wait_for(lambda: listener.context.handshakes == 3)  # one in its slot, two wait
+        assert listener.handshake_slots.in_flight == 1
+        await proxy.shutdown(grace=0.5)
+        for reader, _ in silent:
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        assert listener.context.handshakes == 0 and listener.budget.open == 0
+    finally:
+        for _, writer in silent:
+            writer.close()
 
 
 async def test_the_descriptor_budget_refuses_connections_and_keeps_the_admin_answering(
