@@ -8,7 +8,7 @@ out ``tls_handshake_timeout_seconds``) would stall every other client's handshak
   (a client address);
 - a connection that finds no slot waits; a freed slot goes to the waiting sources in turn
   (round robin, as in fair queueing), and within one source to its oldest connection;
-- waiting is bounded by the caller (the listener counts it in the handshake timeout).
+- waiting is bounded by the caller (the listener: twice the handshake timeout).
 """
 
 from __future__ import annotations

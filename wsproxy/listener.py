@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 
 CRL_POLL_SECONDS = 1.0
 
+# A TLS connection waits for a handshake slot at most this many tls_handshake_timeout_seconds.
+SLOT_WAIT_TIMEOUTS = 2
+
 
 BACKLOG = 1024
 
@@ -322,13 +325,14 @@ class Listener:
         source = str(peer[0])
         slots = self.handshake_slots
         timeout = self.config.tls_handshake_timeout_seconds
-        ready = time.perf_counter()
         if not slots.try_acquire(source):
-            # Waiting for a slot is part of the handshake's time: a connection cannot hold a
-            # descriptor longer than tls_handshake_timeout_seconds by queueing.
+            # Bounded, so an idle socket cannot hold a descriptor for long by queueing: every
+            # slot taken now frees within one handshake timeout, the second one leaves room for
+            # the turn order. Not taken from the handshake's own time: a client that waited
+            # still gets a whole handshake.
             self.stats.accept_pauses["handshakes"] += 1
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(SLOT_WAIT_TIMEOUTS * timeout):
                     await slots.acquire(source)
             except asyncio.CancelledError:  # the listener stops: no transport owns the socket
                 connection.close()
@@ -336,12 +340,12 @@ class Listener:
             except TimeoutError:
                 connection.close()
                 reason = Reason.TLS_HANDSHAKE_TIMEOUT
-                detail = f"no handshake slot within {timeout:g} s (max_handshakes_in_flight)"
+                waited = SLOT_WAIT_TIMEOUTS * timeout
+                detail = f"no handshake slot within {waited:g} s (max_handshakes_in_flight)"
                 self._handshake_failed(reason, detail, peer, time.perf_counter() - started)
                 return
         try:
-            remaining = timeout - (time.perf_counter() - ready)
-            await self._tls_handshake(connection, tls, flow, peer, started, max(remaining, 0.001))
+            await self._tls_handshake(connection, tls, flow, peer, started, timeout)
         finally:
             slots.release(source)
 
