@@ -227,6 +227,9 @@ class ServerTls:
         self._clock = clock or SystemClock()
         self.alpn = alpn
         self._sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+        if previous is not None:
+            # Shared: a handshake that started under the previous contexts is checked by these.
+            self._sni = previous._sni
         self.certificates = [
             self._load(index, files.cert, files.key)
             for index, files in enumerate(config.certificates)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 
 import pytest
@@ -135,3 +136,33 @@ async def test_a_certificate_revoked_during_its_handshake_gets_no_session(
     await wait_for(lambda: listener.stats.client_certs["revoked"] == 1)
     await wait_for(lambda: listener.stats.active == 0)
     assert listener.stats.rejected["client_cert_revoked"] == 1
+
+
+async def test_a_handshake_that_spans_a_crl_reload_keeps_its_sni(
+    make_proxy: ProxyFactory,
+    echo_targets: list[EchoTarget],
+    pki: Pki,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The SNI is recorded by the contexts the handshake started with; the connection is
+    checked by the current ones, which must still know it (the log line, the PROXY header)."""
+    client_cert = pki.ca.issue_client("spans-reload")
+    bystander = pki.ca.issue_client("spans-reload-revoked")
+    proxy = await make_proxy(
+        tls_config(pki, echo_targets[0].address, client_auth="required", crl=True)
+    )
+    listener = proxy.listeners["edge"]
+    context = client_context(pki, client_cert.cert_path, client_cert.key_path)
+    with caplog.at_level(logging.INFO, logger="wsproxy.access"):
+        client = await HeldBackClient.start(listener_address(proxy), context)
+        try:
+            before = listener.tls
+            pki.ca.revoke(bystander.name, "superseded")  # a new CRL, not about this client
+            await wait_for(lambda: listener.tls is not before)
+            answer = await client.finish_and_upgrade()
+        finally:
+            client.close()
+        assert answer.startswith(b"HTTP/1.1 101"), answer
+        await wait_for(lambda: listener.stats.active == 0)
+    entry = next(r.__dict__["connection"] for r in caplog.records if r.name == "wsproxy.access")
+    assert entry["sni"] == "edge.internal"
