@@ -3,7 +3,9 @@
 Scenarios: echo, throughput, connect, hold, sweep (against any WebSocket endpoint), compare
 (wsproxy vs direct vs HAProxy vs nginx, see compare.py), ab (two versions of wsproxy, alternating
 rounds, see ab.py), scaling (wsproxy with 1 worker vs N, see scaling.py), session-memory (where
-an idle session's bytes go, see session_memory.py) and setup (installs HAProxy and nginx).
+an idle session's bytes go, see session_memory.py), handshake-fairness (a canary's TLS handshake
+beside one address's idle sockets, see handshake_fairness.py) and setup (installs HAProxy and
+nginx).
 Each scenario prints one JSON line on stdout, then a human summary; progress goes to stderr.
 """
 
@@ -119,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtest import session_memory
 
     session_memory.add_parser(commands)
+    from loadtest import handshake_fairness
+
+    handshake_fairness.add_parser(commands)
     commands.add_parser("setup", help="install HAProxy and nginx (Debian) where missing")
     return parser
 
@@ -143,6 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.scaling import run_scaling
 
         return run_scaling(args)
+    if args.command == "handshake-fairness":
+        from loadtest.handshake_fairness import run_handshake_fairness
+
+        return run_handshake_fairness(args)
     if args.command == "session-memory":
         from loadtest.session_memory import run_session_memory
 

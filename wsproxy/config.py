@@ -342,6 +342,10 @@ class ListenerConfig(_Section):
     # (connections wait in the kernel's backlog) until one finishes, which bounds the CPU a
     # connection flood can make the proxy spend on TLS.
     max_handshakes_in_flight: int = Field(256, ge=1, le=100_000)
+    # Of those, at most this many for one client address (the PROXY header's source behind
+    # PROXY protocol): an address holding idle sockets cannot take every slot. Connections
+    # beyond it wait, and freed slots go to waiting addresses in turn (fair queueing).
+    max_handshakes_in_flight_per_ip: int = Field(32, ge=1, le=100_000)
     idle_timeout_seconds: float = Field(350.0, gt=0, le=7 * 24 * 3600)
     # Websocket mode: ping a client silent this long (0: never); no pong in time ends the session.
     ping_interval_seconds: float = Field(30.0, ge=0, le=3600)

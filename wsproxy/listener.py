@@ -21,6 +21,7 @@ from wsproxy.flows.context import FlowContext
 from wsproxy.flows.passthrough import PassthroughFlow
 from wsproxy.flows.tcp import TcpFlow
 from wsproxy.flows.websocket import WebSocketFlow
+from wsproxy.handshake_slots import HandshakeSlots
 from wsproxy.openssl import alerts_to
 from wsproxy.ops.logs import CONNECTION_FIELDS, log_connection, log_event
 from wsproxy.ops.metrics import ListenerStats, LiveCounts
@@ -33,6 +34,9 @@ from wsproxy.wire.proxyproto import ProxyHeader, ProxyHeaderReader
 log = logging.getLogger(__name__)
 
 CRL_POLL_SECONDS = 1.0
+
+# A TLS connection waits for a handshake slot at most this many tls_handshake_timeout_seconds.
+SLOT_WAIT_TIMEOUTS = 2
 
 
 BACKLOG = 1024
@@ -134,19 +138,24 @@ class Listener:
         target_groups: Mapping[str, TargetGroup],
         stats: ListenerStats | None = None,
         budget: DescriptorBudget | None = None,
+        previous_tls: ServerTls | None = None,
     ) -> None:
+        """``previous_tls``: the TLS contexts of the listener of this name that this one
+        replaces (a reload), so an older CRL is refused (``ServerTls``'s ``previous``)."""
         self.name = name
         self.config = config
         self.address: Address | None = None
         self._server: asyncio.Server | None = None
         self._socket: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
-        self._handshake_room = asyncio.Event()  # set when a handshake slot frees up
+        self.handshake_slots = HandshakeSlots(
+            config.max_handshakes_in_flight, config.max_handshakes_in_flight_per_ip
+        )
         tls = None
         if config.tls is not None:
             # ALPN http/1.1 in websocket mode: the only protocol the flow speaks.
             alpn = ["http/1.1"] if config.websocket else None
-            tls = ServerTls(name, config.tls, alpn=alpn)
+            tls = ServerTls(name, config.tls, alpn=alpn, previous=previous_tls)
         # What the flows see of this listener (they never see the listener itself).
         self.context = FlowContext(
             name,
@@ -211,17 +220,17 @@ class Listener:
 
     async def _accept_tls(self, listening: socket.socket) -> None:
         """Accept, then run each TLS handshake in its own task so its failure can be classified
-        (a server created with ssl= would only log it) and counted."""
+        (a server created with ssl= would only log it) and counted.
+
+        Accepting goes on while handshake slots are taken: a connection that finds none waits
+        in ``handshake_slots`` (fairly among client addresses) rather than in the kernel's
+        backlog, where it would queue behind every connection of whoever filled it.
+        """
         loop = asyncio.get_running_loop()
+        limit_per_ip = self.config.max_connections_per_ip
         while True:
-            if self.context.handshakes >= self.config.max_handshakes_in_flight:
-                # Leave further connections in the kernel's backlog until a handshake ends.
-                self.stats.accept_pauses["handshakes"] += 1
-                self._handshake_room.clear()
-                await self._handshake_room.wait()
-                continue
             try:
-                connection, _ = await loop.sock_accept(listening)
+                connection, peer = await loop.sock_accept(listening)
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE):
                     self.stats.accept_pauses[Reason.FD_EXHAUSTED] += 1
@@ -231,11 +240,23 @@ class Listener:
             refusal = self.context.refusal()
             if refusal is not None:
                 self._refuse(connection, refusal)
-            elif self.tls is not None:  # the current contexts: a new CRL swaps them
-                # Counted now, not when the task starts: the next accept must see it.
-                self.context.handshakes += 1
-                self.budget.open += 1
-                self.spawn(self._handshake(connection, self.tls))
+                continue
+            tls = self.tls  # the current contexts: a new CRL swaps them
+            if tls is None:
+                connection.close()
+                continue
+            ip: str | None = None
+            if limit_per_ip and not self.config.accept_proxy_protocol:
+                # Counted now, before the handshake: an address at its limit gets no handshake
+                # slot and holds no descriptor (behind PROXY, once the header names the client).
+                ip = str(peer[0])
+                if not self.context.reserve_ip(ip):
+                    self._refuse(connection, Reason.PER_IP_LIMIT)
+                    continue
+            # Counted now, not when the task starts: the next accept must see it.
+            self.context.handshakes += 1
+            self.budget.open += 1
+            self.spawn(self._handshake(connection, tls, ip))
 
     def _refuse(self, connection: socket.socket, reason: Reason) -> None:
         try:
@@ -243,21 +264,33 @@ class Listener:
         except OSError:
             peer = ("", 0)
         connection.close()
-        detail = self.context.refusal_detail(reason)
-        self._ended_unserved(reason, detail, peer, 0.0, Phase.ACCEPT)
+        self._ended_unserved(reason, self._refusal_detail(reason), peer, 0.0, Phase.ACCEPT)
 
-    async def _handshake(self, connection: socket.socket, tls: ServerTls) -> None:
-        """One counted handshake (the accept loop counted it); the slot frees when it ends."""
+    def _refusal_detail(self, reason: Reason) -> str:
+        if reason is Reason.PER_IP_LIMIT:
+            return f"over max_connections_per_ip ({self.config.max_connections_per_ip})"
+        return self.context.refusal_detail(reason)
+
+    async def _handshake(self, connection: socket.socket, tls: ServerTls, ip: str | None) -> None:
+        """One counted connection (the accept loop counted it) until it is a flow or gone;
+        ``ip``: the address the accept loop counted toward max_connections_per_ip, if any."""
+        flow = self._new_flow()
+        reserved = [ip] if ip is not None else []
         try:
-            await self._run_handshake(connection, tls)
+            await self._run_handshake(connection, tls, flow, reserved)
         finally:
             self.context.handshakes -= 1
             self.budget.open -= 1
-            self._handshake_room.set()
+            if reserved and flow.ip_admitted is None:
+                # No flow took the address's count over (see FlowContext.reserve_ip).
+                self.context.unreserve_ip(reserved[0])
 
-    async def _run_handshake(self, connection: socket.socket, tls: ServerTls) -> None:
-        loop = asyncio.get_running_loop()
-        flow = self._new_flow()
+    async def _run_handshake(
+        self, connection: socket.socket, tls: ServerTls, flow: Flow, reserved: list[str]
+    ) -> None:
+        """PROXY header (where asked), a handshake slot, the handshake. ``reserved``: the
+        address counted toward max_connections_per_ip, if any (appended to when the PROXY
+        header names it)."""
         started = time.perf_counter()  # loop.time() ticks in whole ms under uvloop
         try:
             peer = connection.getpeername()
@@ -267,6 +300,9 @@ class Listener:
             # Exact reads on the bare socket: not one byte of the ClientHello may be consumed.
             try:
                 flow.proxied = await self._read_proxy_header(connection)
+            except asyncio.CancelledError:
+                connection.close()
+                raise
             except (WireError, TimeoutError, OSError) as exc:
                 connection.close()
                 reason = exc.reason if isinstance(exc, WireError) else Reason.PROXY_PROTOCOL_TIMEOUT
@@ -276,15 +312,61 @@ class Listener:
                 detail = str(exc) or reason
                 self._ended_unserved(reason, detail, peer, elapsed, Phase.PROXY_HEADER)
                 return
-            if flow.proxied.source is not None:
-                peer = flow.proxied.source
+            if flow.proxied.command == "PROXY" and flow.proxied.source is not None:
+                peer = flow.proxied.source  # the address the flow will know the client by
+            if self.config.max_connections_per_ip:
+                if not self.context.reserve_ip(str(peer[0])):
+                    connection.close()
+                    reason = Reason.PER_IP_LIMIT
+                    self._ended_unserved(reason, self._refusal_detail(reason), peer,
+                                         time.perf_counter() - started, Phase.ACCEPT)  # fmt: skip
+                    return
+                reserved.append(str(peer[0]))
+        source = str(peer[0])
+        slots = self.handshake_slots
+        timeout = self.config.tls_handshake_timeout_seconds
+        if not slots.try_acquire(source):
+            # Bounded, so an idle socket cannot hold a descriptor for long by queueing: every
+            # slot taken now frees within one handshake timeout, the second one leaves room for
+            # the turn order. Not taken from the handshake's own time: a client that waited
+            # still gets a whole handshake.
+            self.stats.accept_pauses["handshakes"] += 1
+            try:
+                async with asyncio.timeout(SLOT_WAIT_TIMEOUTS * timeout):
+                    await slots.acquire(source)
+            except asyncio.CancelledError:  # the listener stops: no transport owns the socket
+                connection.close()
+                raise
+            except TimeoutError:
+                connection.close()
+                reason = Reason.TLS_HANDSHAKE_TIMEOUT
+                waited = SLOT_WAIT_TIMEOUTS * timeout
+                detail = f"no handshake slot within {waited:g} s (max_handshakes_in_flight)"
+                self._handshake_failed(reason, detail, peer, time.perf_counter() - started)
+                return
+        try:
+            await self._tls_handshake(connection, tls, flow, peer, started, timeout)
+        finally:
+            slots.release(source)
+
+    async def _tls_handshake(
+        self,
+        connection: socket.socket,
+        tls: ServerTls,
+        flow: Flow,
+        peer: tuple[str, int],
+        started: float,
+        seconds: float,
+    ) -> None:
+        """The handshake itself, within ``seconds``; counted and logged if it fails."""
+        loop = asyncio.get_running_loop()
         try:
             with alerts_to(connection):  # a refused client gets OpenSSL's alert, not just EOF
                 await loop.connect_accepted_socket(
                     lambda: flow.client,
                     connection,
                     ssl=tls.context,
-                    ssl_handshake_timeout=self.config.tls_handshake_timeout_seconds,
+                    ssl_handshake_timeout=seconds,
                 )
         except asyncio.CancelledError:
             connection.close()
@@ -324,7 +406,7 @@ class Listener:
                 continue
             last = stamp
             try:
-                fresh = ServerTls(self.name, self.tls.config, alpn=self.tls.alpn)
+                fresh = ServerTls(self.name, self.tls.config, alpn=self.tls.alpn, previous=self.tls)
                 revoked = fresh.revoked_serials()
             except (TlsConfigError, OSError, ValueError) as exc:
                 log.error(
@@ -332,6 +414,9 @@ class Listener:
                 )
                 continue
             self.tls = fresh
+            stale = fresh.crl_staleness()
+            if stale is not None:
+                log.warning("listener '%s': %s", self.name, stale)
             closed = 0
             for flow in list(self.flows):
                 if flow.client_cert is not None and flow.client_cert.serial in revoked:
@@ -429,3 +514,11 @@ class Listener:
 
     def tls_expiries(self) -> dict[str, float]:
         return self.tls.expiries if self.tls is not None else {}
+
+    def crl_updates(self) -> tuple[float, float] | None:
+        """The CRL in use: (thisUpdate, nextUpdate) in Unix seconds; None without a CRL or a
+        nextUpdate."""
+        crl = self.tls.crl if self.tls is not None else None
+        if crl is None or crl.next_update is None:
+            return None
+        return crl.last_update, crl.next_update

@@ -1,6 +1,6 @@
 """What wsproxy needs from OpenSSL that Python's ``ssl`` module does not give.
 
-Two things, both for the proxy's own contexts only (nothing process-wide changes):
+Three things, all for the proxy's own contexts only (nothing process-wide changes):
 
 - **The alert of a refused handshake.** OpenSSL writes the TLS alert (``certificate_required``,
   ``unknown_ca``, ``certificate_expired``...) into the outgoing memory BIO before
@@ -14,6 +14,9 @@ Two things, both for the proxy's own contexts only (nothing process-wide changes
   profiles name exactly the last three, and scanners mark the others down. Python gains
   ``SSLContext.set_groups`` only in 3.15; before, ``limit_groups`` calls OpenSSL's
   ``SSL_CTX_set1_groups_list`` on the context through ctypes.
+- **No session resumption.** A resumed handshake presents no certificate, so nothing checks it
+  against the CRL again; listeners that verify clients turn resumption off, which needs
+  ``SSL_CTX_set_session_cache_mode`` (``disable_resumption``).
 """
 
 from __future__ import annotations
@@ -140,12 +143,50 @@ def limit_groups(context: ssl.SSLContext) -> str | None:
         ctrl, get_options, clear_errors = _functions()
     except (OSError, AttributeError) as exc:
         return f"OpenSSL's functions are not reachable from the _ssl module ({exc})"
-    # CPython's PySSLContext starts with its SSL_CTX pointer right after the object header
-    # (Modules/_ssl.c, unchanged from 3.0 to 3.14); the options check confirms it.
-    address = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
-    if not address or get_options(address) != context.options:
+    address = _ssl_ctx(context, get_options)
+    if address is None:
         return "the SSL_CTX of an SSLContext was not where CPython keeps it"
     if ctrl(address, _SSL_CTRL_SET_GROUPS_LIST, 0, groups.encode()) != 1:
         clear_errors()  # leave no error queued for the next ssl call to trip over
         return f"OpenSSL refused the groups {groups}"
+    return None
+
+
+def _ssl_ctx(context: ssl.SSLContext, get_options: Any) -> int | None:
+    """The address of ``context``'s SSL_CTX, or None where it cannot be found safely."""
+    # CPython's PySSLContext starts with its SSL_CTX pointer right after the object header
+    # (Modules/_ssl.c, unchanged from 3.0 to 3.14); the options check confirms it.
+    address = ctypes.c_void_p.from_address(id(context) + object.__basicsize__).value
+    if not address or get_options(address) != context.options:
+        return None
+    return int(address)
+
+
+# --- session resumption ---------------------------------------------------------------------
+
+_SSL_CTRL_SET_SESS_CACHE_MODE = 44  # ssl.h: SSL_CTX_set_session_cache_mode(ctx, mode)
+_SSL_SESS_CACHE_OFF = 0
+
+
+def disable_resumption(context: ssl.SSLContext) -> str | None:
+    """Make the server ``context`` resume no session: no TLS 1.2 ticket (``OP_NO_TICKET``), no
+    TLS 1.3 ticket (``num_tickets = 0``) and no server-side session cache (TLS 1.2 session
+    ids, and the stateful TLS 1.3 tickets ``OP_NO_TICKET`` would otherwise turn on).
+
+    Python has no setter for the cache mode, so ``SSL_CTX_set_session_cache_mode`` is called
+    through ctypes, as in ``limit_groups``. Returns None, or why the cache could not be turned
+    off (then TLS 1.2 session ids still resume; the caller warns).
+    """
+    context.options |= ssl.OP_NO_TICKET
+    context.num_tickets = 0
+    if sys.implementation.name != "cpython":
+        return f"{sys.implementation.name} is not CPython"
+    try:
+        ctrl, get_options, _ = _functions()
+    except (OSError, AttributeError) as exc:
+        return f"OpenSSL's functions are not reachable from the _ssl module ({exc})"
+    address = _ssl_ctx(context, get_options)
+    if address is None:
+        return "the SSL_CTX of an SSLContext was not where CPython keeps it"
+    ctrl(address, _SSL_CTRL_SET_SESS_CACHE_MODE, _SSL_SESS_CACHE_OFF, None)  # returns the old mode
     return None

@@ -155,9 +155,12 @@ class Proxy:
         self._drained = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def _build_listener(self, name: str, config: ListenerConfig) -> Listener:
+    def _build_listener(
+        self, name: str, config: ListenerConfig, previous: Listener | None = None
+    ) -> Listener:
         stats = self.listener_stats.setdefault(name, ListenerStats())
-        return Listener(name, config, self.target_groups, stats, self.descriptors)
+        tls = previous.tls if previous is not None else None
+        return Listener(name, config, self.target_groups, stats, self.descriptors, tls)
 
     def _build_target_group(self, name: str, config: TargetGroupConfig) -> TargetGroup:
         return TargetGroup(name, config, make_balancer(config.algorithm, self._rng))
@@ -349,7 +352,9 @@ class Proxy:
             if name not in self.target_groups
         }
         refreshed_tls = {
-            name: ServerTls(name, listener.config.tls, alpn=listener.tls.alpn)
+            name: ServerTls(
+                name, listener.config.tls, alpn=listener.tls.alpn, previous=listener.tls
+            )
             for name, listener in self.listeners.items()
             if listener.tls is not None
             and listener.config.tls is not None
@@ -363,7 +368,7 @@ class Proxy:
         self.target_groups.update(added_groups)
         started: list[Listener] = []
         replaced = {
-            name: self._build_listener(name, config)
+            name: self._build_listener(name, config, self.listeners.get(name))
             for name, config in new.listeners.items()
             if name not in self.listeners or self.listeners[name].config != config
         }

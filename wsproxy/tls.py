@@ -8,6 +8,7 @@ per config generation and never changed afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import logging
@@ -32,7 +33,7 @@ from wsproxy.config import (
     describe_unreadable,
 )
 from wsproxy.errors import ClientCertRejected, ConfigError, ConfigIssue, Reason, TlsConfigError
-from wsproxy.openssl import GROUPS, ListenerContext, limit_groups
+from wsproxy.openssl import GROUPS, ListenerContext, disable_resumption, limit_groups
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,94 @@ def header_value(text: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class CrlFacts:
+    """What wsproxy reads of a listener's CRL file itself (OpenSSL reads its own copy).
+
+    ``revoked``: serials in lower-case hex, empty unless ``signed``; times are Unix seconds.
+    """
+
+    issuer: x509.Name
+    number: int | None  # the CRLNumber extension (RFC 5280 §5.2.3), None when absent
+    last_update: float
+    next_update: float | None
+    signed: bool  # by a certificate of client_ca
+    revoked: frozenset[str]
+
+
+# A CRL is near its nextUpdate within the shorter of these: a day leaves time to notice a
+# publishing job that stopped; a tenth of its lifetime keeps a CRL re-published every hour
+# from warning all the time.
+CRL_WARN_SECONDS = 24 * 3600.0
+CRL_WARN_FRACTION = 0.1
+
+
+def crl_staleness(facts: CrlFacts, path: str, now: float) -> str | None:
+    """Why the CRL at ``path`` needs re-publishing soon (``now`` in Unix seconds), or None.
+
+    Past its nextUpdate OpenSSL refuses every client certificate ("CRL has expired"); near it
+    (see ``CRL_WARN_SECONDS``) that is about to happen.
+    """
+    if facts.next_update is None:
+        return None  # no nextUpdate: OpenSSL never calls it expired
+    left = facts.next_update - now
+    when = dt.datetime.fromtimestamp(facts.next_update, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    hint = ca_hint(path, "crl")
+    if left <= 0:
+        return (
+            f"CRL {path} expired at {when} (its nextUpdate): every client certificate is "
+            f"refused until a new one is published; {hint}"
+        )
+    lifetime = facts.next_update - facts.last_update
+    if left < min(CRL_WARN_SECONDS, CRL_WARN_FRACTION * lifetime):
+        return (
+            f"CRL {path} expires at {when} (its nextUpdate, in {left / 3600:.1f} h), then every "
+            f"client certificate is refused; {hint}, and check the job that re-publishes it"
+        )
+    return None
+
+
+def crl_rollback(current: CrlFacts, fresh: CrlFacts, path: str) -> str | None:
+    """Why ``fresh`` must not replace the ``current`` CRL, or None.
+
+    CRLNumber only grows (RFC 5280 §5.2.3): a lower one from the same issuer is an older CRL (a
+    restored backup, a CA directory copied before a revocation), which would un-revoke every
+    certificate revoked since.
+    """
+    if fresh.issuer != current.issuer or fresh.number is None or current.number is None:
+        return None  # another CA, or numbers to compare missing: nothing to say
+    if fresh.number >= current.number:
+        return None
+    return (
+        f"CRL {path} has CRLNumber {fresh.number}, lower than the {current.number} of the CRL "
+        "in use: it is older and would un-revoke certificates revoked since; publish a current "
+        "one with `wsproxy ca crl` from the CA that issued the newer CRL"
+    )
+
+
+def read_crl(crl_path: str, client_ca: str | None) -> CrlFacts:
+    """The facts of the PEM CRL at ``crl_path``; ``OSError`` or ``ValueError`` if unreadable."""
+    crl = x509.load_pem_x509_crl(Path(crl_path).read_bytes())
+    issuers = x509.load_pem_x509_certificates(Path(client_ca).read_bytes()) if client_ca else []
+    signed = any(
+        issuer.subject == crl.issuer and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]  # CA keys are EC or RSA, which CRLs accept
+        for issuer in issuers
+    )
+    try:
+        number: int | None = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = None
+    next_update = crl.next_update_utc
+    return CrlFacts(
+        issuer=crl.issuer,
+        number=number,
+        last_update=crl.last_update_utc.timestamp(),
+        next_update=next_update.timestamp() if next_update is not None else None,
+        signed=signed,
+        revoked=frozenset(f"{entry.serial_number:x}" for entry in crl) if signed else frozenset(),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ClientCertificate:
     """What the proxy vouches for about a verified client certificate, ready for headers.
 
@@ -155,18 +244,35 @@ class ServerTls:
         *,
         alpn: list[str] | None = None,
         clock: Clock | None = None,
+        previous: ServerTls | None = None,
     ) -> None:
+        """``previous``: the contexts these replace (a reload, a new CRL); a CRL older than
+        theirs raises ``TlsConfigError`` (see ``crl_rollback``)."""
         self.listener = listener
         self.config = config
         self._clock = clock or SystemClock()
         self.alpn = alpn
         self._sni: weakref.WeakKeyDictionary[ssl.SSLObject, str] = weakref.WeakKeyDictionary()
+        if previous is not None:
+            # Shared: a handshake that started under the previous contexts is checked by these.
+            self._sni = previous._sni
         self.certificates = [
             self._load(index, files.cert, files.key)
             for index, files in enumerate(config.certificates)
         ]
         for certificate in self.certificates:
             certificate.context.sni_callback = self._on_sni
+        # The CRL as it was when these contexts were built: a handshake that started under an
+        # older one is checked against this one when it completes (``client_certificate``).
+        self.crl: CrlFacts | None = None
+        if config.crl:
+            # Unreadable here but accepted by OpenSSL: its own check in the handshake stands.
+            with contextlib.suppress(OSError, ValueError):
+                self.crl = read_crl(config.crl, config.client_ca)
+        if previous is not None and previous.crl is not None and self.crl is not None:
+            why = crl_rollback(previous.crl, self.crl, config.crl or "")
+            if why is not None:
+                raise TlsConfigError(f"listener '{listener}': {why}")
         self.expiries = self._expiries()
 
     @property
@@ -200,9 +306,17 @@ class ServerTls:
             context.verify_mode = (
                 ssl.CERT_REQUIRED if config.client_auth == "required" else ssl.CERT_OPTIONAL
             )
-            # A resumed session skips certificate verification, so a revoked client could
-            # resume; no tickets on listeners that verify clients.
-            context.options |= ssl.OP_NO_TICKET
+            # A resumed session skips certificate verification (no certificate is sent), so a
+            # client revoked or expired since, or refused by a stricter reload, could resume:
+            # no resumption at all on listeners that verify clients.
+            why = disable_resumption(context)
+            if why is not None:
+                log.warning(
+                    "listener '%s': TLS 1.2 session ids still resume on this client_auth "
+                    "listener: %s",
+                    self.listener,
+                    why,
+                )
             if config.crl:
                 self._load_verify(context, config.crl, "crl", ca_hint(config.crl, "crl"))
                 context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF
@@ -265,26 +379,27 @@ class ServerTls:
             if config.client_ca:
                 cas = x509.load_pem_x509_certificates(Path(config.client_ca).read_bytes())
                 found["client_ca"] = min(ca.not_valid_after_utc.timestamp() for ca in cas)
-            if config.crl:
-                crl = x509.load_pem_x509_crl(Path(config.crl).read_bytes())
-                if crl.next_update_utc is not None:
-                    found["crl"] = crl.next_update_utc.timestamp()
+            if self.crl is not None and self.crl.next_update is not None:
+                found["crl"] = self.crl.next_update
         except (OSError, ValueError):
             pass  # OpenSSL accepted these files; what cryptography cannot read goes unreported
         return found
+
+    def crl_staleness(self) -> str | None:
+        """Why this listener's CRL needs re-publishing soon (see ``crl_staleness``), or None."""
+        if self.crl is None or not self.config.crl:
+            return None
+        return crl_staleness(self.crl, self.config.crl, self._clock.now().timestamp())
 
     def revoked_serials(self) -> set[str]:
         """Serials (lower-case hex) listed by the CRL, after checking its signature."""
         if not self.config.crl or not self.config.client_ca:
             return set()
-        crl = x509.load_pem_x509_crl(Path(self.config.crl).read_bytes())
-        issuers = x509.load_pem_x509_certificates(Path(self.config.client_ca).read_bytes())
-        if not any(
-            issuer.subject == crl.issuer and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]  # CA keys are EC or RSA, which CRLs accept
-            for issuer in issuers
-        ):
+        if self.crl is None:
+            raise TlsConfigError(f"CRL {self.config.crl} cannot be read as a PEM CRL")
+        if not self.crl.signed:
             raise TlsConfigError(f"CRL {self.config.crl} is not signed by client_ca")
-        return {f"{entry.serial_number:x}" for entry in crl}
+        return set(self.crl.revoked)
 
     # --- per connection -------------------------------------------------------------------------
 
@@ -347,9 +462,16 @@ class ServerTls:
             ) from None
         if ExtendedKeyUsageOID.CLIENT_AUTH not in usages:
             raise ClientCertRejected("bad_eku", "client certificate lacks the clientAuth EKU")
+        serial = f"{cert.serial_number:x}"
+        if self.crl is not None and serial in self.crl.revoked:
+            # OpenSSL checked the CRL of the context this handshake started with; a newer CRL
+            # (these contexts) may have revoked the certificate since.
+            raise ClientCertRejected(
+                "revoked", "client certificate revoked by a CRL loaded during its handshake"
+            )
         return ClientCertificate(
             subject=header_value(cert.subject.rfc4514_string()),
-            serial=f"{cert.serial_number:x}",
+            serial=serial,
             fingerprint_sha256=hashlib.sha256(der).hexdigest(),
             not_after=cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
@@ -386,11 +508,18 @@ def classify_handshake_failure(exc: BaseException) -> tuple[Reason, str]:
 
 
 def check_listener_files(listener: str, config: ListenerTls) -> list[ConfigIssue]:
-    """Every problem with a TLS listener's files, for ``check-config`` (no socket opened)."""
+    """Every problem with a TLS listener's files, for ``check-config`` (no socket opened).
+
+    A CRL past or near its nextUpdate is logged as a warning, not an issue: refusing to start
+    (or to reload) would not let any more clients in.
+    """
     try:
-        ServerTls(listener, config)
+        tls = ServerTls(listener, config)
     except TlsConfigError as exc:
         return [ConfigIssue(f"listeners.{listener}.tls", str(exc))]
+    stale = tls.crl_staleness()
+    if stale is not None:
+        log.warning("listener '%s': %s", listener, stale)
     return []
 
 

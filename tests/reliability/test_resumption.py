@@ -1,5 +1,6 @@
 """mTLS with TLS session resumption: a resumed session must not carry a client in past a
 revocation or a stricter reload (a resumed handshake presents no certificate to verify again).
+Listeners that verify clients therefore resume nothing, in TLS 1.2 or 1.3.
 
 The client is Python's blocking ``ssl`` in a thread (asyncio cannot offer a saved session); the
 test first proves that resumption does happen, so the checks after it mean something.
@@ -17,6 +18,7 @@ import pytest
 from tests.conftest import listener_address, wait_for
 from tests.flows.test_tls import client_context, tls_config
 from tests.helpers.pki import Pki, make_pki
+from tests.helpers.tools import require_tool
 from tests.helpers.wsraw import upgrade_request
 from wsproxy.address import Address
 from wsproxy.config import load_config
@@ -68,17 +70,18 @@ async def test_a_resumed_session_does_not_outlive_a_revocation(
         answer, session, _ = await asyncio.to_thread(upgrade, address, context, None)
         assert answer.startswith(b"HTTP/1.1 101"), answer
         answer, session, resumed = await asyncio.to_thread(upgrade, address, context, session)
-        assert resumed, "the server does not resume sessions: this test would prove nothing"
+        # Listeners that verify clients resume nothing (test_client_auth_listeners_resume_no_
+        # session shows with s_client that other listeners do): every handshake checks the CRL.
+        assert not resumed, "a client_auth listener resumed a session"
         assert answer.startswith(b"HTTP/1.1 101")
 
         stats = proxy.listeners["edge"].stats
         pki.ca.revoke("resumer", "keyCompromise")
         await asyncio.sleep(1.5)  # the CRL watcher polls once a second
         answer, _, resumed = await asyncio.to_thread(upgrade, address, context, session)
+        assert not resumed
         assert not answer.startswith(b"HTTP/1.1 101"), "a revoked client got in by resuming"
-        if resumed:  # the old ticket still opened TLS: then the proxy's own check refused it
-            await wait_for(lambda: stats.client_certs["revoked"] >= 1)
-        print(f"\nafter revocation: resumed={resumed}, refused either way")
+        await wait_for(lambda: stats.client_certs["revoked"] >= 1)
     finally:
         await proxy.shutdown(grace=1.0)
 
@@ -114,3 +117,70 @@ async def test_a_resumed_session_does_not_survive_a_stricter_reload(
         assert not answer.startswith(b"HTTP/1.1 101"), "resumption skipped the new requirement"
     finally:
         await proxy.shutdown(grace=1.0)
+
+
+async def s_client_session(
+    address: Address,
+    pki: Pki,
+    client: tuple[str, str],
+    version: str,
+    session_file: Path,
+    *,
+    resume: bool,
+) -> str:
+    """One ``openssl s_client`` connection that sends a plain GET and reads until the proxy
+    closes (so TLS 1.3 tickets, sent after the handshake, arrive); saves its session to
+    ``session_file``, or offers the one saved there with ``resume``. Its output."""
+    openssl = require_tool("openssl", "openssl")
+    session = ["-sess_in", str(session_file)] if resume else ["-sess_out", str(session_file)]
+    process = await asyncio.create_subprocess_exec(
+        openssl, "s_client", "-connect", f"{address.host}:{address.port}", version,
+        "-servername", "edge.internal", "-CAfile", pki.ca_file, "-cert", client[0],
+        "-key", client[1], "-ign_eof", *session,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    request = b"GET / HTTP/1.1\r\nHost: edge.internal\r\n\r\n"
+    try:
+        async with asyncio.timeout(20):
+            output, _ = await process.communicate(request)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return output.decode(errors="replace")
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+async def test_client_auth_listeners_resume_no_session(
+    echo_targets: list[EchoTarget], pki: Pki, tmp_path: Path, version: str
+) -> None:
+    """Neither a TLS 1.2 session id nor a TLS 1.3 ticket (stateful: OP_NO_TICKET) resumes on a
+    listener that verifies clients, while a listener that does not still resumes (so the
+    s_client runs below can show a resumption at all)."""
+    issued = pki.ca.issue_client(f"s-client-{version}")
+    client = (issued.cert_path, issued.key_path)
+    for client_auth, expect_reused in (("required", False), ("none", True)):
+        config = tmp_path / f"{client_auth}.toml"
+        config.write_text(
+            "[admin]\nenabled = false\n"
+            + tls_config(
+                pki, echo_targets[0].address, client_auth=client_auth, crl=client_auth != "none"
+            )
+        )
+        proxy = Proxy(load_config(str(config)), path=str(config))
+        await proxy.start()
+        try:
+            address = listener_address(proxy)
+            session_file = tmp_path / f"{client_auth}{version}.session"
+            first = await s_client_session(
+                address, pki, client, version, session_file, resume=False
+            )
+            assert "New, TLSv1" in first, first
+            second = await s_client_session(
+                address, pki, client, version, session_file, resume=True
+            )
+        finally:
+            await proxy.shutdown(grace=1.0)
+        reused = "Reused, TLSv1" in second
+        assert reused == expect_reused, (client_auth, version, second)

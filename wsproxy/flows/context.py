@@ -48,6 +48,7 @@ class FlowContext:
     __slots__ = (
         "_all_closed",
         "_per_ip",
+        "_reserved",
         "_target_groups",
         "_tasks",
         "budget",
@@ -90,9 +91,13 @@ class FlowContext:
         self.tls = tls
         self.ticker = Ticker()  # idle and keepalive checks of every session of this listener
         self.connections: set[Connection] = set()
-        self.handshakes = 0  # TLS handshakes in progress (they count toward max_connections)
+        # TLS listeners: connections accepted and not yet flows (reading a PROXY header, waiting
+        # for a handshake slot, in the handshake); they count toward max_connections.
+        self.handshakes = 0
         self._target_groups = target_groups
         self._per_ip: dict[str, int] = {}  # open connections per client address, when limited
+        # Of those, counted at accept by a TLS listener and not yet taken over by their flow.
+        self._reserved: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._all_closed = asyncio.Event()
 
@@ -120,12 +125,45 @@ class FlowContext:
         return f"descriptor budget of the process used up ({self.budget.limit} descriptors)"
 
     def admit_ip(self, ip: str) -> bool:
-        """Count a connection from ``ip`` unless it is at ``max_connections_per_ip``."""
+        """Count a connection from ``ip`` unless it is at ``max_connections_per_ip``.
+
+        A connection the listener counted at accept (``reserve_ip``, TLS listeners) is already
+        counted: its reservation is taken over, whatever the count.
+        """
+        reserved = self._reserved.get(ip, 0)
+        if reserved:
+            if reserved == 1:
+                del self._reserved[ip]
+            else:
+                self._reserved[ip] = reserved - 1
+            return True
+        return self._count_ip(ip)
+
+    def reserve_ip(self, ip: str) -> bool:
+        """Count a connection from ``ip`` at accept, before its TLS handshake, unless ``ip``
+        is at ``max_connections_per_ip``: the flow takes the count over in ``admit_ip``, or the
+        listener gives it back with ``unreserve_ip`` if no flow took it."""
+        if not self._count_ip(ip):
+            return False
+        self._reserved[ip] = self._reserved.get(ip, 0) + 1
+        return True
+
+    def _count_ip(self, ip: str) -> bool:
         count = self._per_ip.get(ip, 0)
         if count >= self.config.max_connections_per_ip:
             return False
         self._per_ip[ip] = count + 1
         return True
+
+    def unreserve_ip(self, ip: str) -> None:
+        """Give back a reservation no flow took over (the handshake failed, or its flow ended
+        before the per-address check)."""
+        reserved = self._reserved.get(ip, 0) - 1
+        if reserved > 0:
+            self._reserved[ip] = reserved
+        else:
+            self._reserved.pop(ip, None)
+        self.release_ip(ip)
 
     def release_ip(self, ip: str) -> None:
         count = self._per_ip.pop(ip, 0) - 1

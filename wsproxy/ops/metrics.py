@@ -131,6 +131,7 @@ class ListenerSnapshot:
     sessions: Counter[str]
     expiries: dict[str, float]
     limit: int
+    crl_updates: tuple[float, float] | None = None  # (thisUpdate, nextUpdate), Unix seconds
 
     @property
     def bytes_in(self) -> int:
@@ -170,6 +171,7 @@ def snapshot_listeners(listeners: Iterable[ListenerView]) -> dict[str, ListenerS
                 Counter(),
                 listener.tls_expiries(),
                 listener.connection_limit,
+                listener.crl_updates(),
             )
         live = snapshot.live
         for counts in listener.live_counts():
@@ -199,6 +201,8 @@ class ListenerView(Protocol):
     def live_counts(self) -> Iterable[LiveCounts]: ...
 
     def tls_expiries(self) -> dict[str, float]: ...
+
+    def crl_updates(self) -> tuple[float, float] | None: ...
 
 
 @dataclass(slots=True)
@@ -298,8 +302,9 @@ class ProxyCollector(Collector):
         )
         pauses = _counter(
             "wsproxy_listener_accept_pauses",
-            "Times the listener stopped accepting for a while, by reason (handshakes: at "
-            "max_handshakes_in_flight; fd_exhausted: accept failed for lack of descriptors)",
+            "Times a connection or the listener had to wait, by reason (handshakes: a "
+            "connection waited for a handshake slot, at max_handshakes_in_flight or its "
+            "address's share; fd_exhausted: accept failed for lack of descriptors)",
             "listener",
             "reason",
         )
@@ -354,6 +359,17 @@ class ProxyCollector(Collector):
             "listener",
             "role",
         )
+        crl_next = _gauge(
+            "wsproxy_crl_next_update_timestamp_seconds",
+            "The nextUpdate of the CRL a listener checks client certificates against: past "
+            "it, every client certificate is refused",
+            "listener",
+        )
+        crl_this = _gauge(
+            "wsproxy_crl_this_update_timestamp_seconds",
+            "The thisUpdate of the CRL a listener checks client certificates against",
+            "listener",
+        )
         for name, snapshot in snapshot_listeners(self._proxy.metric_listeners()).items():
             stats = snapshot.stats
             conns.add_metric([name], stats.connections)
@@ -381,10 +397,13 @@ class ProxyCollector(Collector):
             stats.session_seconds.add_to(session_seconds, [name])
             for role, when in sorted(snapshot.expiries.items()):
                 not_after.add_metric([name, role], when)
+            if snapshot.crl_updates is not None:
+                crl_this.add_metric([name], snapshot.crl_updates[0])
+                crl_next.add_metric([name], snapshot.crl_updates[1])
         yield from (conns, active, limit, rejected, pauses, handshakes, handshake_seconds)
         yield client_certs
         yield from (upgrades, messages, frames, closes, sessions, session_seconds, byte_total)
-        yield not_after
+        yield from (not_after, crl_this, crl_next)
 
     def _target_metrics(self) -> Iterator[Metric]:
         target_active = _gauge(
