@@ -40,7 +40,7 @@ def run(*command: str, cwd: Path) -> str:
 def test_alert_rules_are_valid_and_their_unit_tests_pass() -> None:
     promtool = require_tool("promtool", "prometheus")
     prometheus_dir = DEPLOY / "prometheus"
-    assert "SUCCESS: 12 rules found" in run(
+    assert "SUCCESS: 13 rules found" in run(
         promtool, "check", "rules", "alerts.yml", cwd=prometheus_dir
     )
     assert "SUCCESS" in run(promtool, "test", "rules", "alerts_test.yml", cwd=prometheus_dir)
