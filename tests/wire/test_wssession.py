@@ -604,6 +604,35 @@ def test_our_pong_is_recognised_wherever_a_read_cuts_it(cut: int) -> None:
     assert run.take_log() == [("wake", 30.0)]
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([CLIENT, TARGET]), st.data())
+def test_our_pong_is_taken_out_under_any_chunking_in_either_direction(
+    side: Side, data: st.DataObject
+) -> None:
+    """Issue 13, item 6: whichever side we ping, its answer is recognised however the reads cut
+    it (its header in two segments, or one byte at a time, amid frames of any kind)."""
+    interval = {"ping_interval": 10.0} if side is CLIENT else {"target_ping_interval": 10.0}
+    run = Run.start(ping_timeout=3.0, **interval)
+    run.tick(10.0).tick(10.0)
+    (ping,) = frames(run.sent(side))
+    mask = MASK if side is CLIENT else b""
+    before, open_message = data.draw(side_frames(side is CLIENT, False))
+    after, _ = data.draw(side_frames(side is CLIENT, open_message))
+    pong = encode_frame(OP_PONG, ping[1], mask=mask)
+    stream = before + pong + after
+    # Cuts anywhere, always some inside the pong's header (2 bytes, 6 when masked).
+    start = len(before)
+    cuts = data.draw(st.lists(st.integers(1, len(stream) - 1), max_size=20))
+    cuts += data.draw(st.lists(st.integers(start + 1, start + len(pong) - 1), min_size=1))
+    run.now += 1.0
+    (run.client if side is CLIENT else run.target)(stream, cuts)
+    assert run.sent(TARGET if side is CLIENT else CLIENT) == before + after
+    direction = run.session.to_target if side is CLIENT else run.session.to_client
+    assert direction.ping_payload is None and direction.plain
+    run.tick(5.0)  # past the pong's deadline: nothing happens
+    assert run.events() == [("wake", 31.0)] and run.session.state is State.OPEN
+
+
 def test_a_silent_target_is_pinged_with_a_masked_frame() -> None:
     run = Run.start(target_ping_interval=10.0, ping_timeout=3.0)
     run.target(t(OP_TEXT, b"alive"))
@@ -652,6 +681,42 @@ def test_a_side_that_does_not_answer_in_time_is_cut(
     assert goodbye[0][0] == OP_CLOSE and goodbye[0][1][:2] == (1001).to_bytes(2, "big")
     assert (run.session.close_initiator, run.session.close_code) == (Initiator.PROXY, code)
     assert run.session.state is State.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("side", "reason"), [(CLIENT, Reason.PING_TIMEOUT), (TARGET, Reason.TARGET_PING_TIMEOUT)]
+)
+def test_traffic_after_a_ping_proves_the_sender_alive_until_it_falls_silent(
+    side: Side, reason: Reason
+) -> None:
+    """Issue 13, item 6: a peer busy sending, whose Pong is slow (behind a large frame, a slow
+    link), is alive: every ping_timeout with bytes from it since the ping, or since the last such
+    check, waits one more. Only ping_timeout of silence with the ping unanswered cuts it."""
+    interval = {"ping_interval": 10.0} if side is CLIENT else {"target_ping_interval": 10.0}
+    run = Run.start(ping_timeout=3.0, **interval)
+    send = run.client if side is CLIENT else run.target
+    frame = c if side is CLIENT else t
+    run.tick(10.0).tick(10.0)  # 20.0: the ping; its pong due at 23.0
+    ((_, payload),) = frames(run.sent(side))
+    for _ in range(4):  # 12 s of messages and no pong: four deadlines pass
+        run.now += 2.0
+        send(frame(OP_TEXT, b"busy"))
+        run.tick(1.0)
+    assert run.session.state is State.OPEN and run.session.pings_sent == 1
+    receiver = TARGET if side is CLIENT else CLIENT
+    assert run.take_log() == [("send", receiver, frame(OP_TEXT, b"busy") * 4)]  # nothing else
+    run.now += 1.0
+    send(frame(OP_PONG, payload))  # the late answer is still ours: taken out
+    assert run.take_log() == [("wake", 43.0)]
+    # Silent since its pong: pinged again; one message, then silence: one more wait, then cut.
+    run.tick(10.0)  # 43.0: the second ping, due 46.0
+    assert run.session.pings_sent == 2
+    run.take_log()
+    send(frame(OP_TEXT, b"last words"))
+    run.tick(3.0)  # 46.0: bytes since the ping, wait until 49.0
+    assert run.events() == []
+    run.tick(3.0)
+    assert ("ending", reason) in run.events() and run.state() is State.CLOSED
 
 
 def test_no_ping_cuts_into_a_frame_and_none_goes_out_while_closing() -> None:

@@ -79,9 +79,11 @@ keeps to them.
    that sent nothing since the last check is pinged (the Ping goes the other way, at a frame
    boundary of that stream) and ``ping_due`` becomes the pong's deadline. While the ping is
    outstanding, the direction leaves the hot path: the Pong that carries our payload is taken
-   out, any other Pong passes (the other peer may be waiting for it). No pong by the deadline:
-   the silent side is aborted, the other told with a Close 1001 and closed (``ping_timeout``,
-   ``target_ping_timeout``).
+   out, any other Pong passes (the other peer may be waiting for it). At the deadline, a sender
+   that sent bytes since the ping (or since the last deadline) is alive, its Pong only late:
+   the deadline moves by ``ping_timeout``. A whole ``ping_timeout`` of silence with the ping
+   unanswered: the silent side is aborted, the other told with a Close 1001 and closed
+   (``ping_timeout``, ``target_ping_timeout``).
 
 4. The client's message rate (``TokenBucket``, only when configured) is charged per read of the
    client's bytes: a read that overdraws is forwarded whole, then Close 1008 follows at the next
@@ -651,6 +653,14 @@ class Session(Generic[D]):
         """Ping a sender that sent nothing for its interval; give up on one that did not
         answer."""
         if direction.ping_payload is not None:
+            if direction.received != direction.ping_mark:
+                # Bytes came since the ping (or the last such check): the sender is alive, its
+                # Pong late (queued behind a large frame, a slow link). Wait for it one more
+                # ping_timeout, as the websockets library takes any data received as proof of
+                # life; only ping_timeout of silence with the ping unanswered ends the session.
+                direction.ping_mark = direction.received
+                direction.ping_due = now + self._ping_timeout
+                return
             self._ping_expired(direction)
             return
         direction.ping_due = now + direction.ping_interval
