@@ -557,6 +557,24 @@ def test_a_bad_frame_whose_header_was_split_cuts_its_receiver() -> None:
     assert run.session.to_target.state is DirectionState.CUT
 
 
+def test_a_bad_frame_after_the_session_closed_is_judged_once_however_it_is_cut() -> None:
+    """Found by the cutting property below: once both sockets were closing, a bad frame's
+    header ended the session (again) with its reason, and the bytes after it, in a later read,
+    with another; the tracker has lost its place there, so nothing after a bad frame counts."""
+    hostile = c(OP_TEXT, b"before") + t(OP_TEXT, b"x") + c(OP_TEXT, b"after")
+    logs = []
+    for cuts in ([], [len(c(OP_TEXT, b"before")) + 2]):
+        run = Run.start(target_ping_interval=10.0, ping_timeout=3.0)
+        run.target(t(OP_CLOSE, (1000).to_bytes(2, "big")))
+        run.tick(10.0).tick(10.0).tick(3.0)  # the target never answers our ping: closed
+        assert run.state() is State.CLOSED
+        run.take_log()
+        run.client(hostile, cuts)
+        logs.append(run.take_log())
+    assert logs[0] == logs[1]
+    assert [entry[0] for entry in logs[0]] == ["send", "ending"]
+
+
 def test_nonsense_after_a_close_counts_as_the_answer() -> None:
     run = Run.start()
     run.request_close(Boundary.FRAME)
