@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsproxy.errors import Reason
+from wsproxy.errors import FrameError, Reason
 from wsproxy.wire.wsframe import (
     OP_BINARY,
     OP_CLOSE,
@@ -26,6 +26,7 @@ from wsproxy.wire.wsframe import (
     unmask,
 )
 from wsproxy.wire.wssession import (
+    FRAMES_DUE,
     AbortSide,
     Boundary,
     CloseSide,
@@ -138,7 +139,11 @@ class Run:
             if error is None:
                 self._record(("send", receiver, data))
                 return
-            session.violation(direction, data, error, self.now)
+            if isinstance(error, FrameError):
+                session.violation(direction, data, error, self.now)
+            else:  # a look at the frame budget is due, after the read is forwarded whole
+                self._record(("send", receiver, data))
+                session.charge_frames(direction, self.now)
         else:
             taken = session.receive(direction, data, self.now)
             if taken:
@@ -784,6 +789,94 @@ def test_a_read_that_overdraws_passes_whole() -> None:
     log = run.take_log()
     assert log[0] == ("send", TARGET, burst)
     assert ("ending", Reason.MESSAGE_RATE_EXCEEDED) in log
+
+
+FLOODS = {
+    "pings": c(OP_PING),
+    "pongs": c(OP_PONG),
+    "empty continuations": c(OP_CONTINUATION, fin=False),
+    "empty messages": c(OP_TEXT),
+}
+
+
+@pytest.mark.parametrize("kind", list(FLOODS))
+def test_every_frame_counts_against_the_frame_budget(kind: str) -> None:
+    """Issue 13, item 8: control frames and continuations are charged too (the message rate
+    counts neither); the read that overdraws passes whole, then Close 1008 / 1001."""
+    run = Run.start(max_frames_per_second=10.0, frames_burst=5, max_messages_per_second=0)
+    opening = c(OP_TEXT, b"open", fin=False) if kind == "empty continuations" else b""
+    frame = FLOODS[kind]
+    run.client(opening + frame * 4)  # 5 frames: the burst
+    assert run.events() == [] and run.session.to_target.plain  # the hot path throughout
+    run.now += 0.1  # one frame's worth back
+    run.client(frame)
+    assert run.events() == []
+    run.client(frame * 3)  # overdrawn
+    log = run.take_log()
+    # A flood: the connection is failed, both sockets closed once the Close frames went out,
+    # without waiting for answers (the rest of the flood would be parsed meanwhile).
+    assert [entry[:2] for entry in log] == [
+        ("send", TARGET),
+        ("ending", Reason.FRAME_RATE_EXCEEDED),
+        ("send", CLIENT),
+        ("send", TARGET),
+        ("wake", 5.1),
+        ("close", CLIENT),
+        ("close", TARGET),
+    ]
+    assert log[0][2] == frame * 3
+    assert frames(log[2][2]) == [(OP_CLOSE, (1008).to_bytes(2, "big") + b"frame rate exceeded")]
+    assert frames(log[3][2])[0][1][:2] == (1001).to_bytes(2, "big")
+    assert run.state() is State.CLOSED
+    assert (run.session.close_initiator, run.session.close_code) == (Initiator.PROXY, 1008)
+
+
+def test_the_frame_budget_is_looked_at_only_when_it_could_be_overdrawn() -> None:
+    """No clock on the hot path: ``take`` asks for the time only once the frames counted pass
+    what the budget held at its last look."""
+    run = Run.start(max_frames_per_second=100.0, frames_burst=50)
+    session = run.session
+    direction = session.to_target
+    assert direction.frames_free == 50
+    assert session.take(direction, c(OP_PING) * 50) is None
+    assert session.take(direction, c(OP_PING)) is FRAMES_DUE
+    session.charge_frames(direction, 0.2)  # 20 frames back, 51 spent: 19 left
+    assert direction.frames_free == 51 + 19
+    assert run.take_log() == []
+    # No budget toward the client (targets are the operator's own services).
+    assert session.to_client.frame_budget is None
+    assert session.take(session.to_client, t(OP_PING) * 100_000) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 30), st.sampled_from([0.0, 0.01, 0.1, 0.5, 2.0])), max_size=40
+    ),
+    st.sampled_from([0, 1, 2, 7]),
+)
+def test_the_lazy_frame_budget_cuts_no_sender_within_the_rate_and_lets_none_past_it(
+    reads: list[tuple[int, float]], pongs_every: int
+) -> None:
+    """Looking at the budget only when it could be overdrawn (rate 20/s, burst 30): the session
+    never closes before a token bucket charged at every read would be overdrawn, and while it
+    stays open the client has sent at most ``burst + rate * seconds`` frames."""
+    rate, burst = 20.0, 30
+    run = Run.start(max_frames_per_second=rate, frames_burst=burst)
+    tokens, mark, total = float(burst), 0.0, 0
+    overdrawn = False
+    for index, (count, pause) in enumerate(reads):
+        run.now += pause
+        frame = c(OP_PONG) if pongs_every and index % pongs_every == 0 else c(OP_BINARY, b"m")
+        run.client(frame * count)
+        total += count
+        tokens = min(float(burst), tokens + (run.now - mark) * rate) - count
+        mark = run.now
+        overdrawn = overdrawn or tokens < 0
+        if ("ending", Reason.FRAME_RATE_EXCEEDED) in run.events():
+            assert overdrawn, index  # never before the strict bucket
+            return
+        assert total <= burst + rate * run.now, index  # never past the envelope
 
 
 def test_the_lifetime_ends_the_session_at_message_boundaries() -> None:
