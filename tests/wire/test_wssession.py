@@ -844,8 +844,14 @@ def test_the_frame_budget_is_looked_at_only_when_it_could_be_overdrawn() -> None
     assert direction.frames_free == 51 + 19
     assert run.take_log() == []
     # No budget toward the client (targets are the operator's own services).
-    assert session.to_client.frame_budget is None
-    assert session.take(session.to_client, t(OP_PING) * 100_000) is None
+    down = session.to_client
+    assert down.frame_budget is None
+    assert session.take(down, t(OP_PING) * 100_000) is None
+    # A billion frames on: one look, which finds nothing to charge and moves the mark as far.
+    down.tracker.frames = down.frames_free
+    assert session.take(down, t(OP_PING)) is FRAMES_DUE
+    session.charge_frames(down, 1.0)
+    assert session.take(down, t(OP_PING)) is None and run.take_log() == []
 
 
 @settings(max_examples=300, deadline=None)

@@ -98,7 +98,7 @@ keeps to them.
 What depends on how bytes are cut into reads: a frame header split across reads is forwarded in
 parts (the proxy holds back no bytes on the hot path), so a bad frame whose header was split can
 only be CUT, not answered with a Close; bytes a peer sends after its own Close in the same read
-pass, later ones are dropped; the rate limit counts per read (above). Everything else, events and
+pass, later ones are dropped; the rate limits count per read (above). Everything else, events and
 forwarded bytes, is the same for any cutting of the same streams (tests/wire/test_wssession.py).
 """
 
@@ -243,8 +243,10 @@ class Due(enum.Enum):
 
 
 FRAMES_DUE = Due.FRAMES
-# ``Direction.frames_free`` of a direction with no frame budget: never reached.
-_NO_FRAME_LIMIT = 1 << 62
+# ``Direction.frames_free`` of a direction with no frame budget, out of reach of a session's frame
+# count for a long while (and then pushed as far again). The largest one-digit int: CPython 3.11
+# specializes ``<`` only for ints under 2**30, and ``take`` compares this on every read.
+_NO_FRAME_LIMIT = (1 << 30) - 1
 
 
 # --- per direction -----------------------------------------------------------------------------
@@ -726,11 +728,12 @@ class Session(Generic[D]):
         ``receive`` saw them pass ``frames_free``); overdrawn: Close 1008 at the next frame
         boundary, as for the message rate."""
         budget = direction.frame_budget
+        frames = direction.tracker.frames
         if budget is None or direction.state in _SHUT:
-            direction.frames_free = _NO_FRAME_LIMIT  # nothing more to charge
+            direction.frames_free = frames + _NO_FRAME_LIMIT  # nothing more to charge
             return
-        if budget.spend(direction.tracker.frames, now):
-            direction.frames_free = _NO_FRAME_LIMIT
+        if budget.spend(frames, now):
+            direction.frames_free = frames + _NO_FRAME_LIMIT
             # A flood: fail the connection (§7.1.7), the sockets closed as soon as our Close
             # went out, rather than wait for an answer while parsing the rest of the flood (a
             # client still sending then gets a TCP reset, after our Close).
