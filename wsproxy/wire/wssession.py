@@ -90,10 +90,11 @@ keeps to them.
 4. The client's message rate (``TokenBucket``, only when configured) is charged per read of the
    client's bytes: a read that overdraws is forwarded whole, then Close 1008 follows at the next
    frame boundary. The client's frame rate (``FrameBudget``: every frame, control frames and
-   continuations included) ends the same way, but costs the hot path one integer comparison per
-   read: the budget is looked at, with the time, only once the frames counted pass what it held
-   at the last look. The lifetime (``max_session_seconds``) ends the session with 1001 at message
-   boundaries, as a drain does.
+   continuations included) is a flood's: the read that overdraws is forwarded whole, then the
+   connection is FAILING (Close 1008 to the client, 1001 to the target, no answer awaited). It
+   costs the hot path one integer comparison per read: the budget is looked at, with the time,
+   only once the frames counted pass what it held at the last look. The lifetime
+   (``max_session_seconds``) ends the session with 1001 at message boundaries, as a drain does.
 
 What depends on how bytes are cut into reads: a frame header split across reads is forwarded in
 parts (the proxy holds back no bytes on the hot path), so a bad frame whose header was split can
@@ -725,8 +726,9 @@ class Session(Generic[D]):
 
     def charge_frames(self, direction: D, now: float) -> None:
         """Charge the sender's frames to its frame budget (``take`` said ``FRAMES_DUE``, or
-        ``receive`` saw them pass ``frames_free``); overdrawn: Close 1008 at the next frame
-        boundary, as for the message rate."""
+        ``receive`` saw them pass ``frames_free``); overdrawn: the connection fails, Close 1008
+        to the client and 1001 to the target at their next frame boundaries, then both sockets
+        close without waiting for answers."""
         budget = direction.frame_budget
         frames = direction.tracker.frames
         if budget is None or direction.state in _SHUT:
