@@ -656,6 +656,23 @@ def test_our_pong_is_taken_out_under_any_chunking_in_either_direction(
     assert run.events() == [("wake", 31.0)] and run.session.state is State.OPEN
 
 
+def test_bytes_behind_our_pong_count_as_activity_however_the_read_is_cut() -> None:
+    """Found by the cutting property below: silence was counted from the end of the read that
+    held our pong, so a frame behind it in the same read went unnoticed (the client was pinged
+    at the next check) but in the next read did not."""
+    logs = []
+    for cut in (False, True):
+        run = Run.start(ping_interval=10.0, ping_timeout=3.0)
+        run.tick(10.0).tick(10.0)
+        ((_, payload),) = frames(run.sent(CLIENT))
+        pong = c(OP_PONG, payload)
+        run.client(pong + c(OP_TEXT, b"behind it"), [len(pong)] if cut else [])
+        run.tick(10.0)  # 30.0: the first check after the pong
+        logs.append(run.take_log())
+        assert run.session.pings_sent == 1  # the client was not silent
+    assert logs[0] == logs[1]
+
+
 def test_a_silent_target_is_pinged_with_a_masked_frame() -> None:
     run = Run.start(target_ping_interval=10.0, ping_timeout=3.0)
     run.target(t(OP_TEXT, b"alive"))

@@ -694,7 +694,7 @@ class Session(Generic[D]):
             frame = rest[:end]
             tracker.feed(frame)
             if unmask(frame[header.header_len :], header.mask_key) == direction.ping_payload:
-                self._pong_received(direction, now)
+                self._pong_received(direction, now, len(rest) - end)
             else:
                 self._send(direction, frame)  # not ours: the other side may be waiting for it
             data = rest[end:]
@@ -780,9 +780,12 @@ class Session(Generic[D]):
         direction.ping_due = now + self._ping_timeout
         direction._replain()
 
-    def _pong_received(self, direction: D, now: float) -> None:
+    def _pong_received(self, direction: D, now: float, after: int) -> None:
+        """Our pong came, with ``after`` bytes behind it in the same read."""
         direction.ping_payload = None
-        direction.ping_mark = direction.received
+        # Silence is counted from the end of the pong, not of the read: bytes behind it are
+        # activity whether they came in the same read or the next.
+        direction.ping_mark = direction.received - after
         direction.ping_due = now + direction.ping_interval
         self._emit(Wake(direction.ping_due))  # the tick waiting now is the pong's deadline
 
