@@ -208,6 +208,12 @@ class Reason(DescribedEnum):
         1008,
         "the client sent more than max_messages_per_second (with messages_burst)",
     )
+    FRAME_RATE_EXCEEDED = (
+        "frame_rate_exceeded",
+        Cause.RESOURCE,
+        1008,
+        "the client sent more than max_frames_per_second frames of any kind (with frames_burst)",
+    )
     MAX_SESSION_DURATION = (
         "max_session_duration",
         Cause.RESOURCE,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 from collections.abc import Awaitable, Callable
 
 import pytest
 
 from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.helpers.servers import RawServer, upgrading_target
-from tests.helpers.wsraw import RawWebSocket
+from tests.helpers.wsraw import RawWebSocket, accept_upgrade
 from wsproxy.address import Address
 from wsproxy.demo import EchoTarget
 from wsproxy.relay.websocket import WebSocketRelay
@@ -182,5 +183,118 @@ async def test_a_pong_split_across_reads_is_still_recognised(
     ws.send(OP_TEXT, b"still here")
     await wait_for(lambda: any(op == OP_TEXT for op, _ in frames_of(b"".join(received))))
     assert [op for op, _ in frames_of(b"".join(received))] == [OP_TEXT]  # no pong of ours
+    assert proxy.listeners["edge"].stats.active == 1
+    ws.abort()
+
+
+def _split_pong(writer: asyncio.StreamWriter, pong: bytes, cut: int) -> None:
+    """Make the next writes separate TCP segments: no Nagle coalescing on this socket."""
+    sock = writer.get_extra_info("socket")
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    writer.write(pong[:cut])
+
+
+@pytest.mark.parametrize("cut", [1, 3])
+async def test_a_client_pong_in_two_segments_keeps_the_session(
+    make_proxy: ProxyFactory, raw_servers: RawServers, cut: int
+) -> None:
+    """Issue 13, item 6: the answer to our ping, its (masked, 6-byte) header cut in two TCP
+    segments 0.2 s apart, is recognised: not forwarded, and the session outlives the pong's
+    deadline (0.5 s)."""
+    received: list[bytes] = []
+    server = await raw_servers(upgrading_target(received))
+    proxy = await make_proxy(
+        config(server.address, "ping_interval_seconds = 0.3\nping_timeout_seconds = 0.5")
+    )
+    ws = await RawWebSocket.connect(listener_address(proxy))
+    opcode, payload = await ws.recv(timeout=3)
+    assert opcode == OP_PING
+    pong = encode_frame(OP_PONG, payload, mask=os.urandom(4))
+    _split_pong(ws.writer, pong, cut)
+    await ws.writer.drain()
+    await asyncio.sleep(0.2)
+    ws.writer.write(pong[cut:])
+    # Well past that pong's deadline, answering the next pings at once: the session lives.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 1.0
+    pings = 0
+    while (left := deadline - loop.time()) > 0:
+        try:
+            opcode, payload = await ws.recv(timeout=left)
+        except TimeoutError:
+            break
+        assert opcode == OP_PING, "the session was closed"
+        ws.send(OP_PONG, payload)
+        pings += 1
+    assert pings >= 1
+    ws.send(OP_TEXT, b"still here")
+    await wait_for(lambda: any(op == OP_TEXT for op, _ in frames_of(b"".join(received))))
+    assert frames_of(b"".join(received)) == [(OP_TEXT, b"still here")]  # no pong of ours
+    assert proxy.listeners["edge"].stats.active == 1
+    ws.abort()
+
+
+async def test_a_target_pong_in_two_segments_keeps_the_session(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    """Issue 13, item 6, the other way: a target answers each of the proxy's pings with its Pong
+    header cut in two TCP segments 0.2 s apart; the session outlives several pong deadlines and
+    the client sees none of it."""
+    answered: list[bytes] = []
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await accept_upgrade(reader, writer)
+        peer = RawWebSocket(reader, writer, client=False)
+        while True:
+            opcode, payload = await peer.recv(timeout=10)
+            if opcode == OP_PING:
+                pong = encode_frame(OP_PONG, payload)
+                _split_pong(writer, pong, 1)
+                await writer.drain()
+                await asyncio.sleep(0.2)
+                writer.write(pong[1:])
+                answered.append(payload)
+            elif opcode == OP_TEXT:
+                peer.send(OP_TEXT, payload)
+
+    server = await raw_servers(target)
+    proxy = await make_proxy(
+        config(
+            server.address,
+            "ping_interval_seconds = 0\ntarget_ping_interval_seconds = 0.2\n"
+            "ping_timeout_seconds = 0.4",
+        )
+    )
+    ws = await RawWebSocket.connect(listener_address(proxy))
+    await wait_for(lambda: len(answered) >= 3, timeout=10)
+    with pytest.raises(TimeoutError):  # no pong, no close reached the client
+        await ws.recv(timeout=0.3)
+    ws.send(OP_TEXT, b"alive")
+    assert await ws.recv() == (OP_TEXT, b"alive")
+    ws.abort()
+
+
+async def test_a_busy_client_whose_pong_is_late_is_not_cut(
+    make_proxy: ProxyFactory, raw_servers: RawServers
+) -> None:
+    """Issue 13, item 6: after the proxy's ping, the client keeps sending messages for three
+    pong deadlines before it answers; bytes received prove it alive, so the session lives on
+    (it used to end with ping_timeout at the first deadline)."""
+    received: list[bytes] = []
+    server = await raw_servers(upgrading_target(received))
+    proxy = await make_proxy(
+        config(server.address, "ping_interval_seconds = 0.3\nping_timeout_seconds = 0.5")
+    )
+    ws = await RawWebSocket.connect(listener_address(proxy))
+    opcode, payload = await ws.recv(timeout=3)
+    assert opcode == OP_PING
+    for index in range(15):  # 1.5 s of messages, no pong
+        ws.send(OP_TEXT, b"busy %d" % index)
+        await asyncio.sleep(0.1)
+    ws.send(OP_PONG, payload)  # the late answer: still ours, taken out
+    ws.send(OP_TEXT, b"done")
+    await wait_for(lambda: (OP_TEXT, b"done") in frames_of(b"".join(received)))
+    sent = frames_of(b"".join(received))
+    assert sent == [(OP_TEXT, b"busy %d" % index) for index in range(15)] + [(OP_TEXT, b"done")]
     assert proxy.listeners["edge"].stats.active == 1
     ws.abort()

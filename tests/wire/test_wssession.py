@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsproxy.errors import Reason
+from wsproxy.errors import FrameError, Reason
 from wsproxy.wire.wsframe import (
     OP_BINARY,
     OP_CLOSE,
@@ -26,6 +26,7 @@ from wsproxy.wire.wsframe import (
     unmask,
 )
 from wsproxy.wire.wssession import (
+    FRAMES_DUE,
     AbortSide,
     Boundary,
     CloseSide,
@@ -138,7 +139,11 @@ class Run:
             if error is None:
                 self._record(("send", receiver, data))
                 return
-            session.violation(direction, data, error, self.now)
+            if isinstance(error, FrameError):
+                session.violation(direction, data, error, self.now)
+            else:  # a look at the frame budget is due, after the read is forwarded whole
+                self._record(("send", receiver, data))
+                session.charge_frames(direction, self.now)
         else:
             taken = session.receive(direction, data, self.now)
             if taken:
@@ -585,6 +590,24 @@ def test_a_bad_frame_whose_header_was_split_cuts_its_receiver() -> None:
     assert run.session.to_target.state is DirectionState.CUT
 
 
+def test_a_bad_frame_after_the_session_closed_is_judged_once_however_it_is_cut() -> None:
+    """Found by the cutting property below: once both sockets were closing, a bad frame's
+    header ended the session (again) with its reason, and the bytes after it, in a later read,
+    with another; the tracker has lost its place there, so nothing after a bad frame counts."""
+    hostile = c(OP_TEXT, b"before") + t(OP_TEXT, b"x") + c(OP_TEXT, b"after")
+    logs = []
+    for cuts in ([], [len(c(OP_TEXT, b"before")) + 2]):
+        run = Run.start(target_ping_interval=10.0, ping_timeout=3.0)
+        run.target(t(OP_CLOSE, (1000).to_bytes(2, "big")))
+        run.tick(10.0).tick(10.0).tick(3.0)  # the target never answers our ping: closed
+        assert run.state() is State.CLOSED
+        run.take_log()
+        run.client(hostile, cuts)
+        logs.append(run.take_log())
+    assert logs[0] == logs[1]
+    assert [entry[0] for entry in logs[0]] == ["send", "ending"]
+
+
 def test_nonsense_after_a_close_counts_as_the_answer() -> None:
     run = Run.start()
     run.request_close(Boundary.FRAME)
@@ -630,6 +653,52 @@ def test_our_pong_is_recognised_wherever_a_read_cuts_it(cut: int) -> None:
     assert frames(run.sent(TARGET)) == [(OP_TEXT, b"a"), (OP_TEXT, b"b")]
     assert run.session.to_target.ping_payload is None
     assert run.take_log() == [("wake", 30.0)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([CLIENT, TARGET]), st.data())
+def test_our_pong_is_taken_out_under_any_chunking_in_either_direction(
+    side: Side, data: st.DataObject
+) -> None:
+    """Issue 13, item 6: whichever side we ping, its answer is recognised however the reads cut
+    it (its header in two segments, or one byte at a time, amid frames of any kind)."""
+    interval = {"ping_interval": 10.0} if side is CLIENT else {"target_ping_interval": 10.0}
+    run = Run.start(ping_timeout=3.0, **interval)
+    run.tick(10.0).tick(10.0)
+    (ping,) = frames(run.sent(side))
+    mask = MASK if side is CLIENT else b""
+    before, open_message = data.draw(side_frames(side is CLIENT, False))
+    after, _ = data.draw(side_frames(side is CLIENT, open_message))
+    pong = encode_frame(OP_PONG, ping[1], mask=mask)
+    stream = before + pong + after
+    # Cuts anywhere, always some inside the pong's header (2 bytes, 6 when masked).
+    start = len(before)
+    cuts = data.draw(st.lists(st.integers(1, len(stream) - 1), max_size=20))
+    cuts += data.draw(st.lists(st.integers(start + 1, start + len(pong) - 1), min_size=1))
+    run.now += 1.0
+    (run.client if side is CLIENT else run.target)(stream, cuts)
+    assert run.sent(TARGET if side is CLIENT else CLIENT) == before + after
+    direction = run.session.to_target if side is CLIENT else run.session.to_client
+    assert direction.ping_payload is None and direction.plain
+    run.tick(5.0)  # past the pong's deadline: nothing happens
+    assert run.events() == [("wake", 31.0)] and run.session.state is State.OPEN
+
+
+def test_bytes_behind_our_pong_count_as_activity_however_the_read_is_cut() -> None:
+    """Found by the cutting property below: silence was counted from the end of the read that
+    held our pong, so a frame behind it in the same read went unnoticed (the client was pinged
+    at the next check) but in the next read did not."""
+    logs = []
+    for cut in (False, True):
+        run = Run.start(ping_interval=10.0, ping_timeout=3.0)
+        run.tick(10.0).tick(10.0)
+        ((_, payload),) = frames(run.sent(CLIENT))
+        pong = c(OP_PONG, payload)
+        run.client(pong + c(OP_TEXT, b"behind it"), [len(pong)] if cut else [])
+        run.tick(10.0)  # 30.0: the first check after the pong
+        logs.append(run.take_log())
+        assert run.session.pings_sent == 1  # the client was not silent
+    assert logs[0] == logs[1]
 
 
 def test_a_silent_target_is_pinged_with_a_masked_frame() -> None:
@@ -682,6 +751,42 @@ def test_a_side_that_does_not_answer_in_time_is_cut(
     assert run.session.state is State.CLOSED
 
 
+@pytest.mark.parametrize(
+    ("side", "reason"), [(CLIENT, Reason.PING_TIMEOUT), (TARGET, Reason.TARGET_PING_TIMEOUT)]
+)
+def test_traffic_after_a_ping_proves_the_sender_alive_until_it_falls_silent(
+    side: Side, reason: Reason
+) -> None:
+    """Issue 13, item 6: a peer busy sending, whose Pong is slow (behind a large frame, a slow
+    link), is alive: every ping_timeout with bytes from it since the ping, or since the last such
+    check, waits one more. Only ping_timeout of silence with the ping unanswered cuts it."""
+    interval = {"ping_interval": 10.0} if side is CLIENT else {"target_ping_interval": 10.0}
+    run = Run.start(ping_timeout=3.0, **interval)
+    send = run.client if side is CLIENT else run.target
+    frame = c if side is CLIENT else t
+    run.tick(10.0).tick(10.0)  # 20.0: the ping; its pong due at 23.0
+    ((_, payload),) = frames(run.sent(side))
+    for _ in range(4):  # 12 s of messages and no pong: four deadlines pass
+        run.now += 2.0
+        send(frame(OP_TEXT, b"busy"))
+        run.tick(1.0)
+    assert run.session.state is State.OPEN and run.session.pings_sent == 1
+    receiver = TARGET if side is CLIENT else CLIENT
+    assert run.take_log() == [("send", receiver, frame(OP_TEXT, b"busy") * 4)]  # nothing else
+    run.now += 1.0
+    send(frame(OP_PONG, payload))  # the late answer is still ours: taken out
+    assert run.take_log() == [("wake", 43.0)]
+    # Silent since its pong: pinged again; one message, then silence: one more wait, then cut.
+    run.tick(10.0)  # 43.0: the second ping, due 46.0
+    assert run.session.pings_sent == 2
+    run.take_log()
+    send(frame(OP_TEXT, b"last words"))
+    run.tick(3.0)  # 46.0: bytes since the ping, wait until 49.0
+    assert run.events() == []
+    run.tick(3.0)
+    assert ("ending", reason) in run.events() and run.state() is State.CLOSED
+
+
 def test_no_ping_cuts_into_a_frame_and_none_goes_out_while_closing() -> None:
     run = Run.start(ping_interval=10.0)
     frame = t(OP_BINARY, b"x" * 100)
@@ -729,6 +834,100 @@ def test_a_read_that_overdraws_passes_whole() -> None:
     log = run.take_log()
     assert log[0] == ("send", TARGET, burst)
     assert ("ending", Reason.MESSAGE_RATE_EXCEEDED) in log
+
+
+FLOODS = {
+    "pings": c(OP_PING),
+    "pongs": c(OP_PONG),
+    "empty continuations": c(OP_CONTINUATION, fin=False),
+    "empty messages": c(OP_TEXT),
+}
+
+
+@pytest.mark.parametrize("kind", list(FLOODS))
+def test_every_frame_counts_against_the_frame_budget(kind: str) -> None:
+    """Issue 13, item 8: control frames and continuations are charged too (the message rate
+    counts neither); the read that overdraws passes whole, then Close 1008 / 1001."""
+    run = Run.start(max_frames_per_second=10.0, frames_burst=5, max_messages_per_second=0)
+    opening = c(OP_TEXT, b"open", fin=False) if kind == "empty continuations" else b""
+    frame = FLOODS[kind]
+    run.client(opening + frame * 4)  # 5 frames: the burst
+    assert run.events() == [] and run.session.to_target.plain  # the hot path throughout
+    run.now += 0.1  # one frame's worth back
+    run.client(frame)
+    assert run.events() == []
+    run.client(frame * 3)  # overdrawn
+    log = run.take_log()
+    # A flood: the connection is failed, both sockets closed once the Close frames went out,
+    # without waiting for answers (the rest of the flood would be parsed meanwhile).
+    assert [entry[:2] for entry in log] == [
+        ("send", TARGET),
+        ("ending", Reason.FRAME_RATE_EXCEEDED),
+        ("send", CLIENT),
+        ("send", TARGET),
+        ("wake", 5.1),
+        ("close", CLIENT),
+        ("close", TARGET),
+    ]
+    assert log[0][2] == frame * 3
+    assert frames(log[2][2]) == [(OP_CLOSE, (1008).to_bytes(2, "big") + b"frame rate exceeded")]
+    assert frames(log[3][2])[0][1][:2] == (1001).to_bytes(2, "big")
+    assert run.state() is State.CLOSED
+    assert (run.session.close_initiator, run.session.close_code) == (Initiator.PROXY, 1008)
+
+
+def test_the_frame_budget_is_looked_at_only_when_it_could_be_overdrawn() -> None:
+    """No clock on the hot path: ``take`` asks for the time only once the frames counted pass
+    what the budget held at its last look."""
+    run = Run.start(max_frames_per_second=100.0, frames_burst=50)
+    session = run.session
+    direction = session.to_target
+    assert direction.frames_free == 50
+    assert session.take(direction, c(OP_PING) * 50) is None
+    assert session.take(direction, c(OP_PING)) is FRAMES_DUE
+    session.charge_frames(direction, 0.2)  # 20 frames back, 51 spent: 19 left
+    assert direction.frames_free == 51 + 19
+    assert run.take_log() == []
+    # No budget toward the client (targets are the operator's own services).
+    down = session.to_client
+    assert down.frame_budget is None
+    assert session.take(down, t(OP_PING) * 100_000) is None
+    # A billion frames on: one look, which finds nothing to charge and moves the mark as far.
+    down.tracker.frames = down.frames_free
+    assert session.take(down, t(OP_PING)) is FRAMES_DUE
+    session.charge_frames(down, 1.0)
+    assert session.take(down, t(OP_PING)) is None and run.take_log() == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 30), st.sampled_from([0.0, 0.01, 0.1, 0.5, 2.0])), max_size=40
+    ),
+    st.sampled_from([0, 1, 2, 7]),
+)
+def test_the_lazy_frame_budget_cuts_no_sender_within_the_rate_and_lets_none_past_it(
+    reads: list[tuple[int, float]], pongs_every: int
+) -> None:
+    """Looking at the budget only when it could be overdrawn (rate 20/s, burst 30): the session
+    never closes before a token bucket charged at every read would be overdrawn, and while it
+    stays open the client has sent at most ``burst + rate * seconds`` frames."""
+    rate, burst = 20.0, 30
+    run = Run.start(max_frames_per_second=rate, frames_burst=burst)
+    tokens, mark, total = float(burst), 0.0, 0
+    overdrawn = False
+    for index, (count, pause) in enumerate(reads):
+        run.now += pause
+        frame = c(OP_PONG) if pongs_every and index % pongs_every == 0 else c(OP_BINARY, b"m")
+        run.client(frame * count)
+        total += count
+        tokens = min(float(burst), tokens + (run.now - mark) * rate) - count
+        mark = run.now
+        overdrawn = overdrawn or tokens < 0
+        if ("ending", Reason.FRAME_RATE_EXCEEDED) in run.events():
+            assert overdrawn, index  # never before the strict bucket
+            return
+        assert total <= burst + rate * run.now, index  # never past the envelope
 
 
 def test_the_lifetime_ends_the_session_at_message_boundaries() -> None:

@@ -536,6 +536,8 @@ class WebSocketFlow(Flow):
             max_message_bytes=config.max_message_bytes,
             max_messages_per_second=config.max_messages_per_second,
             messages_burst=config.messages_burst,
+            max_frames_per_second=config.max_frames_per_second,
+            frames_burst=config.frames_burst,
             max_session_seconds=config.max_session_seconds,
             allow_rsv=extensions,
             owner=self,

@@ -2,10 +2,10 @@
 
 Bytes still flow untouched, but every byte passes a frame tracker, so the proxy can refuse a bad
 frame before a byte of it is forwarded, count messages, and close a session cleanly. The rules
-(the close handshake, keepalive and pong filtering, the message rate, the lifetime, which reason
-ends the session) are in ``wire/wssession.py``. This adapter feeds the session what each endpoint
-reads, the time, and the ticks of the listener's ``Ticker``, and performs what the session asks:
-write to a side, close or abort it, note the reason, wake it at its next deadline.
+(the close handshake, keepalive and pong filtering, the message and frame rates, the lifetime,
+which reason ends the session) are in ``wire/wssession.py``. This adapter feeds the session what
+each endpoint reads, the time, and the ticks of the listener's ``Ticker``, and performs what the
+session asks: write to a side, close or abort it, note the reason, wake it at its next deadline.
 
 Time: the ticker's coarse ticks (0.25 s slots) serve the idle check and keepalive, as for every
 relay; the deadlines the session keeps to the second (the close handshake's, the lifetime) get a
@@ -14,10 +14,11 @@ holds no timer.
 
 The hot path: each endpoint's ``on_data`` is a ``_Pipe``, the session's ``Direction`` for the
 bytes that endpoint reads, plus the endpoint those bytes go to. While the direction is ``plain``
-(open, no ping of ours outstanding, no rate limit), a chunk costs one call into the session
-(``take``: headers tracked, bytes counted) and one write: no clock read, no allocation, as many
-Python frames as before the session moved to ``wire/``. Anything else takes the session's general
-path, with the time (``_receive``).
+(open, no ping of ours outstanding, no message rate limit), a chunk costs one call into the
+session (``take``: headers tracked, bytes and frames counted, the frame budget's threshold
+compared) and one write: no clock read, no allocation, as many Python frames as before the
+session moved to ``wire/``. Anything else takes the session's general path, with the time
+(``_receive``), as does a chunk after which the client's frame budget is to be looked at.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from wsproxy.wire.wssession import (
     Boundary,
     CloseSide,
     Direction,
+    Due,
     Ending,
     Send,
     Session,
@@ -63,7 +65,7 @@ class _Pipe(Direction):
             if error is None:
                 self.sink.write(data)
                 return
-            relay._violation(self, data, error)
+            relay._off_plain(self, data, error)
             return
         relay._receive(self, data)
 
@@ -92,6 +94,8 @@ class WebSocketRelay(Relay):
         max_message_bytes: int = 0,
         max_messages_per_second: float = 0.0,
         messages_burst: int = 0,
+        max_frames_per_second: float = 0.0,
+        frames_burst: int = 0,
         max_session_seconds: float = 0.0,
         allow_rsv: bool = False,
     ) -> None:
@@ -108,6 +112,8 @@ class WebSocketRelay(Relay):
             ping_timeout=ping_timeout,
             max_messages_per_second=max_messages_per_second,
             messages_burst=messages_burst,
+            max_frames_per_second=max_frames_per_second,
+            frames_burst=frames_burst,
             max_session_seconds=max_session_seconds,
             random=random,
         )
@@ -155,8 +161,14 @@ class WebSocketRelay(Relay):
         if session.events is not None:
             self._perform()
 
-    def _violation(self, pipe: _Pipe, data: bytes, error: FrameError) -> None:
-        self.session.violation(pipe, data, error, self._loop.time())
+    def _off_plain(self, pipe: _Pipe, data: bytes, error: FrameError | Due) -> None:
+        """``take`` refused a chunk (a bad frame) or asked for the time (a look at the client's
+        frame budget, after the chunk is forwarded whole)."""
+        if isinstance(error, FrameError):
+            self.session.violation(pipe, data, error, self._loop.time())
+        else:
+            pipe.sink.write(data)
+            self.session.charge_frames(pipe, self._loop.time())
         self._perform()
 
     def _perform(self) -> None:

@@ -3,9 +3,9 @@
 The proxy stands between a client and a target. Each byte stream through it is a ``Direction``:
 ``to_target`` carries what the client sends, ``to_client`` what the target sends. A ``Session``
 owns both and applies the rules of RFC 6455 that a proxy must keep: following frames (headers
-only, ``FrameTracker``), the close handshake, keepalive, the client's message rate and the
-session's lifetime, and which ``Reason`` ends the session. It reads no clock and touches no
-socket: an adapter (``relay/websocket.py``) feeds it what each side sent and the time, and
+only, ``FrameTracker``), the close handshake, keepalive, the client's message and frame rates
+and the session's lifetime, and which ``Reason`` ends the session. It reads no clock and touches
+no socket: an adapter (``relay/websocket.py``) feeds it what each side sent and the time, and
 performs the events it queues in ``events``:
 
 - ``Send(side, data)``: write these bytes to that side (forwarded frames, a Close or a Ping of
@@ -16,9 +16,11 @@ performs the events it queues in ``events``:
 - ``Wake(at)``: call ``tick`` no later than ``at`` (the next deadline moved).
 
 Hot path: ``take(direction, data)`` is for a direction whose ``plain`` is true (open, no ping of
-ours outstanding, no rate limit); it returns None when ``data`` is to be forwarded whole, queues
-nothing and allocates nothing. Anything else goes through ``receive(direction, data, now)``, whose
-return value is how many leading bytes of ``data`` to forward before the queued events.
+ours outstanding, no message rate limit); it returns None when ``data`` is to be forwarded whole,
+queues nothing and allocates nothing. ``FRAMES_DUE``: forward it whole too, then call
+``charge_frames`` with the time (the sender's frames reached the point where its frame budget is
+looked at). Anything else goes through ``receive(direction, data, now)``, whose return value is
+how many leading bytes of ``data`` to forward before the queued events.
 
 The API mode, which ends WebSockets itself instead of tunnelling them, reuses this type for its
 one remote side: the API flow plays the target, writing its own frames through ``to_client`` so
@@ -79,19 +81,25 @@ keeps to them.
    that sent nothing since the last check is pinged (the Ping goes the other way, at a frame
    boundary of that stream) and ``ping_due`` becomes the pong's deadline. While the ping is
    outstanding, the direction leaves the hot path: the Pong that carries our payload is taken
-   out, any other Pong passes (the other peer may be waiting for it). No pong by the deadline:
-   the silent side is aborted, the other told with a Close 1001 and closed (``ping_timeout``,
-   ``target_ping_timeout``).
+   out, any other Pong passes (the other peer may be waiting for it). At the deadline, a sender
+   that sent bytes since the ping (or since the last deadline) is alive, its Pong only late:
+   the deadline moves by ``ping_timeout``. A whole ``ping_timeout`` of silence with the ping
+   unanswered: the silent side is aborted, the other told with a Close 1001 and closed
+   (``ping_timeout``, ``target_ping_timeout``).
 
 4. The client's message rate (``TokenBucket``, only when configured) is charged per read of the
    client's bytes: a read that overdraws is forwarded whole, then Close 1008 follows at the next
-   frame boundary. The lifetime (``max_session_seconds``) ends the session with 1001 at message
-   boundaries, as a drain does.
+   frame boundary. The client's frame rate (``FrameBudget``: every frame, control frames and
+   continuations included) is a flood's: the read that overdraws is forwarded whole, then the
+   connection is FAILING (Close 1008 to the client, 1001 to the target, no answer awaited). It
+   costs the hot path one integer comparison per read: the budget is looked at, with the time,
+   only once the frames counted pass what it held at the last look. The lifetime
+   (``max_session_seconds``) ends the session with 1001 at message boundaries, as a drain does.
 
 What depends on how bytes are cut into reads: a frame header split across reads is forwarded in
 parts (the proxy holds back no bytes on the hot path), so a bad frame whose header was split can
 only be CUT, not answered with a Close; bytes a peer sends after its own Close in the same read
-pass, later ones are dropped; the rate limit counts per read (above). Everything else, events and
+pass, later ones are dropped; the rate limits count per read (above). Everything else, events and
 forwarded bytes, is the same for any cutting of the same streams (tests/wire/test_wssession.py).
 """
 
@@ -228,6 +236,20 @@ class Wake(NamedTuple):
 Event = Send | CloseSide | AbortSide | Ending | Wake
 
 
+class Due(enum.Enum):
+    """What ``take`` returns when a look at the sender's frame budget is due: forward the read
+    whole, then call ``Session.charge_frames`` with the time."""
+
+    FRAMES = "frames"
+
+
+FRAMES_DUE = Due.FRAMES
+# ``Direction.frames_free`` of a direction with no frame budget, out of reach of a session's frame
+# count for a long while (and then pushed as far again). The largest one-digit int: CPython 3.11
+# specializes ``<`` only for ints under 2**30, and ``take`` compares this on every read.
+_NO_FRAME_LIMIT = (1 << 30) - 1
+
+
 # --- per direction -----------------------------------------------------------------------------
 
 
@@ -256,19 +278,57 @@ class TokenBucket:
         return self.tokens < 0
 
 
+class FrameBudget:
+    """A frame-rate limit: ``rate`` frames per second, at most ``burst`` saved up (0: one
+    second's worth), looked at lazily.
+
+    A look (``spend``) is needed only once the frames counted pass what the bucket held at the
+    last look, since it cannot be overdrawn before; so the hot path compares two integers per read
+    and reads no clock. Each look refills for the time since the last one, then takes the frames
+    since: the bucket is capped after the spending, not before, so a sender within ``rate`` is
+    never cut however seldom it is looked at, and none sends more than ``burst + rate * seconds``.
+    """
+
+    __slots__ = ("burst", "counted", "mark", "rate", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate = rate
+        self.burst = float(burst or max(1.0, rate))
+        self.tokens = self.burst
+        self.mark = now  # time of the last look
+        self.counted = 0  # frames charged so far
+
+    def free_until(self) -> int:
+        """The running frame count up to which no look is needed."""
+        return self.counted + int(self.tokens)
+
+    def spend(self, frames: int, now: float) -> bool:
+        """Charge the frames counted since the last look (``frames`` is the running total);
+        True when that overdrew the bucket."""
+        tokens = self.tokens + (now - self.mark) * self.rate - (frames - self.counted)
+        self.counted = frames
+        self.mark = now
+        self.tokens = min(self.burst, tokens)
+        return tokens < 0
+
+
 class Direction:
     """One byte stream through the proxy, from a sender to a receiver.
 
     ``received`` counts the sender's bytes (the log line, the idle check, keepalive). Keepalive
     is of the sender: ``ping_interval`` seconds (0: off), ``ping_due`` the time of the next
     silence check or, while ``ping_payload`` is outstanding, of the pong's deadline.
-    ``plain`` is true when nothing but forwarding is to be done (``Session.take``).
+    ``plain`` is true when nothing but forwarding is to be done (``Session.take``). With a
+    ``frame_budget``, ``take`` says when to look at it: once ``tracker.frames`` passes
+    ``frames_free``.
     """
 
     __slots__ = (
         "bucket",
         "close_frame",
         "closes_at_send",
+        "frame_budget",
+        "frames_free",
         "ping_due",
         "ping_interval",
         "ping_mark",
@@ -281,7 +341,11 @@ class Direction:
     )
 
     def __init__(
-        self, tracker: FrameTracker, ping_interval: float = 0.0, bucket: TokenBucket | None = None
+        self,
+        tracker: FrameTracker,
+        ping_interval: float = 0.0,
+        bucket: TokenBucket | None = None,
+        frame_budget: FrameBudget | None = None,
     ) -> None:
         self.tracker = tracker
         self.received = 0
@@ -291,6 +355,8 @@ class Direction:
         self.ping_payload: bytes | None = None  # our ping that awaits its pong
         self.pong_buf = b""  # the start of a frame held back while pongs are filtered
         self.bucket = bucket  # the sender's messages are charged to it
+        self.frame_budget = frame_budget  # and its frames to this one
+        self.frames_free = _NO_FRAME_LIMIT if frame_budget is None else frame_budget.free_until()
         self.state = D_OPEN
         self.close_frame = b""  # the Close the proxy holds for the receiver
         # The receiver's Close frames (counted the other way) when ours went out: one more is
@@ -358,6 +424,8 @@ class Session(Generic[D]):
         ping_timeout: float = 30.0,
         max_messages_per_second: float = 0.0,
         messages_burst: int = 0,
+        max_frames_per_second: float = 0.0,
+        frames_burst: int = 0,
         max_session_seconds: float = 0.0,
         random: Callable[[int], bytes] = os.urandom,
     ) -> None:
@@ -365,6 +433,9 @@ class Session(Generic[D]):
         bucket = None
         if max_messages_per_second > 0:
             bucket = TokenBucket(max_messages_per_second, messages_burst)
+        frame_budget = None
+        if max_frames_per_second > 0:
+            frame_budget = FrameBudget(max_frames_per_second, frames_burst, now)
         self.to_target: D = direction_type(
             FrameTracker(
                 masked=True,
@@ -374,6 +445,7 @@ class Session(Generic[D]):
             ),
             ping_interval,
             bucket,
+            frame_budget,
         )
         self.to_client: D = direction_type(
             FrameTracker(
@@ -493,9 +565,10 @@ class Session(Generic[D]):
 
     # --- bytes in -------------------------------------------------------------------------------
 
-    def take(self, direction: D, data: bytes) -> FrameError | None:
+    def take(self, direction: D, data: bytes) -> FrameError | Due | None:
         """The hot path, for a ``plain`` direction: track ``data`` and count it. None: forward
-        it whole. A ``FrameError``: forward nothing yet, pass it to ``violation``."""
+        it whole. ``FRAMES_DUE``: forward it whole, then call ``charge_frames``. A
+        ``FrameError``: forward nothing yet, pass it to ``violation``."""
         direction.received += len(data)
         tracker = direction.tracker
         closes = tracker.closes
@@ -505,6 +578,8 @@ class Session(Generic[D]):
             return exc
         if tracker.closes != closes:
             self._close_passed(direction)
+        if tracker.frames > direction.frames_free:
+            return FRAMES_DUE
         return None
 
     def receive(self, direction: D, data: bytes, now: float) -> int:
@@ -512,9 +587,11 @@ class Session(Generic[D]):
         of ``data`` to forward to its receiver, before the events queued meanwhile."""
         if direction.plain:
             error = self.take(direction, data)
-            if error is not None:
+            if isinstance(error, FrameError):
                 self.violation(direction, data, error, now)
                 return 0
+            if error is not None:
+                self.charge_frames(direction, now)
             return len(data)
         direction.received += len(data)
         taken = 0
@@ -530,6 +607,8 @@ class Session(Generic[D]):
             self._forward(direction, data, now)
         if direction.bucket is not None:
             self._charge(direction, now)
+        if direction.tracker.frames > direction.frames_free:
+            self.charge_frames(direction, now)
         return taken
 
     def _pass(self, direction: D, data: bytes, now: float) -> int:
@@ -620,7 +699,7 @@ class Session(Generic[D]):
             frame = rest[:end]
             tracker.feed(frame)
             if unmask(frame[header.header_len :], header.mask_key) == direction.ping_payload:
-                self._pong_received(direction, now)
+                self._pong_received(direction, now, len(rest) - end)
             else:
                 self._send(direction, frame)  # not ours: the other side may be waiting for it
             data = rest[end:]
@@ -650,12 +729,47 @@ class Session(Generic[D]):
                 now=now,
             )
 
+    def charge_frames(self, direction: D, now: float) -> None:
+        """Charge the sender's frames to its frame budget (``take`` said ``FRAMES_DUE``, or
+        ``receive`` saw them pass ``frames_free``); overdrawn: the connection fails, Close 1008
+        to the client and 1001 to the target at their next frame boundaries, then both sockets
+        close without waiting for answers."""
+        budget = direction.frame_budget
+        frames = direction.tracker.frames
+        if budget is None or direction.state in _SHUT:
+            direction.frames_free = frames + _NO_FRAME_LIMIT  # nothing more to charge
+            return
+        if budget.spend(frames, now):
+            direction.frames_free = frames + _NO_FRAME_LIMIT
+            # A flood: fail the connection (§7.1.7), the sockets closed as soon as our Close
+            # went out, rather than wait for an answer while parsing the rest of the flood (a
+            # client still sending then gets a TCP reset, after our Close).
+            if self.state is not S_CLOSED:
+                self.state = S_FAILING
+            self.request_close(
+                client_code=CLOSE_POLICY_VIOLATION,
+                target_code=CLOSE_GOING_AWAY,
+                at=AT_FRAME,
+                reason=Reason.FRAME_RATE_EXCEEDED,
+                now=now,
+            )
+            return
+        direction.frames_free = budget.free_until()
+
     # --- keepalive (RFC 6455 §5.5.2) ------------------------------------------------------------
 
     def _keepalive(self, direction: D, now: float) -> None:
         """Ping a sender that sent nothing for its interval; give up on one that did not
         answer."""
         if direction.ping_payload is not None:
+            if direction.received != direction.ping_mark:
+                # Bytes came since the ping (or the last such check): the sender is alive, its
+                # Pong late (queued behind a large frame, a slow link). Wait for it one more
+                # ping_timeout, as the websockets library takes any data received as proof of
+                # life; only ping_timeout of silence with the ping unanswered ends the session.
+                direction.ping_mark = direction.received
+                direction.ping_due = now + self._ping_timeout
+                return
             self._ping_expired(direction)
             return
         direction.ping_due = now + direction.ping_interval
@@ -671,9 +785,12 @@ class Session(Generic[D]):
         direction.ping_due = now + self._ping_timeout
         direction._replain()
 
-    def _pong_received(self, direction: D, now: float) -> None:
+    def _pong_received(self, direction: D, now: float, after: int) -> None:
+        """Our pong came, with ``after`` bytes behind it in the same read."""
         direction.ping_payload = None
-        direction.ping_mark = direction.received
+        # Silence is counted from the end of the pong, not of the read: bytes behind it are
+        # activity whether they came in the same read or the next.
+        direction.ping_mark = direction.received - after
         direction.ping_due = now + direction.ping_interval
         self._emit(Wake(direction.ping_due))  # the tick waiting now is the pong's deadline
 
@@ -754,7 +871,12 @@ class Session(Generic[D]):
             self._close_side(self._receiver(direction))
         elif direction.state in _PENDING:
             direction.state = D_OPEN  # it is at a frame boundary now: Close here
-        if self.state is not S_CLOSED:
+        if self.state is S_CLOSED:
+            # Both sockets are closing already and the tracker has lost its place: nothing more
+            # of this sender passes or is judged (a later read must not end the session again).
+            direction.state = D_CUT
+            direction.plain = False
+        else:
             self.state = S_FAILING
         self.close_initiator = BY_PROXY
         self.close_code = client_code
