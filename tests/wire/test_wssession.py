@@ -478,19 +478,6 @@ def test_nothing_is_written_after_a_half_close_was_passed_on(side: Side, other: 
     assert run.session.state is State.CLOSED
 
 
-def test_bytes_that_race_the_closing_of_both_sockets_are_ignored() -> None:
-    """Found by the chunking property: once the session told both sockets to close, a client
-    read still in flight was forwarded, and a bad frame in it ended the session a second time
-    (and, cut elsewhere, a third): what a session says must not depend on late reads."""
-    run = Run.start(ping_interval=10.0, target_ping_interval=10.0, ping_timeout=3.0)
-    run.target(t(OP_CLOSE, (1000).to_bytes(2, "big") + b"bye"))
-    run.tick(10.0).tick(10.0).tick(3.0)  # the target owes a Pong: aborted, the client closed
-    assert run.state() is State.CLOSED
-    run.take_log()
-    run.client(c(OP_TEXT, b"late") + b"\x81\x01x" + c(OP_TEXT, b"after"), cuts=[14])
-    assert run.take_log() == []
-
-
 def test_sockets_the_adapter_closes_end_the_session() -> None:
     run = Run.start(ping_interval=1.0)
     run.session.closing()
@@ -593,7 +580,8 @@ def test_a_bad_frame_whose_header_was_split_cuts_its_receiver() -> None:
 def test_a_bad_frame_after_the_session_closed_is_judged_once_however_it_is_cut() -> None:
     """Found by the cutting property below: once both sockets were closing, a bad frame's
     header ended the session (again) with its reason, and the bytes after it, in a later read,
-    with another; the tracker has lost its place there, so nothing after a bad frame counts."""
+    with another. A closed session's sockets read nothing more (a transport stops reading when
+    it is closed), so a read that raced the close is neither forwarded nor judged."""
     hostile = c(OP_TEXT, b"before") + t(OP_TEXT, b"x") + c(OP_TEXT, b"after")
     logs = []
     for cuts in ([], [len(c(OP_TEXT, b"before")) + 2]):
@@ -604,8 +592,7 @@ def test_a_bad_frame_after_the_session_closed_is_judged_once_however_it_is_cut()
         run.take_log()
         run.client(hostile, cuts)
         logs.append(run.take_log())
-    assert logs[0] == logs[1]
-    assert [entry[0] for entry in logs[0]] == ["send", "ending"]
+    assert logs == [[], []]
 
 
 def test_nonsense_after_a_close_counts_as_the_answer() -> None:

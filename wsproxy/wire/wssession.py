@@ -106,6 +106,7 @@ forwarded bytes, is the same for any cutting of the same streams (tests/wire/tes
 from __future__ import annotations
 
 import enum
+import functools
 import math
 import os
 from collections.abc import Callable
@@ -278,9 +279,25 @@ class TokenBucket:
         return self.tokens < 0
 
 
+class FrameLimit(NamedTuple):
+    """The frame-rate settings, one object shared by every session that has them (``rate``
+    frames per second, ``burst`` saved up at most): an idle session holds no bucket of its own,
+    only this and the frame count (``free``) a full bucket lets pass before the first look."""
+
+    rate: float
+    burst: float
+    free: int
+
+
+@functools.lru_cache(maxsize=64)
+def frame_limit(rate: float, burst: int) -> FrameLimit:
+    """The shared ``FrameLimit`` of a listener's settings (``burst`` 0: one second's worth)."""
+    full = float(burst or max(1.0, rate))
+    return FrameLimit(rate, full, int(full))
+
+
 class FrameBudget:
-    """A frame-rate limit: ``rate`` frames per second, at most ``burst`` saved up (0: one
-    second's worth), looked at lazily.
+    """A frame-rate limit's bucket, made at the first look (``FrameLimit``), looked at lazily.
 
     A look (``spend``) is needed only once the frames counted pass what the bucket held at the
     last look, since it cannot be overdrawn before; so the hot path compares two integers per read
@@ -291,11 +308,11 @@ class FrameBudget:
 
     __slots__ = ("burst", "counted", "mark", "rate", "tokens")
 
-    def __init__(self, rate: float, burst: int, now: float) -> None:
-        self.rate = rate
-        self.burst = float(burst or max(1.0, rate))
-        self.tokens = self.burst
-        self.mark = now  # time of the last look
+    def __init__(self, limit: FrameLimit, since: float) -> None:
+        self.rate = limit.rate
+        self.burst = limit.burst
+        self.tokens = limit.burst  # full at ``since`` (the session's start)
+        self.mark = since  # time of the last look
         self.counted = 0  # frames charged so far
 
     def free_until(self) -> int:
@@ -345,7 +362,7 @@ class Direction:
         tracker: FrameTracker,
         ping_interval: float = 0.0,
         bucket: TokenBucket | None = None,
-        frame_budget: FrameBudget | None = None,
+        frame_budget: FrameLimit | None = None,
     ) -> None:
         self.tracker = tracker
         self.received = 0
@@ -355,8 +372,9 @@ class Direction:
         self.ping_payload: bytes | None = None  # our ping that awaits its pong
         self.pong_buf = b""  # the start of a frame held back while pongs are filtered
         self.bucket = bucket  # the sender's messages are charged to it
-        self.frame_budget = frame_budget  # and its frames to this one
-        self.frames_free = _NO_FRAME_LIMIT if frame_budget is None else frame_budget.free_until()
+        # Its frames to this one: the shared settings until the first look makes the bucket.
+        self.frame_budget: FrameLimit | FrameBudget | None = frame_budget
+        self.frames_free = _NO_FRAME_LIMIT if frame_budget is None else frame_budget.free
         self.state = D_OPEN
         self.close_frame = b""  # the Close the proxy holds for the receiver
         # The receiver's Close frames (counted the other way) when ours went out: one more is
@@ -406,6 +424,7 @@ class Session(Generic[D]):
         "events",
         "expires_at",
         "pings_sent",
+        "started",
         "state",
         "to_client",
         "to_target",
@@ -435,7 +454,7 @@ class Session(Generic[D]):
             bucket = TokenBucket(max_messages_per_second, messages_burst)
         frame_budget = None
         if max_frames_per_second > 0:
-            frame_budget = FrameBudget(max_frames_per_second, frames_burst, now)
+            frame_budget = frame_limit(max_frames_per_second, frames_burst)
         self.to_target: D = direction_type(
             FrameTracker(
                 masked=True,
@@ -457,6 +476,7 @@ class Session(Generic[D]):
             target_ping_interval,
         )
         self.state = S_OPEN
+        self.started = now  # a frame budget's bucket is full from here
         self.events: list[Event] | None = None  # queued for the adapter; None when empty
         self.ending: Reason | None = None  # the first reason the session gave for ending
         self.close_code: int | None = None  # of the first Close, whoever sent it
@@ -739,6 +759,8 @@ class Session(Generic[D]):
         if budget is None or direction.state in _SHUT:
             direction.frames_free = frames + _NO_FRAME_LIMIT  # nothing more to charge
             return
+        if isinstance(budget, FrameLimit):  # the first look: a bucket, full since the start
+            budget = direction.frame_budget = FrameBudget(budget, self.started)
         if budget.spend(frames, now):
             direction.frames_free = frames + _NO_FRAME_LIMIT
             # A flood: fail the connection (§7.1.7), the sockets closed as soon as our Close
