@@ -342,6 +342,18 @@ BAD_REQUEST_LINES: list[tuple[str, bytes, int, str]] = [
     ("bad escape", b"GET /a%zz HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request_target"),
     ("NUL escape", b"GET /a%00.txt HTTP/1.1\r\nHost: x\r\n\r\n", 400, "bad_request_target"),
     ("upgrade to %2F", upgrade_request(path="/public/..%2fadmin"), 400, "bad_request_target"),
+    (
+        "dot segment with ;params",
+        b"GET /public/..;/admin HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        "bad_request_target",
+    ),
+    (
+        "absolute-form with ;params",
+        b"GET http://x/public/..;/admin HTTP/1.1\r\nHost: x\r\n\r\n",
+        400,
+        "bad_request_target",
+    ),
 ]
 
 

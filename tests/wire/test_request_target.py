@@ -70,6 +70,12 @@ REFUSED_PATHS = [
     "/bad%zz",
     "/bad%4",
     "/bad%",
+    # Tomcat, Jetty and Spring drop ";params" from a segment before resolving it: these reach
+    # /admin there while matching /public/ here (found by the review of issue 13).
+    "/public/..;/admin",
+    "/public/%2e%2e;/admin",
+    "/public/..;jsessionid=1/admin",
+    "/public/.;x/../admin",
 ]
 
 

@@ -13,7 +13,9 @@ Rules (each refusal names what to send instead):
   meaning a target might still read differently is refused instead: ``%2F`` and ``%5C`` (a target
   that decodes them before resolving ``..`` walks out of the prefix the rule matched), ``%00``
   (truncates paths in C targets), a literal backslash (a ``/`` to Windows and some frameworks),
-  a ``%`` not followed by two hex digits, and ``#`` (a fragment is never part of a request).
+  a ``%`` not followed by two hex digits, ``#`` (a fragment is never part of a request), and a
+  ``.`` or ``..`` segment with ``;parameters`` (Java servlet containers drop those, then
+  resolve the dot segment).
 """
 
 from __future__ import annotations
@@ -98,6 +100,8 @@ def normalize_path(path: str) -> str:
         raise BadRequestTarget("a backslash in the path; use '/'")
     if "%" in path:
         path = _normalize_escapes(path)
+    if ";" in path:
+        _check_dot_parameters(path)
     if "//" in path:
         path = _SLASHES_RE.sub("/", path)
     if "/." in path:
@@ -119,6 +123,18 @@ def _normalize_escapes(path: str) -> str:
         char = chr(int(code, 16))
         out.append(char + part[2:] if char in _UNRESERVED else f"%{code}{part[2:]}")
     return "".join(out)
+
+
+def _check_dot_parameters(path: str) -> None:
+    """Refuse ``..;x`` and ``.;x`` segments: Tomcat, Jetty and Spring drop a segment's
+    ``;parameters`` before resolving it, so ``/public/..;/admin`` is /admin to them while it
+    matches ``/public/`` here."""
+    for segment in path.split("/"):
+        if segment.partition(";")[0] in (".", "..") and ";" in segment:
+            raise BadRequestTarget(
+                f"the path segment {segment!r} is a dot segment with ';' parameters, which "
+                "targets resolve differently; leave the parameters out"
+            )
 
 
 def _remove_dot_segments(path: str) -> str:
