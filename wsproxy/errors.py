@@ -471,6 +471,12 @@ class HeadTooLarge(HttpError):
     reason = Reason.HEAD_TOO_LARGE
 
 
+class BadRequestBody(HttpError):
+    """The client's request body broke its framing (RFC 9112 §7) while it was forwarded."""
+
+    reason = Reason.MALFORMED_BODY
+
+
 class BadRequestTarget(HttpError):
     """A request-target the proxy cannot route safely (RFC 9112 §3.2, RFC 3986 §6.2.2)."""
 

@@ -5,6 +5,7 @@ targets and path normalisation. Real clients (raw sockets, curl), real targets, 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -208,6 +209,34 @@ async def test_a_request_that_reached_a_target_is_not_retried_unless_it_is_safe(
     assert len(first) + len(requests_at_second) == 4, "each request reached one target"
     assert statuses.count(502) == len(first) > 0
     assert statuses.count(200) == len(requests_at_second)
+
+
+@pytest.mark.parametrize("body", [b"1\r\nxx\r\n", b"0x1\r\nx\r\n0\r\n\r\n", b"1\nx\r\n0\r\n\r\n"])
+async def test_a_malformed_request_body_is_the_clients_400_not_a_target_failure(
+    make_proxy: ProxyFactory,
+    raw_servers: RawServers,
+    caplog: pytest.LogCaptureFixture,
+    body: bytes,
+) -> None:
+    """Found by the review of issue 13: a client's broken chunked body made the proxy abort the
+    target connection, and the flow then read that as the target's end: 502, `target_closed`,
+    termination SU, so any client could inflate the target-failure metrics and alerts."""
+    record: list[bytes] = []
+
+    async def waits_for_the_body(reader: asyncio.StreamReader, _: asyncio.StreamWriter) -> None:
+        record.append(await read_head(reader))
+        await reader.read()  # the rest of the body, until the proxy lets go
+
+    server = await raw_servers(waits_for_the_body)
+    proxy = await make_proxy(ws_config(("web", [server.address])))
+    head = b"POST /upload HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with caplog.at_level(logging.INFO, logger="wsproxy.access"):
+        response = await exchange_raw(listener_address(proxy), head + body)
+        await wait_for(lambda: any(r.name == "wsproxy.access" for r in caplog.records))
+    assert status_of(response) == 400, response
+    entry = next(r.__dict__["connection"] for r in caplog.records if r.name == "wsproxy.access")
+    assert (entry["reason"], entry["termination"][0]) == ("malformed_body", "P")
+    assert len(record) == 1  # the head went on; the target is not blamed for what followed
 
 
 @pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS"])

@@ -20,6 +20,7 @@ from typing import Any
 
 from wsproxy.errors import (
     BadRequest,
+    BadRequestBody,
     BadTargetResponse,
     HeadTooLarge,
     HttpError,
@@ -324,7 +325,7 @@ class WebSocketFlow(Flow):
             self.phase = Phase.UPGRADE
             endpoint.write(forwarded)
             if not key:
-                self._stream_request_body(BodyTracker(kind, length), rest, endpoint)
+                self._stream_request_body(BodyTracker(kind, length), rest, exchange)
             try:
                 await self._until_quiet(exchange.head, config.handshake_timeout_seconds)
             except TimeoutError:
@@ -438,9 +439,10 @@ class WebSocketFlow(Flow):
         finally:
             timer.cancel()
 
-    def _stream_request_body(self, body: BodyTracker, rest: bytes, endpoint: Endpoint) -> None:
+    def _stream_request_body(self, body: BodyTracker, rest: bytes, exchange: _Exchange) -> None:
         """Send a plain request's body (and nothing after it) to the target."""
         client = self.client
+        endpoint = exchange.endpoint
 
         def on_data(data: bytes) -> None:
             self.handshake_bytes_in += len(data)
@@ -449,6 +451,10 @@ class WebSocketFlow(Flow):
             except MalformedBody as exc:
                 log.debug("listener '%s': bad request body: %s", self.context.name, exc)
                 client.pause_reading()
+                # The client's fault, answered 400 before the target's end (the abort below) can
+                # be taken for the target's: a bad body must not count as a target failure.
+                if not exchange.head.done():
+                    exchange.head.set_exception(BadRequestBody(f"bad request body: {exc}"))
                 endpoint.abort()
                 return
             if taken:
