@@ -172,10 +172,41 @@ def test_chunked_any_chunking(cuts: list[int]) -> None:
     assert tracker.done
 
 
-@pytest.mark.parametrize("body", [b"zz\r\n", b"5\r\nhelloX\r\n", b"5\nhello\n"])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"zz\r\n",
+        b"5\r\nhelloX\r\n",
+        b"5\nhello\n",
+        # Found by the review of issue 13 ("funky chunks": parsers that disagree on these split
+        # a body differently): whitespace before the size, control bytes in an extension.
+        b" 1\r\nx\r\n0\r\n\r\n",
+        b"1;a\rX\r\nx\r\n0\r\n\r\n",
+        b"1;a=\x00\r\nx\r\n0\r\n\r\n",
+        b"1\x0b\r\nx\r\n0\r\n\r\n",
+    ],
+)
 def test_chunked_malformed(body: bytes) -> None:
     with pytest.raises(MalformedBody):
         BodyTracker(BodyKind.CHUNKED).feed(body)
+
+
+def test_chunk_size_may_have_whitespace_before_its_extensions() -> None:
+    body = b"1 ;a=b\r\nx\r\n1\t;c\r\ny\r\n0\r\n\r\n"
+    tracker = BodyTracker(BodyKind.CHUNKED)
+    assert tracker.feed(body) == len(body) and tracker.done
+
+
+def test_request_trailers_are_refused() -> None:
+    """A trailer section can carry fields a target merges into the head (Apache's
+    MergeTrailers, Tomcat's allowedTrailerHeaders): `X-Forwarded-For` there would bypass the
+    head's reserved names. Requests with trailers are refused; responses keep theirs."""
+    trailer = b"1\r\nx\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+    with pytest.raises(MalformedBody, match="trailer"):
+        BodyTracker(BodyKind.CHUNKED, trailers=False).feed(trailer)
+    assert BodyTracker(BodyKind.CHUNKED).feed(trailer) == len(trailer)
+    no_trailer = b"1\r\nx\r\n0\r\n\r\n"
+    assert BodyTracker(BodyKind.CHUNKED, trailers=False).feed(no_trailer) == len(no_trailer)
 
 
 def test_length_body() -> None:

@@ -325,7 +325,7 @@ class WebSocketFlow(Flow):
             self.phase = Phase.UPGRADE
             endpoint.write(forwarded)
             if not key:
-                self._stream_request_body(BodyTracker(kind, length), rest, exchange)
+                self._stream_request_body(BodyTracker(kind, length, trailers=False), rest, exchange)
             try:
                 await self._until_quiet(exchange.head, config.handshake_timeout_seconds)
             except TimeoutError:

@@ -333,21 +333,28 @@ class _Chunk(Enum):
     DONE = 4
 
 
+_CHUNK_LINE_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # HTAB is BWS
+
+
 class BodyTracker:
     """Finds the end of a body without copying it.
 
     ``feed(data)`` returns how many leading bytes of ``data`` belong to the body; once the body is
     complete ``done`` is True and the rest of ``data`` (if any) belongs to whatever follows.
-    ``UNTIL_CLOSE`` bodies never complete: the peer's close ends them.
+    ``UNTIL_CLOSE`` bodies never complete: the peer's close ends them. ``trailers=False`` (a
+    request's body) refuses a non-empty trailer section: targets that merge trailers into the
+    head (Apache's MergeTrailers, Tomcat's allowedTrailerHeaders) would take identity fields
+    from it that the head may not carry.
     """
 
-    __slots__ = ("_kind", "_line", "_remaining", "_state", "_trailer_bytes", "done")
+    __slots__ = ("_kind", "_line", "_remaining", "_state", "_trailer_bytes", "_trailers", "done")
 
     MAX_LINE = 4096
     MAX_TRAILER = 16384
 
-    def __init__(self, kind: BodyKind, length: int = 0) -> None:
+    def __init__(self, kind: BodyKind, length: int = 0, *, trailers: bool = True) -> None:
         self._kind = kind
+        self._trailers = trailers
         self._remaining = length
         self._state = _Chunk.SIZE
         self._line = bytearray()
@@ -397,9 +404,13 @@ class BodyTracker:
                 line, pos = self._read_line(data, pos)
                 if line is None:
                     break
-                size_text = line.split(b";", 1)[0].strip(b" \t")
+                # chunk-size [ BWS ";" chunk-ext ] (RFC 9112 §7.1.1): whitespace only before the
+                # extensions, and no control byte anywhere (parsers that disagree on such lines
+                # split the body differently: a smuggling primitive).
+                size_text = line.split(b";", 1)[0].rstrip(b" \t")
                 if (
-                    not size_text
+                    _CHUNK_LINE_CONTROL.search(line)
+                    or not size_text
                     or len(size_text) > 16
                     or not all(c in b"0123456789abcdefABCDEF" for c in size_text)
                 ):
@@ -420,6 +431,10 @@ class BodyTracker:
                 self._trailer_bytes += len(line) + 2
                 if self._trailer_bytes > self.MAX_TRAILER:
                     raise MalformedBody("trailer section too large")
+                if line and not self._trailers:
+                    raise MalformedBody(
+                        "a request trailer section is not forwarded; send these fields in the head"
+                    )
                 if not line:
                     self._state = _Chunk.DONE
                     self.done = True
