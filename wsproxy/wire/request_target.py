@@ -36,8 +36,9 @@ _REFUSED_ESCAPES = {"2F": "%2F (an encoded '/')", "5C": "%5C (an encoded '\\')",
 _SLASHES_RE = re.compile(r"/{2,}")
 # absolute-URI for http(s) (RFC 9110 §4.2): scheme "://" authority path-abempty [ "?" query ].
 _ABSOLUTE_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?]*)([^?]*)(?:\?(.*))?")
-# The authority's host (reg-name of unreserved characters, IPv4, or an IP literal) and port.
-_AUTHORITY_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{0,5})?")
+# The authority's host (reg-name of unreserved characters, IPv4, or an IP literal) and port; also
+# what a Host header must be (wire/upgrade.py check_host). No userinfo, no pct-encoding.
+AUTHORITY_RE = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~-]+)(?::[0-9]{0,5})?")
 
 
 class RequestTarget(NamedTuple):
@@ -88,7 +89,7 @@ def parse_request_target(method: str, target: str) -> RequestTarget:
     if "@" in authority:
         # RFC 9110 §4.2.4: userinfo in an http(s) URI must be treated as an error.
         raise BadRequestTarget("the URL holds userinfo ('user@'); leave it out")
-    if not _AUTHORITY_RE.fullmatch(authority):
+    if not AUTHORITY_RE.fullmatch(authority):
         raise BadRequestTarget(f"the URL's host {authority!r} is not a host name or address")
     return RequestTarget(normalize_path(path or "/"), query, authority)
 

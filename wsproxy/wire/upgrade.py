@@ -8,6 +8,7 @@ import hashlib
 
 from wsproxy.errors import BadRequest, MethodNotAllowed, UpgradeRequired
 from wsproxy.wire.http1 import RequestHead, ResponseHead
+from wsproxy.wire.request_target import AUTHORITY_RE
 
 # RFC 6455 §1.3: the GUID appended to the client's key before hashing.
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -26,13 +27,26 @@ def wants_upgrade(head: RequestHead) -> bool:
 
 
 def check_host(head: RequestHead) -> str:
-    """The single Host value; RFC 9112 §3.2 makes a missing or repeated Host a 400."""
+    """The single Host value; ``BadRequest`` (400) when it is missing, repeated (RFC 9112 §3.2)
+    or not ``host [":" port]`` with host a DNS-style name, an IPv4 address or an IP literal.
+
+    Stricter than RFC 3986's reg-name on purpose: host rules read the value up to its port, and
+    a target parsing ``http://`` + Host as a URL reads ``a:80@b`` as host ``b`` (userinfo); a
+    comma, space, ``/`` or ``?`` would also reach the target and its ``X-Forwarded-Host``, where a
+    comma lets a client add the list element some frameworks trust (Werkzeug's ProxyFix takes
+    the last). Absolute-form authorities are held to the same pattern."""
     hosts = head.get_all("host")
     if len(hosts) != 1:
         raise BadRequest(f"expected exactly one Host header, got {len(hosts)}")
-    if not hosts[0]:
+    host = hosts[0]
+    if not host:
         raise BadRequest("empty Host header")
-    return hosts[0]
+    if not AUTHORITY_RE.fullmatch(host):
+        raise BadRequest(
+            f"Host header {host[:100]!a} is not a host name or address with an optional "
+            "numeric port; send e.g. 'example.com', 'example.com:8080', '192.0.2.1:80', '[::1]:80'"
+        )
+    return host
 
 
 def validate_upgrade_request(head: RequestHead) -> str:
