@@ -2,7 +2,8 @@
 
 Every command that changes the directory holds ``ca/lock`` (an exclusive ``flock``) from its
 first read to its last write, so concurrent runs are serialised and none overwrites another's
-index or CRL. The races below are the ones the adversarial review (issue 13, item 3) found.
+index or CRL. The races below are the ones the adversarial review (issue 13, item 3) found;
+the killed-holder test is a guard that passed before the lock existed too.
 """
 
 from __future__ import annotations
@@ -136,7 +137,11 @@ def test_a_failed_certificate_write_takes_its_entry_back_out(
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
     """The kernel drops an flock with its holder, so a command killed mid-write (SIGKILL, OOM)
-    blocks nobody afterwards."""
+    blocks nobody afterwards.
+
+    A guard, not a regression test: it passed before the fix too, since it checks the kernel's
+    flock behaviour. It fails if the lock is ever moved to something that outlives its holder
+    (a pid file, a lock directory, an O_EXCL marker)."""
     directory = tmp_path / "certs"
     authority = CertificateAuthority(str(directory), lock_timeout_seconds=10)
     authority.init()

@@ -14,12 +14,21 @@ first read to its last write: two commands that each read the index, add to it a
 would otherwise lose one's change (a certificate missing from the index cannot be revoked; a
 revocation overwritten by a concurrent issue disappears from the next CRL). Readers take no lock:
 each file is replaced whole, so they see the old version or the new one.
+
+Anyone who can open ``ca/lock`` can hold it forever and block every command (the daily ``crl``
+among them, until the CRL expires and every client certificate is refused), so it is created
+0600 and a lock file that another user owns or may open is refused; it is opened without
+following a symbolic link and must be a regular file with one link, so the holder line written
+into it can never truncate another file. ``issued/`` (the leaf keys) is created 0700; ``ca/``
+stays traversable because the proxy, often another uid, reads ``ca/ca.pem`` and ``ca/crl.pem``
+in place.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import os
@@ -162,10 +171,11 @@ class CAStore:
         Waits up to ``timeout_seconds`` for another holder, then raises ``CAError`` naming the
         file and the holder (pid, host, command, since when), which the holder writes into the
         file. The kernel releases an ``flock`` when its holder exits, even on SIGKILL, so a lock
-        is never left stale. Creates ``ca/`` when missing (for ``init``).
+        is never left stale. Creates ``ca/`` when missing (for ``init``). Raises ``CAError`` at
+        once for a lock file another user could hold, or a link (``_open_lock_file``).
         """
         self.ca_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = self._open_lock_file()
         try:
             deadline = time.monotonic() + timeout_seconds
             while True:
@@ -188,6 +198,49 @@ class CAStore:
                 os.ftruncate(fd, 0)  # only a live holder is described
         finally:
             os.close(fd)  # releases the lock
+
+    def _open_lock_file(self) -> int:
+        """Open (or create, mode 0600) ``ca/lock``; ``CAError`` unless it is a regular file with
+        one link, owned by this process's uid, that group and others cannot open."""
+        path = self.lock_file
+        unlink_hint = (
+            f"remove it (rm {shlex.quote(str(path))}) while no `wsproxy ca` command runs on this "
+            "CA; the next command creates it again, mode 0600"
+        )
+        try:
+            # O_NOFOLLOW: a symbolic link planted at ca/lock would have its target truncated.
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CAError(
+                    f"{path} is a symbolic link, which is never followed; {unlink_hint}"
+                ) from None
+            raise CAError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            info = os.fstat(fd)
+            uid = os.geteuid()
+            if not stat.S_ISREG(info.st_mode):
+                raise CAError(f"{path} is not a regular file; {unlink_hint}")
+            if info.st_nlink != 1:
+                # A hard link makes it another file's name too, which the holder line truncates.
+                raise CAError(f"{path} has {info.st_nlink} hard links; {unlink_hint}")
+            if info.st_uid != uid:
+                raise CAError(
+                    f"{path} belongs to uid {info.st_uid}, not to uid {uid} running this command; "
+                    "its owner could hold it and block every command changing this CA. Run: "
+                    f"chown {uid} {shlex.quote(str(path))} && chmod 600 {shlex.quote(str(path))}"
+                )
+            if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+                raise CAError(
+                    f"{path} has mode {stat.S_IMODE(info.st_mode):04o}: any user who can open it "
+                    "can hold it and block every command changing this CA (the daily `wsproxy ca "
+                    f"crl` among them). Run: chmod 600 {shlex.quote(str(path))} (if a command "
+                    f"still waits for it afterwards, someone kept it open: {unlink_hint})"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _lock_timeout(self, fd: int, timeout_seconds: float) -> CAError:
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
