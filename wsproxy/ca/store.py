@@ -231,12 +231,11 @@ class CAStore:
                     f"chown {uid} {shlex.quote(str(path))} && chmod 600 {shlex.quote(str(path))}"
                 )
             if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-                raise CAError(
-                    f"{path} has mode {stat.S_IMODE(info.st_mode):04o}: any user who can open it "
-                    "can hold it and block every command changing this CA (the daily `wsproxy ca "
-                    f"crl` among them). Run: chmod 600 {shlex.quote(str(path))} (if a command "
-                    f"still waits for it afterwards, someone kept it open: {unlink_hint})"
-                )
+                # Ours but open to others (made 0644 before wsproxy 0.1.1, or chmodded): closed
+                # to them from now on, rather than refused, so the daily `ca crl` of a CA made
+                # earlier keeps running. Someone who opened it before still holds their
+                # descriptor; the lock's timeout then names them.
+                os.fchmod(fd, 0o600)
         except BaseException:
             os.close(fd)
             raise
