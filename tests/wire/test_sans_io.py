@@ -9,10 +9,12 @@ import pytest
 
 MODULES = [
     "wsproxy.wire.clienthello",
+    "wsproxy.wire.cloudevents",
     "wsproxy.wire.forwarding",
     "wsproxy.wire.http1",
     "wsproxy.wire.proxyproto",
     "wsproxy.wire.request_target",
+    "wsproxy.wire.route_selection",
     "wsproxy.wire.upgrade",
     "wsproxy.wire.wsframe",
     "wsproxy.wire.wssession",
