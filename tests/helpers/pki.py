@@ -9,7 +9,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from wsproxy.ca.authority import CertificateAuthority
 from wsproxy.clock import FixedClock
@@ -44,24 +44,33 @@ class Pki:
 
     def issue_without_eku(self, name: str) -> tuple[str, str]:
         """A client certificate with no EKU at all: OpenSSL accepts it, wsproxy must not."""
+        return self.sign_leaf(name, name, client_auth=False)
+
+    def sign_leaf(self, stem: str, common_name: str, *, client_auth: bool) -> tuple[str, str]:
+        """A leaf for ``common_name`` exactly as given (``wsproxy ca`` refuses some names; a CA
+        elsewhere may sign them), signed by the test CA, as ``stem``.pem/.key; with the
+        clientAuth EKU or with no EKU at all."""
         ca_cert = self.ca.ca_certificate
         ca_key = serialization.load_pem_private_key(self.ca.store.ca_key.read_bytes(), None)
         assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
         key = ec.generate_private_key(ec.SECP256R1())
         now = dt.datetime.now(dt.UTC)
-        cert = (
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
             .issuer_name(ca_cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
             .not_valid_after(now + dt.timedelta(days=1))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .sign(ca_key, hashes.SHA256())
         )
-        cert_path = self.root / f"{name}.pem"
-        key_path = self.root / f"{name}.key"
+        if client_auth:
+            eku = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])
+            builder = builder.add_extension(eku, critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        cert_path = self.root / f"{stem}.pem"
+        key_path = self.root / f"{stem}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_path.write_bytes(
             key.private_bytes(

@@ -14,6 +14,7 @@ from tests.flows.test_tls import client_context, tls_config, wss_echo
 from tests.flows.test_websocket import ws_config
 from tests.helpers.pki import Pki, make_pki
 from tests.helpers.process import parse_metrics, start_proxy
+from wsproxy.address import Address
 from wsproxy.config import parse_config
 from wsproxy.demo import EchoTarget
 from wsproxy.proxy import Proxy
@@ -93,6 +94,16 @@ async def test_max_connections_per_ip_limits_one_address_not_the_others(
     await wait_for(lambda: proxy.listeners["edge"].context._per_ip == {})
 
 
+async def silent_clients(
+    address: Address, count: int
+) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` TCP connections from 127.0.0.2 that never send a ClientHello."""
+    return [
+        await asyncio.open_connection(address.host, address.port, local_addr=("127.0.0.2", 0))
+        for _ in range(count)
+    ]
+
+
 async def test_handshakes_in_flight_are_bounded_and_later_clients_wait_their_turn(
     make_proxy: ProxyFactory, echo_targets: list[EchoTarget], pki: Pki
 ) -> None:
@@ -102,10 +113,7 @@ async def test_handshakes_in_flight_are_bounded_and_later_clients_wait_their_tur
     address = listener_address(proxy)
     # Two clients (at 127.0.0.2) that connect and never say hello take both slots; a third
     # one of theirs waits, and gets a slot at the same time as the canary.
-    silent = [
-        await asyncio.open_connection(address.host, address.port, local_addr=("127.0.0.2", 0))
-        for _ in range(3)
-    ]
+    silent = await silent_clients(address, 3)
     await wait_for(lambda: listener.handshake_slots.in_flight == 2)
     most = 0
 
@@ -138,10 +146,7 @@ async def test_a_tls_listener_applies_max_connections_per_ip_at_accept(
     proxy = await make_proxy(tls_config(pki, echo_targets[0].address, extra=extra))
     listener = proxy.listeners["edge"]
     address = listener_address(proxy)
-    silent = [
-        await asyncio.open_connection(address.host, address.port, local_addr=("127.0.0.2", 0))
-        for _ in range(3)
-    ]
+    silent = await silent_clients(address, 3)
     try:
         await wait_for(lambda: listener.stats.rejected["per_ip_limit"] == 1)
         assert await asyncio.wait_for(silent[2][0].read(), 5) == b""  # closed at accept
@@ -165,10 +170,7 @@ async def test_one_address_holding_idle_sockets_does_not_stall_other_handshakes(
     proxy = await make_proxy(tls_config(pki, echo_targets[0].address, extra=extra))
     listener = proxy.listeners["edge"]
     address = listener_address(proxy)
-    silent = [
-        await asyncio.open_connection(address.host, address.port, local_addr=("127.0.0.2", 0))
-        for _ in range(300)
-    ]
+    silent = await silent_clients(address, 300)
     try:
         await wait_for(lambda: listener.context.handshakes >= 256)  # all slots taken
         started = asyncio.get_running_loop().time()

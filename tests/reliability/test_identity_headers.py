@@ -10,7 +10,6 @@ bytes of its own certificate's subject.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import hashlib
 import ssl
 import string
@@ -18,10 +17,6 @@ from collections.abc import Awaitable, Callable, Iterator
 from urllib.parse import unquote
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -57,32 +52,7 @@ def issue_client_named(pki: Pki, common_name: str, stem: str) -> tuple[str, str]
 
     Built here rather than by ``wsproxy ca``, which refuses control characters in names: a CA
     elsewhere may still sign them, and the proxy must forward whatever subject it verified."""
-    ca_key = serialization.load_pem_private_key(pki.ca.store.ca_key.read_bytes(), None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(pki.ca.ca_certificate.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert_path, key_path = pki.root / f"{stem}.pem", pki.root / f"{stem}.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return str(cert_path), str(key_path)
+    return pki.sign_leaf(stem, common_name, client_auth=True)
 
 
 async def exchange_tls(address: Address, context: ssl.SSLContext, data: bytes) -> bytes:

@@ -893,12 +893,7 @@ class Session(Generic[D]):
             self._close_side(self._receiver(direction))
         elif direction.state in _PENDING:
             direction.state = D_OPEN  # it is at a frame boundary now: Close here
-        if self.state is S_CLOSED:
-            # Both sockets are closing already and the tracker has lost its place: nothing more
-            # of this sender passes or is judged (a later read must not end the session again).
-            direction.state = D_CUT
-            direction.plain = False
-        else:
+        if self.state is not S_CLOSED:  # once closed, receive() judges no later read
             self.state = S_FAILING
         self.close_initiator = BY_PROXY
         self.close_code = client_code
