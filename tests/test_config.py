@@ -279,7 +279,7 @@ def test_example_config_is_valid_once_its_files_exist(tmp_path: Path) -> None:
         check_files(load_config(copy), str(copy))
     assert any("certs/issued/edge.pem not found" in str(i) for i in caught.value.issues)
     commands = example_header_commands()
-    assert len(commands) == 4, commands
+    assert len(commands) == 5, commands
     program = shlex.join([sys.executable, "-m", "wsproxy"])
     for command in commands:
         command = re.sub(r"^wsproxy ", f"{program} ", command)

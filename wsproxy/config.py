@@ -36,6 +36,12 @@ from pydantic import (
 from wsproxy.address import Address, parse_address
 from wsproxy.errors import BadRequestTarget, ConfigError, ConfigIssue
 from wsproxy.wire.request_target import normalize_path
+from wsproxy.wire.route_selection import (
+    CONNECT_ROUTE,
+    DISCONNECT_ROUTE,
+    BadSelectionExpression,
+    parse_expression,
+)
 
 MiB = 1024 * 1024
 
@@ -220,7 +226,8 @@ class HealthCheckConfig(_Section):
 
 
 class TargetGroupConfig(_Section):
-    protocol: Literal["tcp", "tls"] = "tcp"
+    # tcp/tls: tunnels dial it. http/https: an API's routes call it (pooled HTTP/1.1 keep-alive).
+    protocol: Literal["tcp", "tls", "http", "https"] = "tcp"
     health_check: HealthCheckConfig | None = None
     # Passive check: this many consecutive failed dials mark a target unhealthy at once.
     unhealthy_after_connect_failures: int = Field(3, ge=1, le=100)
@@ -242,8 +249,8 @@ class TargetGroupConfig(_Section):
 
     @model_validator(mode="after")
     def _unique_targets(self) -> TargetGroupConfig:
-        if self.tls is not None and self.protocol != "tls":
-            raise ValueError("a tls table needs protocol = 'tls'")
+        if self.tls is not None and self.protocol not in ("tls", "https"):
+            raise ValueError("a tls table needs protocol = 'tls' or 'https'")
         seen: set[Address] = set()
         for target in self.targets:
             if target.address in seen:
@@ -330,6 +337,8 @@ class ListenerConfig(_Section):
     max_client_hello_bytes: int = Field(64 * 1024, ge=1024, le=1 * MiB)
     websocket: bool = False
     websocket_only: bool = False
+    # End WebSockets here and serve the API of this name ([apis.NAME]) instead of tunnelling.
+    api: Name | None = None
     default_target_group: Name | None = None
     # Connections open at once (TLS handshakes in progress included); more are closed at
     # accept and counted as rejected with reason "limit" (HAProxy's maxconn, Envoy's
@@ -380,6 +389,8 @@ class ListenerConfig(_Section):
             raise ValueError("protocol = 'tls' needs a [listeners.NAME.tls] section")
         if self.protocol != "tls" and self.tls is not None:
             raise ValueError("a tls section needs protocol = 'tls'")
+        if self.api is not None:
+            return self._api_options()
         if self.protocol == "tls_passthrough":
             if self.websocket:
                 raise ValueError("tls_passthrough never decrypts, so it cannot be websocket = true")
@@ -398,12 +409,119 @@ class ListenerConfig(_Section):
             )
         return self
 
+    def _api_options(self) -> ListenerConfig:
+        if self.protocol == "tls_passthrough":
+            raise ValueError(
+                "tls_passthrough never decrypts, so it cannot serve an API; use protocol = 'tls'"
+            )
+        tunnel = [
+            key
+            for key, value in (
+                ("websocket", self.websocket),
+                ("websocket_only", self.websocket_only),
+                ("rules", self.rules),
+                ("default_target_group", self.default_target_group),
+            )
+            if value
+        ]
+        if tunnel:
+            raise ValueError(
+                f"api = {self.api!r} ends WebSockets here, so the tunnel's "
+                f"{', '.join(tunnel)} cannot be set too; routes are in [apis.{self.api}]"
+            )
+        return self
+
+
+RouteKey = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+RoutePath = Annotated[str, StringConstraints(pattern=r"^/[\x21-\x7e]*$", max_length=1024)]
+
+
+class RouteConfig(_Section):
+    """``[[apis.NAME.routes]]``: messages (or the connect/disconnect events) with this key go
+    to ``POST {path}`` on a target of ``target_group``."""
+
+    key: RouteKey
+    target_group: Name
+    path: RoutePath = "/"
+    # A 2xx answer's body goes back to the client as one message (API Gateway's route response).
+    respond: bool = False
+
+    @model_validator(mode="after")
+    def _respond_on_messages(self) -> RouteConfig:
+        if self.respond and self.key in (CONNECT_ROUTE, DISCONNECT_ROUTE):
+            raise ValueError(f"respond = true is for message routes, not {self.key}")
+        return self
+
+
+class ApiManagementConfig(_Section):
+    """``[apis.NAME.management]``: the @connections API on a listener of its own."""
+
+    address: ListenAddress
+    # TLS, and with client_auth = "required" certificates from our CA instead of the admin token.
+    tls: ListenerTls | None = None
+
+
+def _selection_expression(value: str) -> str:
+    try:
+        parse_expression(value)
+    except BadSelectionExpression as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
+class ApiConfig(_Section):
+    """``[apis.NAME]``: a WebSocket API (routes, integration calls, limits per connection).
+    Defaults are API Gateway's quotas."""
+
+    route_selection_expression: Annotated[str, AfterValidator(_selection_expression)] = (
+        "$request.body.action"
+    )
+    integration_timeout_seconds: float = Field(29.0, gt=0, le=3600)
+    # Over either: Close 1009. A message's fragments together count toward max_message_bytes,
+    # and so does a compressed message once inflated.
+    max_frame_bytes: int = Field(32 * 1024, ge=125, le=64 * MiB)
+    max_message_bytes: int = Field(128 * 1024, ge=125, le=64 * MiB)
+    idle_timeout_seconds: float = Field(600.0, gt=0, le=7 * 24 * 3600)
+    # Then Close 1001 at a message boundary (API Gateway: 2 hours). 0: no limit.
+    max_session_seconds: float = Field(7200.0, ge=0, le=30 * 24 * 3600)
+    # Integration calls of one connection at once; 1 keeps its messages in order. At the limit
+    # the proxy stops reading that client's socket.
+    max_in_flight_per_connection: int = Field(1, ge=1, le=1000)
+    # Bytes queued toward one client beyond which management sends get 429 (a slow reader never
+    # makes the proxy buffer without bound).
+    max_send_buffer_bytes: int = Field(1 * MiB, ge=64 * 1024, le=1024 * MiB)
+    # An HMAC-SHA256 key (the file's bytes, trailing newline stripped): ce-signature on every call.
+    signing_secret_file: str | None = None
+    routes: tuple[RouteConfig, ...] = ()
+    management: ApiManagementConfig | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ApiConfig:
+        if self.max_frame_bytes > self.max_message_bytes:
+            raise ValueError(
+                f"max_frame_bytes ({self.max_frame_bytes}) is over max_message_bytes "
+                f"({self.max_message_bytes}); a frame is at most a whole message"
+            )
+        seen: set[str] = set()
+        for route in self.routes:
+            if route.key in seen:
+                raise ValueError(f"route key {route.key!r} is listed twice")
+            seen.add(route.key)
+        return self
+
+    def route(self, key: str) -> RouteConfig | None:
+        for route in self.routes:
+            if route.key == key:
+                return route
+        return None
+
 
 class Config(_Section):
     proxy: ProxySection = ProxySection()
     admin: AdminSection = AdminSection()
     listeners: Annotated[dict[Name, ListenerConfig], Field(min_length=1)]
     target_groups: dict[Name, TargetGroupConfig] = Field(default_factory=dict)
+    apis: dict[Name, ApiConfig] = Field(default_factory=dict)
 
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
@@ -522,6 +640,10 @@ def _reference_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
                 )
             )
 
+    apis = raw.get("apis")
+    api_names = set(apis) if isinstance(apis, Mapping) else set()
+    if isinstance(apis, Mapping):
+        issues += _route_issues(apis, groups if isinstance(groups, Mapping) else {}, check)
     listeners = raw.get("listeners")
     if not isinstance(listeners, Mapping):
         return issues
@@ -529,12 +651,54 @@ def _reference_issues(raw: Mapping[str, Any]) -> list[ConfigIssue]:
         if not isinstance(listener, Mapping):
             continue
         base = f"listeners.{listener_name}"
+        api = listener.get("api")
+        if isinstance(api, str) and api not in api_names:
+            issues.append(
+                ConfigIssue(
+                    f"{base}.api",
+                    f"unknown API {api!r}; defined: {', '.join(sorted(api_names)) or 'none'} "
+                    "(add an [apis.NAME] section or fix the name)",
+                )
+            )
         check(f"{base}.default_target_group", listener.get("default_target_group"))
         rules = listener.get("rules")
         if isinstance(rules, list):
             for index, rule in enumerate(rules):
                 if isinstance(rule, Mapping):
                     check(f"{base}.rules[{index}].target_group", rule.get("target_group"))
+    return issues
+
+
+def _route_issues(
+    apis: Mapping[str, Any],
+    groups: Mapping[str, Any],
+    check: Any,
+) -> list[ConfigIssue]:
+    """Every route names a defined target group, and one that speaks HTTP."""
+    issues: list[ConfigIssue] = []
+    for api_name, api in apis.items():
+        routes = api.get("routes") if isinstance(api, Mapping) else None
+        if not isinstance(routes, list):
+            continue
+        for index, route in enumerate(routes):
+            if not isinstance(route, Mapping):
+                continue
+            where = f"apis.{api_name}.routes[{index}].target_group"
+            name = route.get("target_group")
+            check(where, name)
+            group = groups.get(name) if isinstance(name, str) else None
+            if isinstance(group, Mapping) and group.get("protocol", "tcp") not in (
+                "http",
+                "https",
+            ):
+                issues.append(
+                    ConfigIssue(
+                        where,
+                        f"target group {name!r} has protocol = "
+                        f"{group.get('protocol', 'tcp')!r}; routes call HTTP integrations, "
+                        'so it needs protocol = "http" or "https"',
+                    )
+                )
     return issues
 
 
@@ -546,6 +710,9 @@ def _address_issues(config: Config) -> list[ConfigIssue]:
     ]
     if config.admin.enabled:
         listeners.append(("admin.address", config.admin.address))
+    for name, api in config.apis.items():
+        if api.management is not None:
+            listeners.append((f"apis.{name}.management.address", api.management.address))
     for path, address in listeners:
         if address.port == 0:
             continue
@@ -608,26 +775,39 @@ def _resolve_files(
             issues.append(ConfigIssue(key, str(exc)))
         return str(base_dir / Path(path).expanduser())
 
+    def resolve_tls(tls: ListenerTls, where: str) -> ListenerTls:
+        return tls.model_copy(
+            update={
+                "certificates": tuple(
+                    CertificateFiles(
+                        cert=str(resolve(c.cert, f"{where}.certificates[{index}].cert")),
+                        key=str(resolve(c.key, f"{where}.certificates[{index}].key")),
+                    )
+                    for index, c in enumerate(tls.certificates)
+                ),
+                "client_ca": resolve(tls.client_ca, f"{where}.client_ca"),
+                "crl": resolve(tls.crl, f"{where}.crl"),
+            }
+        )
+
     listeners = {}
     for name, listener in config.listeners.items():
-        tls = listener.tls
-        if tls is not None:
-            where = f"listeners.{name}.tls"
-            tls = tls.model_copy(
-                update={
-                    "certificates": tuple(
-                        CertificateFiles(
-                            cert=str(resolve(c.cert, f"{where}.certificates[{index}].cert")),
-                            key=str(resolve(c.key, f"{where}.certificates[{index}].key")),
-                        )
-                        for index, c in enumerate(tls.certificates)
-                    ),
-                    "client_ca": resolve(tls.client_ca, f"{where}.client_ca"),
-                    "crl": resolve(tls.crl, f"{where}.crl"),
-                }
-            )
+        if listener.tls is not None:
+            tls = resolve_tls(listener.tls, f"listeners.{name}.tls")
             listener = listener.model_copy(update={"tls": tls})
         listeners[name] = listener
+    apis = {}
+    for name, api in config.apis.items():
+        update: dict[str, Any] = {
+            "signing_secret_file": resolve(
+                api.signing_secret_file, f"apis.{name}.signing_secret_file"
+            )
+        }
+        management = api.management
+        if management is not None and management.tls is not None:
+            tls = resolve_tls(management.tls, f"apis.{name}.management.tls")
+            update["management"] = management.model_copy(update={"tls": tls})
+        apis[name] = api.model_copy(update=update)
     groups = {}
     for name, group in config.target_groups.items():
         if group.tls is not None:
@@ -651,7 +831,7 @@ def _resolve_files(
             update={"token_file": resolve(admin.token_file, "admin.token_file")}
         )
     resolved = config.model_copy(
-        update={"listeners": listeners, "target_groups": groups, "admin": admin}
+        update={"listeners": listeners, "target_groups": groups, "admin": admin, "apis": apis}
     )
     return resolved, issues
 
