@@ -395,6 +395,36 @@ class Reason(DescribedEnum):
         return self.value.removeprefix(prefix) if self.value.startswith(prefix) else None
 
 
+class ApiError(DescribedEnum):
+    """Why a WebSocket API could not serve one message or integration call (the session stays
+    open): the ``error`` field of the error message the client gets, the ``reason`` label of
+    ``wsproxy_api_integration_errors_total``, and for ``$connect`` the HTTP status the client
+    gets instead of its 101 (``status``)."""
+
+    def __init__(self, label: str, status: int, doc: str) -> None:
+        self.status = status
+        self.doc = doc
+
+    NO_ROUTE = "no_route", 404, "no route takes the message and the API has no $default route"
+    INTEGRATION_ERROR = (
+        "integration_error",
+        502,
+        "the integration answered non-2xx, something that is not HTTP, or a body over "
+        "max_message_bytes",
+    )
+    INTEGRATION_TIMEOUT = (
+        "integration_timeout",
+        504,
+        "the integration did not answer within integration_timeout_seconds",
+    )
+    UNAVAILABLE = (
+        "unavailable",
+        503,
+        "the route's target group has no target that accepted a connection",
+    )
+    THROTTLED = "throttled", 429, "the connection is over a rate limit of the API"
+
+
 class WsproxyError(Exception):
     """Base of every error wsproxy raises on purpose."""
 
@@ -660,3 +690,12 @@ class MalformedControlMessage(WireError):
 
 class WorkerUnavailable(WsproxyError):
     """A worker did not answer the supervisor in time, or its channel is closed."""
+
+
+class IntegrationFailed(WsproxyError):
+    """An integration call of a WebSocket API failed (``error`` says how); the detail is for
+    the log, never for the client."""
+
+    def __init__(self, error: ApiError, detail: str) -> None:
+        self.error = error
+        super().__init__(detail)
