@@ -883,6 +883,44 @@ def admin_file_issues(config: Config) -> list[ConfigIssue]:
     return []
 
 
+def read_signing_secret(path: str | None) -> bytes | None:
+    """An API's HMAC key: the file's bytes without surrounding whitespace; ``ConfigError``
+    when it cannot be read or is empty."""
+    if path is None:
+        return None
+    try:
+        secret = Path(path).read_bytes().strip()
+    except OSError as exc:
+        problem = describe_unreadable(path, exc)
+        raise ConfigError(
+            path, [ConfigIssue("signing_secret_file", f"cannot read {path}: {problem}")]
+        ) from None
+    if not secret:
+        raise ConfigError(
+            path,
+            [
+                ConfigIssue(
+                    "signing_secret_file",
+                    f"{path} is empty; put a key in it (openssl rand -hex 32)",
+                )
+            ],
+        )
+    return secret
+
+
+def api_file_issues(config: Config) -> list[ConfigIssue]:
+    """Every API's signing secret file must be readable and hold a key."""
+    issues: list[ConfigIssue] = []
+    for name, api in config.apis.items():
+        try:
+            read_signing_secret(api.signing_secret_file)
+        except ConfigError as exc:
+            issues += [
+                ConfigIssue(f"apis.{name}.{issue.path}", issue.message) for issue in exc.issues
+            ]
+    return issues
+
+
 def parse_config(
     text: str,
     source: str = "<config>",

@@ -92,6 +92,18 @@ class Reason(DescribedEnum):
         502,
         "the target's answer was not valid HTTP, or a 101 with the wrong Sec-WebSocket-Accept",
     )
+    CONNECT_REJECTED = (
+        "connect_rejected",
+        Cause.TARGET,
+        None,
+        "API listeners: the $connect integration answered non-2xx; the client got that status",
+    )
+    CLOSED_BY_API = (
+        "closed_by_api",
+        Cause.CLEAN,
+        None,
+        "API listeners: a backend closed the connection (DELETE /@connections/{id})",
+    )
     REJECTED_BY_TARGET = (
         "rejected_by_target",
         Cause.TARGET,
@@ -263,6 +275,12 @@ class Reason(DescribedEnum):
     )
     # --- refused input: WebSocket frames (the offending side gets the close code)
     WS_PROTOCOL_ERROR = "ws_protocol_error", Cause.REFUSED, 1002, "a frame that breaks RFC 6455"
+    WS_INVALID_UTF8 = (
+        "ws_invalid_utf8",
+        Cause.REFUSED,
+        1007,
+        "API listeners: a text message that is not valid UTF-8 (RFC 6455 §8.1)",
+    )
     WS_FRAME_TOO_LARGE = (
         "ws_frame_too_large",
         Cause.REFUSED,

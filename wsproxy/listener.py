@@ -13,9 +13,11 @@ from collections.abc import Coroutine, Iterator, Mapping
 from typing import Any, cast
 
 from wsproxy.address import Address
+from wsproxy.api.api import Api
 from wsproxy.config import ListenerConfig
 from wsproxy.descriptors import DescriptorBudget
 from wsproxy.errors import Reason, TlsConfigError, WireError
+from wsproxy.flows.api import ApiFlow
 from wsproxy.flows.base import Flow
 from wsproxy.flows.context import FlowContext
 from wsproxy.flows.passthrough import PassthroughFlow
@@ -139,9 +141,11 @@ class Listener:
         stats: ListenerStats | None = None,
         budget: DescriptorBudget | None = None,
         previous_tls: ServerTls | None = None,
+        api: Api | None = None,
     ) -> None:
         """``previous_tls``: the TLS contexts of the listener of this name that this one
-        replaces (a reload), so an older CRL is refused (``ServerTls``'s ``previous``)."""
+        replaces (a reload), so an older CRL is refused (``ServerTls``'s ``previous``).
+        ``api``: the API an ``api = NAME`` listener serves."""
         self.name = name
         self.config = config
         self.address: Address | None = None
@@ -154,7 +158,7 @@ class Listener:
         tls = None
         if config.tls is not None:
             # ALPN http/1.1 in websocket mode: the only protocol the flow speaks.
-            alpn = ["http/1.1"] if config.websocket else None
+            alpn = ["http/1.1"] if config.websocket or config.api else None
             tls = ServerTls(name, config.tls, alpn=alpn, previous=previous_tls)
         # What the flows see of this listener (they never see the listener itself).
         self.context = FlowContext(
@@ -164,6 +168,7 @@ class Listener:
             stats if stats is not None else ListenerStats(),
             budget if budget is not None else DescriptorBudget.from_rlimit(),
             tls,
+            api,
         )
         self.stats = self.context.stats
         self.budget = self.context.budget
@@ -463,6 +468,8 @@ class Listener:
     def _new_flow(self) -> Flow:
         if self.config.protocol == "tls_passthrough":
             return PassthroughFlow(self.context)
+        if self.context.api is not None:
+            return ApiFlow(self.context)
         return WebSocketFlow(self.context) if self.config.websocket else TcpFlow(self.context)
 
     def _accept(self) -> Endpoint:

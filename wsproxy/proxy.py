@@ -14,13 +14,19 @@ from typing import Any, Protocol
 
 from wsproxy import config_diff
 from wsproxy.address import Address
+from wsproxy.api.api import Api
+from wsproxy.api.connection_id import ConnectionIds
+from wsproxy.api.integration import Integrations
+from wsproxy.api.management import Management
 from wsproxy.config import (
+    ApiConfig,
     Config,
     ListenerConfig,
     TargetGroupConfig,
     TargetTls,
     parse_file_text,
     read_config,
+    read_signing_secret,
 )
 from wsproxy.descriptors import DescriptorBudget
 from wsproxy.errors import ConfigError, WsproxyError
@@ -114,6 +120,7 @@ class Proxy:
         config_text: str | None = None,
         role: Role = Role.SINGLE,
         binding: ListenerBinding | None = None,
+        connection_ids: ConnectionIds | None = None,
     ) -> None:
         self.config = config
         self._tls_digests = config_diff.read_digests(config)  # what the next reload compares to
@@ -128,6 +135,13 @@ class Proxy:
             name: self._build_target_group(name, group_config)
             for name, group_config in config.target_groups.items()
         }
+        # WebSocket APIs outlive config generations: a reload updates them, connections stay.
+        self.integrations = Integrations()
+        self._connection_ids = connection_ids or ConnectionIds()
+        self.apis: dict[str, Api] = {
+            name: self._build_api(name, api_config) for name, api_config in config.apis.items()
+        }
+        self.management = Management(self.apis, self._connection_ids)
         self.descriptors = DescriptorBudget.from_rlimit()  # shared by every listener
         # Per listener name, so a listener rebound by a reload keeps counting where it was.
         self.listener_stats: dict[str, ListenerStats] = {}
@@ -160,7 +174,14 @@ class Proxy:
     ) -> Listener:
         stats = self.listener_stats.setdefault(name, ListenerStats())
         tls = previous.tls if previous is not None else None
-        return Listener(name, config, self.target_groups, stats, self.descriptors, tls)
+        api = self.apis[config.api] if config.api is not None else None
+        return Listener(name, config, self.target_groups, stats, self.descriptors, tls, api)
+
+    def _build_api(self, name: str, config: ApiConfig) -> Api:
+        secret = read_signing_secret(config.signing_secret_file)
+        return Api(
+            name, config, self.target_groups, self.integrations, self._connection_ids, secret
+        )
 
     def _build_target_group(self, name: str, config: TargetGroupConfig) -> TargetGroup:
         return TargetGroup(name, config, make_balancer(config.algorithm, self._rng))
@@ -223,6 +244,9 @@ class Proxy:
             await checker.stop()
         for group in self.target_groups.values():
             await group.close()
+        for api in self.apis.values():
+            await api.close(grace=5.0)  # $disconnect calls of the drained connections
+        await self.integrations.close()
         if self.workers is not None:
             await self.workers.stop()
         self._loop_lag.stop()
@@ -365,7 +389,24 @@ class Proxy:
             for name, group_config in new.target_groups.items()
             if group_config.protocol == "tls" and name in self.target_groups
         }
+        secrets = {
+            name: read_signing_secret(api_config.signing_secret_file)
+            for name, api_config in new.apis.items()
+        }
         self.target_groups.update(added_groups)
+        added_apis = {
+            name: Api(
+                name,
+                api_config,
+                self.target_groups,
+                self.integrations,
+                self._connection_ids,
+                secrets[name],
+            )
+            for name, api_config in new.apis.items()
+            if name not in self.apis
+        }
+        self.apis.update(added_apis)
         started: list[Listener] = []
         replaced = {
             name: self._build_listener(name, config, self.listeners.get(name))
@@ -381,8 +422,13 @@ class Proxy:
                 self.binding.stop(listener)
             for name in added_groups:
                 del self.target_groups[name]
+            for name in added_apis:
+                del self.apis[name]
             raise
         # 2. Commit: nothing below fails.
+        for name, api_config in new.apis.items():
+            if name not in added_apis:
+                self.apis[name].update(api_config, secrets[name])
         for name, tls in refreshed_tls.items():
             self.listeners[name].tls = tls
         listeners = {}

@@ -30,6 +30,7 @@ from wsproxy.config import (
     ListenerTls,
     TargetTls,
     admin_file_issues,
+    api_file_issues,
     describe_unreadable,
 )
 from wsproxy.errors import ClientCertRejected, ConfigError, ConfigIssue, Reason, TlsConfigError
@@ -581,10 +582,14 @@ def check_files(config: Config, source: str) -> Config:
     match, not expired). Raises ``ConfigError`` listing every problem; opens no socket.
     ``check-config``, ``run``, ``demo`` and every reload call it after ``parse_config``.
     """
-    issues = admin_file_issues(config)
+    issues = admin_file_issues(config) + api_file_issues(config)
     for name, listener in config.listeners.items():
         if listener.tls is not None:
             issues += check_listener_files(name, listener.tls)
+    for name, api in config.apis.items():
+        management = api.management
+        if management is not None and management.tls is not None:
+            issues += check_listener_files(f"{name}-management", management.tls)
     for name, group in config.target_groups.items():
         if group.protocol == "tls":
             issues += check_target_group_files(name, group.tls or TargetTls())

@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
+from wsproxy.api.api import Api
 from wsproxy.config import ListenerConfig
 from wsproxy.descriptors import DescriptorBudget
 from wsproxy.errors import NoRoute, Reason
@@ -51,6 +52,7 @@ class FlowContext:
         "_reserved",
         "_target_groups",
         "_tasks",
+        "api",
         "budget",
         "config",
         "connections",
@@ -71,8 +73,10 @@ class FlowContext:
         stats: ListenerStats,
         budget: DescriptorBudget,
         tls: ServerTls | None,
+        api: Api | None = None,
     ) -> None:
         self.name = name
+        self.api = api  # the WebSocket API an ``api = NAME`` listener serves
         self.config = config
         self.router = Router(
             tuple(

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from wsproxy import __version__
 from wsproxy.address import Address, parse_address
+from wsproxy.api.management import Management
 from wsproxy.config import Config
 from wsproxy.errors import TargetExists
 from wsproxy.listener import Listener
@@ -64,6 +65,9 @@ class ProxyState(Protocol):
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def management(self) -> Management: ...
 
     def metric_listeners(self) -> Sequence[Listener]: ...
 
@@ -308,6 +312,7 @@ class AdminServer:
         app.router.add_delete("/v1/target-groups/{name}/targets/{address}", self._deregister)
         app.router.add_post("/v1/drain", self._drain)
         app.router.add_post("/v1/reload", self._reload)
+        self._proxy.management.add_routes(app.router)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, logger=_http_log)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._requested.host, self._requested.port)

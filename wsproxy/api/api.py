@@ -1,0 +1,172 @@
+"""One ``[apis.NAME]`` at run time: its routes, its live connections and its integration calls.
+
+An ``Api`` outlives config generations (a reload swaps its ``config``; connections keep their
+ids and groups), and is shared by every listener that serves it. Flows call ``call`` for every
+integration call; the management API reads ``registry``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import secrets
+import time
+from collections import Counter
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from wsproxy.api.connection_id import ConnectionIds
+from wsproxy.api.integration import Answer, Integrations
+from wsproxy.api.registry import Registry
+from wsproxy.config import ApiConfig, RouteConfig
+from wsproxy.errors import ApiError, IntegrationFailed, NoTargets
+from wsproxy.ops.metrics import Histogram
+from wsproxy.targets.target_group import TargetGroup
+from wsproxy.wire.cloudevents import Call, call_headers
+from wsproxy.wire.route_selection import parse_expression
+
+log = logging.getLogger(__name__)
+
+# $disconnect calls in flight per API: beyond it new ones are dropped (counted), so a mass
+# disconnect against a slow backend cannot pile up tasks without bound.
+MAX_DISCONNECT_CALLS = 10_000
+# Integration call durations: from a local backend's milliseconds to API Gateway's 29 s.
+INTEGRATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ApiStats:
+    """What /metrics shows of one API (labels: configured route keys and closed enums only)."""
+
+    __slots__ = ("connections", "durations", "errors", "messages")
+
+    def __init__(self) -> None:
+        self.connections = 0  # live, in this process
+        self.messages: Counter[tuple[str, str]] = Counter()  # (route, direction)
+        self.errors: Counter[tuple[str, str]] = Counter()  # (route, ApiError)
+        self.durations: dict[str, Histogram] = {}  # per route
+
+    def observe(self, route: str, seconds: float) -> None:
+        histogram = self.durations.get(route)
+        if histogram is None:
+            histogram = self.durations[route] = Histogram(INTEGRATION_BUCKETS)
+        histogram.observe(seconds)
+
+
+class Api:
+    """See the module docstring."""
+
+    __slots__ = (
+        "_disconnects",
+        "config",
+        "fields",
+        "ids",
+        "integrations",
+        "name",
+        "registry",
+        "route_keys",
+        "secret",
+        "stats",
+        "target_groups",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        config: ApiConfig,
+        target_groups: Mapping[str, TargetGroup],
+        integrations: Integrations,
+        ids: ConnectionIds,
+        secret: bytes | None,
+    ) -> None:
+        self.name = name
+        self.target_groups = target_groups  # the proxy's live mapping (reloads update it)
+        self.integrations = integrations
+        self.ids = ids
+        self.registry = Registry()
+        self.stats = ApiStats()
+        self._disconnects: set[asyncio.Task[None]] = set()
+        self.config = config
+        self.fields = parse_expression(config.route_selection_expression)
+        self.route_keys = frozenset(route.key for route in config.routes)
+        self.secret = secret
+
+    def update(self, config: ApiConfig, secret: bytes | None) -> None:
+        """A reload: new routes and limits for new messages; connections stay."""
+        self.config = config
+        self.fields = parse_expression(config.route_selection_expression)
+        self.route_keys = frozenset(route.key for route in config.routes)
+        self.secret = secret
+
+    @staticmethod
+    def request_id() -> str:
+        """A fresh ``ce-id``, also the ``requestId`` of the error message a client may get."""
+        return secrets.token_urlsafe(12)
+
+    def route(self, key: str) -> RouteConfig | None:
+        return self.config.route(key)
+
+    async def call(
+        self,
+        route: RouteConfig,
+        event_type: str,
+        facts: Call,
+        body: bytes,
+        content_type: str,
+    ) -> Answer:
+        """One integration call of ``route`` (``facts.event_id`` from ``request_id``); any HTTP
+        answer is returned (the caller decides what non-2xx means); ``IntegrationFailed`` when
+        there was none, counted by reason."""
+        call = facts._replace(
+            event_type=event_type,
+            route_key=route.key,
+            time=dt.datetime.now(dt.UTC),
+        )
+        headers = call_headers(call, body, self.secret)
+        headers.append(("Content-Type", content_type))
+        config = self.config
+        started = time.perf_counter()
+        try:
+            group = self.target_groups.get(route.target_group)
+            if group is None:  # removed by a reload while a message was on its way
+                raise NoTargets(f"target group '{route.target_group}' is gone")
+            return await self.integrations.call(
+                group,
+                route.path,
+                headers,
+                body,
+                client_ip=facts.source_ip,
+                timeout=config.integration_timeout_seconds,
+                max_body=config.max_message_bytes,
+            )
+        except NoTargets as exc:
+            self.stats.errors[(route.key, ApiError.UNAVAILABLE)] += 1
+            raise IntegrationFailed(ApiError.UNAVAILABLE, str(exc)) from None
+        except IntegrationFailed as exc:
+            self.stats.errors[(route.key, exc.error)] += 1
+            raise
+        finally:
+            self.stats.observe(route.key, time.perf_counter() - started)
+
+    def count_error(self, route: str, error: ApiError) -> None:
+        self.stats.errors[(route, error)] += 1
+
+    def spawn_disconnect(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a $disconnect call in the background, owned here (awaited by ``close``)."""
+        if len(self._disconnects) >= MAX_DISCONNECT_CALLS:
+            coro.close()
+            self.count_error("$disconnect", ApiError.THROTTLED)
+            return
+        task = asyncio.get_running_loop().create_task(coro)
+        self._disconnects.add(task)
+        task.add_done_callback(self._disconnects.discard)
+
+    async def close(self, grace: float) -> None:
+        """Let $disconnect calls in flight finish within ``grace`` s, then cancel the rest."""
+        if not self._disconnects:
+            return
+        _done, pending = await asyncio.wait(set(self._disconnects), timeout=grace)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
