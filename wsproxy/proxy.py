@@ -8,6 +8,7 @@ import logging
 import random
 import ssl
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from enum import StrEnum
 from typing import Any, Protocol
@@ -275,6 +276,13 @@ class Proxy:
 
     def metric_target_groups(self) -> list[TargetGroup]:
         return list(self.target_groups.values())
+
+    def metric_apis(self) -> list[Api]:
+        return list(self.apis.values())
+
+    @property
+    def management_requests(self) -> Counter[tuple[str, int]]:
+        return self.management.requests
 
     def reload_status(self) -> tuple[dict[str, int], bool, float]:
         return self.reloads, self.last_reload_ok, self.last_reload_success_time

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import ProxyFactory, listener_address
+from tests.helpers.process import parse_metrics
 from wsproxy.address import Address
 from wsproxy.proxy import Proxy
 
@@ -154,3 +155,35 @@ async def test_a_backend_posts_to_a_connection_by_id(
         async with session.post(f"{base}/@connections/nonsense", data=b"x") as response:
             assert response.status == 410
     await asyncio.sleep(0)
+
+
+async def test_metrics_count_connections_messages_calls_and_management(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    async def fail(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=500)
+
+    backend.handlers["/default"] = fail
+    proxy = await make_proxy(api_config(backend.address, ECHO))
+    admin = proxy.admin
+    assert admin is not None and admin.address is not None
+    base = f"http://{admin.address.host}:{admin.address.port}"
+    async with aiohttp.ClientSession() as session, session.ws_connect(url(proxy)) as ws:
+        await ws.send_str('{"action": "sendmessage"}')
+        await ws.receive_str(timeout=5)
+        await ws.send_str("to the default route, which fails")
+        assert json.loads(await ws.receive_str(timeout=5))["error"] == "integration_error"
+        async with session.post(f"{base}/@connections/AAAAAAAAAAAAAAAAAAAAAAAA") as response:
+            assert response.status == 410
+        async with session.get(f"{base}/metrics") as response:
+            text = await response.text()
+    samples = parse_metrics(text)
+    assert samples["wsproxy_api_connections"] == [({"api": "chat"}, 1.0)]
+    messages = {(s["route"], s["direction"]): v for s, v in samples["wsproxy_api_messages_total"]}
+    assert messages == {("sendmessage", "in"): 1, ("sendmessage", "out"): 1, ("$default", "in"): 1}
+    errors = samples["wsproxy_api_integration_errors_total"]
+    assert errors == [({"api": "chat", "route": "$default", "reason": "integration_error"}, 1.0)]
+    counts = {s["route"]: v for s, v in samples["wsproxy_api_integration_duration_seconds_count"]}
+    assert counts == {"sendmessage": 1, "$default": 1}
+    management = samples["wsproxy_api_management_requests_total"]
+    assert management == [({"operation": "post_connection", "code": "410"}, 1.0)]

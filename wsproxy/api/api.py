@@ -12,7 +12,6 @@ import datetime as dt
 import logging
 import secrets
 import time
-from collections import Counter
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
@@ -21,7 +20,7 @@ from wsproxy.api.integration import Answer, Integrations
 from wsproxy.api.registry import Registry
 from wsproxy.config import ApiConfig, RouteConfig
 from wsproxy.errors import ApiError, IntegrationFailed, NoTargets
-from wsproxy.ops.metrics import Histogram
+from wsproxy.ops.metrics import ApiStats
 from wsproxy.targets.target_group import TargetGroup
 from wsproxy.wire.cloudevents import Call, call_headers
 from wsproxy.wire.route_selection import parse_expression
@@ -31,26 +30,6 @@ log = logging.getLogger(__name__)
 # $disconnect calls in flight per API: beyond it new ones are dropped (counted), so a mass
 # disconnect against a slow backend cannot pile up tasks without bound.
 MAX_DISCONNECT_CALLS = 10_000
-# Integration call durations: from a local backend's milliseconds to API Gateway's 29 s.
-INTEGRATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-
-class ApiStats:
-    """What /metrics shows of one API (labels: configured route keys and closed enums only)."""
-
-    __slots__ = ("connections", "durations", "errors", "messages")
-
-    def __init__(self) -> None:
-        self.connections = 0  # live, in this process
-        self.messages: Counter[tuple[str, str]] = Counter()  # (route, direction)
-        self.errors: Counter[tuple[str, str]] = Counter()  # (route, ApiError)
-        self.durations: dict[str, Histogram] = {}  # per route
-
-    def observe(self, route: str, seconds: float) -> None:
-        histogram = self.durations.get(route)
-        if histogram is None:
-            histogram = self.durations[route] = Histogram(INTEGRATION_BUCKETS)
-        histogram.observe(seconds)
 
 
 class Api:
@@ -102,6 +81,10 @@ class Api:
     def request_id() -> str:
         """A fresh ``ce-id``, also the ``requestId`` of the error message a client may get."""
         return secrets.token_urlsafe(12)
+
+    @property
+    def group_members(self) -> int:
+        return self.registry.group_members
 
     def route(self, key: str) -> RouteConfig | None:
         return self.config.route(key)

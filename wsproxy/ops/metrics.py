@@ -13,7 +13,7 @@ import platform
 import ssl
 from bisect import bisect_left
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -232,6 +232,38 @@ class TargetGroupView(Protocol):
 
 
 TARGET_STATES = ("initial", "healthy", "unhealthy", "draining", "unused")
+# Integration call durations: from a local backend's milliseconds to API Gateway's 29 s.
+INTEGRATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ApiStats:
+    """Counts of one WebSocket API in this process; kept on its ``Api``. Labels are configured
+    route keys (or ``@connections``, ``@groups``, ``@users`` for pushes) and closed enums."""
+
+    __slots__ = ("connections", "durations", "errors", "messages")
+
+    def __init__(self) -> None:
+        self.connections = 0  # open now
+        self.messages: Counter[tuple[str, str]] = Counter()  # (route, direction: in | out)
+        self.errors: Counter[tuple[str, str]] = Counter()  # (route, ApiError)
+        self.durations: dict[str, Histogram] = {}  # integration calls, per route
+
+    def observe(self, route: str, seconds: float) -> None:
+        histogram = self.durations.get(route)
+        if histogram is None:
+            histogram = self.durations[route] = Histogram(INTEGRATION_BUCKETS)
+        histogram.observe(seconds)
+
+
+class ApiView(Protocol):
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def stats(self) -> ApiStats: ...
+
+    @property
+    def group_members(self) -> int: ...
 
 
 class ProxyView(Protocol):
@@ -251,6 +283,11 @@ class ProxyView(Protocol):
 
     @property
     def log_lines_dropped(self) -> int: ...
+
+    def metric_apis(self) -> Iterable[ApiView]: ...
+
+    @property
+    def management_requests(self) -> Mapping[tuple[str, int], int]: ...
 
 
 def _counter(name: str, doc: str, *labels: str) -> CounterMetricFamily:
@@ -284,7 +321,53 @@ class ProxyCollector(Collector):
         yield info
         yield from self._listener_metrics()
         yield from self._target_metrics()
+        yield from self._api_metrics()
         yield from self._process_state()
+
+    def _api_metrics(self) -> Iterator[Metric]:
+        connections = _gauge("wsproxy_api_connections", "Open connections of an API", "api")
+        members = _gauge(
+            "wsproxy_api_group_members", "Group memberships of an API's connections", "api"
+        )
+        messages = _counter(
+            "wsproxy_api_messages",
+            "Messages of an API by route and direction (in: from clients; out: to clients)",
+            "api",
+            "route",
+            "direction",
+        )
+        durations = _histogram(
+            "wsproxy_api_integration_duration_seconds",
+            "Integration call durations by route",
+            "api",
+            "route",
+        )
+        errors = _counter(
+            "wsproxy_api_integration_errors",
+            "Messages and calls an API could not serve, by route and reason",
+            "api",
+            "route",
+            "reason",
+        )
+        for api in self._proxy.metric_apis():
+            stats = api.stats
+            connections.add_metric([api.name], stats.connections)
+            members.add_metric([api.name], api.group_members)
+            for (route, direction), count in sorted(stats.messages.items()):
+                messages.add_metric([api.name, route, direction], count)
+            for route, histogram in sorted(stats.durations.items()):
+                histogram.add_to(durations, [api.name, route])
+            for (route, reason), count in sorted(stats.errors.items()):
+                errors.add_metric([api.name, route, reason], count)
+        management = _counter(
+            "wsproxy_api_management_requests",
+            "@connections, @groups and @users requests by operation and status",
+            "operation",
+            "code",
+        )
+        for (operation, code), count in sorted(self._proxy.management_requests.items()):
+            management.add_metric([operation, str(code)], count)
+        yield from (connections, members, messages, durations, errors, management)
 
     def _listener_metrics(self) -> Iterator[Metric]:
         conns = _counter("wsproxy_listener_connections", "Connections accepted", "listener")
