@@ -187,3 +187,25 @@ async def test_metrics_count_connections_messages_calls_and_management(
     assert counts == {"sendmessage": 1, "$default": 1}
     management = samples["wsproxy_api_management_requests_total"]
     assert management == [({"operation": "post_connection", "code": "410"}, 1.0)]
+
+
+async def test_the_status_page_and_v1_apis_show_the_api(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    proxy = await make_proxy(api_config(backend.address, ECHO))
+    admin = proxy.admin
+    assert admin is not None and admin.address is not None
+    base = f"http://{admin.address.host}:{admin.address.port}"
+    async with aiohttp.ClientSession() as session, session.ws_connect(url(proxy)) as ws:
+        await ws.send_str('{"action": "sendmessage"}')
+        await ws.receive_str(timeout=5)
+        async with session.get(f"{base}/v1/apis") as response:
+            (api,) = (await response.json())["apis"]
+        async with session.get(f"{base}/status") as response:
+            page = await response.text()
+    assert api["name"] == "chat" and api["listeners"] == ["edge"]
+    assert api["connections"] == 1
+    routes = {route["key"]: route for route in api["routes"]}
+    assert routes["sendmessage"]["messages_in"] == 1
+    assert routes["sendmessage"]["messages_out"] == 1
+    assert '<table data-api="chat">' in page and '<tr data-route="sendmessage">' in page

@@ -216,7 +216,7 @@ def test_everything_rendered_is_escaped() -> None:
 
 
 def test_the_template_keeps_its_markers() -> None:
-    parts = {"banner": "<!--wsproxy:listeners-->", "listeners": "", "target_groups": ""}
+    parts = {"banner": "<!--wsproxy:listeners-->", "listeners": "", "apis": "", "target_groups": ""}
     html = _STATUS_PAGE.render(parts)
     assert html.count("<!--wsproxy:listeners-->") == 1  # a value is never expanded again
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 
 from wsproxy import __version__
 from wsproxy.address import Address, parse_address
+from wsproxy.api.api import Api
 from wsproxy.api.management import Management
 from wsproxy.config import Config
 from wsproxy.errors import TargetExists
@@ -70,6 +71,8 @@ class ProxyState(Protocol):
     def management(self) -> Management: ...
 
     def metric_listeners(self) -> Sequence[Listener]: ...
+
+    def metric_apis(self) -> Sequence[Api]: ...
 
 
 class ProxyCommands(Protocol):
@@ -306,6 +309,7 @@ class AdminServer:
         app.router.add_get("/v1/listeners/{name}/crl", self._crl)
         app.router.add_get("/v1/listeners/{name}/crl.pem", self._crl)
         app.router.add_get("/v1/workers", self._workers)
+        app.router.add_get("/v1/apis", self._apis)
         app.router.add_get("/v1/target-groups", self._target_groups)
         app.router.add_get("/v1/target-groups/{name}", self._target_group)
         app.router.add_post("/v1/target-groups/{name}/targets", self._register)
@@ -534,6 +538,7 @@ class AdminServer:
                 listeners=self._listener_rows(),
                 target_groups=[self._describe(name) for name in sorted(self._proxy.target_groups)],
                 now=time.time(),
+                apis=self._api_rows(),
             )
         else:
             page = status_page.render_locked(_STATUS_PAGE)
@@ -555,6 +560,43 @@ class AdminServer:
         return web.json_response(
             {"version": __version__, "draining": proxy.draining, "listeners": self._listener_rows()}
         )
+
+    def _api_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        listeners = self._proxy.config.listeners
+        for api in self._proxy.metric_apis():
+            stats = api.stats
+            routes = []
+            for route in api.config.routes:
+                errors = {
+                    reason: count
+                    for (key, reason), count in sorted(stats.errors.items())
+                    if key == route.key
+                }
+                routes.append(
+                    {
+                        "key": route.key,
+                        "target_group": route.target_group,
+                        "path": route.path,
+                        "messages_in": stats.messages[(route.key, "in")],
+                        "messages_out": stats.messages[(route.key, "out")],
+                        "errors": errors,
+                    }
+                )
+            rows.append(
+                {
+                    "name": api.name,
+                    "listeners": sorted(n for n, c in listeners.items() if c.api == api.name),
+                    "connections": stats.connections,
+                    "group_members": api.group_members,
+                    "routes": routes,
+                }
+            )
+        return rows
+
+    async def _apis(self, request: web.Request) -> web.Response:
+        """The WebSocket APIs: routes with their counts, connections (this process)."""
+        return web.json_response({"apis": self._api_rows()})
 
     async def _workers(self, request: web.Request) -> web.Response:
         workers = self._proxy.workers

@@ -17,7 +17,7 @@ from html import escape
 from typing import Any
 
 _MARKER = re.compile(r"<!--wsproxy:([a-z_]+)-->")
-MARKERS = ("banner", "listeners", "target_groups")
+MARKERS = ("banner", "listeners", "apis", "target_groups")
 DASH = "\u2013"  # an en dash, as the script shows a value it does not have
 NO_RATE = DASH  # rates need two samples: the script computes them from its second one on
 
@@ -104,6 +104,34 @@ def target_groups_html(groups: Sequence[Mapping[str, Any]]) -> str:
     return "".join(out)
 
 
+_API_COLUMNS = ("route", "target group", "messages in", "messages out", "errors")
+
+
+def apis_html(apis: Sequence[Mapping[str, Any]]) -> str:
+    """One heading, table and summary line per WebSocket API, as ``/v1/apis`` describes them."""
+    out = []
+    head = "<tr>" + "".join(f"<th>{escape(name)}</th>" for name in _API_COLUMNS) + "</tr>"
+    for api in apis:
+        title = f"API {api['name']} ({', '.join(api['listeners'])})"
+        out.append(f"<h2>{escape(title)}</h2>")
+        out.append(f'<table data-api="{escape(str(api["name"]))}">{head}')
+        for route in api["routes"]:
+            errors = ", ".join(f"{reason} {count}" for reason, count in route["errors"].items())
+            out.append(
+                f'<tr data-route="{escape(str(route["key"]))}">'
+                + _cell(str(route["key"]))
+                + _cell(str(route["target_group"]))
+                + _cell(str(route["messages_in"]), "num")
+                + _cell(str(route["messages_out"]), "num")
+                + _cell(errors)
+                + "</tr>"
+            )
+        out.append("</table>")
+        summary = f"{api['connections']} connection(s), {api['group_members']} group membership(s)"
+        out.append(f"<p>{escape(summary)}</p>")
+    return "".join(out)
+
+
 def banner_html(text: str, class_name: str = "") -> str:
     """The line above the tables (the script rewrites its text and class)."""
     attribute = f' class="{escape(class_name)}"' if class_name else ""
@@ -118,6 +146,7 @@ def render(
     listeners: Sequence[Mapping[str, Any]],
     target_groups: Sequence[Mapping[str, Any]],
     now: float,
+    apis: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """The page with its first view filled in; ``now`` in Unix seconds (certificate days)."""
     at = time.strftime("%H:%M:%S UTC", time.gmtime(now))
@@ -127,6 +156,7 @@ def render(
         {
             "banner": banner_html(banner, "draining" if draining else ""),
             "listeners": listener_rows_html(listeners, now),
+            "apis": apis_html(apis),
             "target_groups": target_groups_html(target_groups),
         }
     )
@@ -142,6 +172,7 @@ def render_locked(template: StatusTemplate) -> str:
                 "error",
             ),
             "listeners": "",
+            "apis": "",
             "target_groups": "",
         }
     )
