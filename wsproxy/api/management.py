@@ -15,13 +15,18 @@ routes here know nothing of who is asking; the server that mounts them authentic
 
 An unknown, malformed, ended or foreign id gets 410 Gone (never 404: a backend drops the id).
 With several APIs, ``?api=NAME`` says which one a group or user belongs to.
+
+The operations themselves (``Management.local``) are plain functions of the request's parts,
+so a supervisor (``[proxy] workers`` > 1) hands a call to the worker its id names, or to every
+worker for a group or user, over the control channel (``Workers``), and sums the answers.
 """
 
 from __future__ import annotations
 
+import base64
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, NamedTuple, Protocol
 
 from aiohttp import web
 
@@ -36,102 +41,271 @@ RETRY_AFTER_SECONDS = 1
 DEFAULT_PAGE = 100
 # Close codes a backend may send (RFC 6455 §7.4: 1000, or 3000-4999 for applications).
 _CLOSE_CODES = range(3000, 5000)
+_BY_ID = frozenset(
+    {"post_connection", "get_connection", "delete_connection", "join_group", "leave_group"}
+)
+_FAN_OUT = frozenset({"post_group", "post_user"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers)
+class Reply(NamedTuple):
+    """A management answer: status, JSON body (None: empty) and extra headers."""
+
+    status: int
+    body: dict[str, Any] | None = None
+    headers: Mapping[str, str] | None = None
+
+    def as_message(self) -> dict[str, Any]:
+        return {"status": self.status, "body": self.body, "headers": dict(self.headers or {})}
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, Any]) -> Reply:
+        body = message.get("body")
+        headers = message.get("headers") or {}
+        return cls(int(message["status"]), body if isinstance(body, dict) else None, headers)
+
+
+class Call(NamedTuple):
+    """One management request, as its parts (what crosses to a worker)."""
+
+    operation: str
+    api: str
+    params: Mapping[str, str]  # id, group, user
+    query: Mapping[str, str]
+    text: bool
+    body: bytes
+
+    def as_message(self) -> dict[str, Any]:
+        return {
+            "op": "management",
+            "operation": self.operation,
+            "api": self.api,
+            "params": dict(self.params),
+            "query": dict(self.query),
+            "text": self.text,
+            "body": base64.b64encode(self.body).decode("ascii"),
+        }
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, Any]) -> Call:
+        return cls(
+            str(message["operation"]),
+            str(message["api"]),
+            {str(k): str(v) for k, v in message["params"].items()},
+            {str(k): str(v) for k, v in message["query"].items()},
+            bool(message["text"]),
+            base64.b64decode(str(message["body"])),
+        )
+
+
+class Workers(Protocol):
+    """A supervisor's workers, as management calls reach them."""
+
+    @property
+    def slots(self) -> int: ...
+
+    async def management(self, worker: int, call: Call) -> Reply:
+        """``call`` run by worker ``worker`` (503 when it cannot answer)."""
+
+
+def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Reply:
+    return Reply(status, {"error": message}, headers)
+
+
+def _gone(cid: str, why: str) -> Reply:
+    return _error(410, f"no connection {cid[:40]}: {why}")
 
 
 class Management:
     """The routes above over the APIs of this process (``apis``, the proxy's live mapping).
 
     ``only``: the API a management listener of its own serves (None on the admin listener).
+    ``workers``: set on a supervisor, whose workers hold the connections.
     """
 
     def __init__(
-        self, apis: Mapping[str, Api], ids: ConnectionIds, only: str | None = None
+        self,
+        apis: Mapping[str, Api],
+        ids: ConnectionIds,
+        only: str | None = None,
+        workers: Workers | None = None,
     ) -> None:
         self._apis = apis
         self._ids = ids
         self._only = only
+        self.workers = workers
         self.requests: Counter[tuple[str, int]] = Counter()  # (operation, status)
 
+    def serving(self, only: str) -> Management:
+        """The same APIs and workers, for a management listener of the API ``only``; its
+        requests are counted with these."""
+        view = Management(self._apis, self._ids, only, self.workers)
+        view.requests = self.requests
+        return view
+
     def add_routes(self, router: web.UrlDispatcher) -> None:
-        router.add_post("/@connections/{id}", self._counted("post_connection", self._post))
-        router.add_get("/@connections/{id}", self._counted("get_connection", self._get))
-        router.add_delete("/@connections/{id}", self._counted("delete_connection", self._delete))
-        router.add_post("/@groups/{group}", self._counted("post_group", self._post_group))
-        router.add_get("/@groups/{group}", self._counted("get_group", self._get_group))
-        router.add_put("/@groups/{group}/connections/{id}", self._counted("join_group", self._join))
-        router.add_delete(
-            "/@groups/{group}/connections/{id}", self._counted("leave_group", self._leave)
-        )
-        router.add_post("/@users/{user}", self._counted("post_user", self._post_user))
+        for method, path, operation in (
+            ("POST", "/@connections/{id}", "post_connection"),
+            ("GET", "/@connections/{id}", "get_connection"),
+            ("DELETE", "/@connections/{id}", "delete_connection"),
+            ("POST", "/@groups/{group}", "post_group"),
+            ("GET", "/@groups/{group}", "get_group"),
+            ("PUT", "/@groups/{group}/connections/{id}", "join_group"),
+            ("DELETE", "/@groups/{group}/connections/{id}", "leave_group"),
+            ("POST", "/@users/{user}", "post_user"),
+        ):
+            router.add_route(method, path, self._handler(operation))
 
-    def _counted(self, operation: str, handler: Handler) -> Handler:
-        async def counted(request: web.Request) -> web.StreamResponse:
-            response = await handler(request)
-            self.requests[(operation, response.status)] += 1
-            return response
+    def _handler(self, operation: str) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            reply = await self._serve(operation, request)
+            self.requests[(operation, reply.status)] += 1
+            if reply.body is None:
+                return web.Response(status=reply.status, headers=reply.headers)
+            return web.json_response(reply.body, status=reply.status, headers=reply.headers)
 
-        return counted
+        return handle
 
-    # --- lookups --------------------------------------------------------------------------------
+    async def _serve(self, operation: str, request: web.Request) -> Reply:
+        api = self._api(request.query.get("api"))
+        if isinstance(api, Reply):
+            return api
+        body = b""
+        if request.method == "POST":
+            read = await _read_body(request, api.config.max_message_bytes)
+            if isinstance(read, Reply):
+                return read
+            body = read
+        text = _is_text(request.content_type)
+        call = Call(operation, api.name, request.match_info, request.query, text, body)
+        if self.workers is None:
+            return self.local(call)
+        return await self._forward(call)
 
-    def _connection(self, request: web.Request) -> tuple[Api, ApiConnection] | web.Response:
-        cid = request.match_info["id"]
+    def _api(self, name: str | None) -> Api | Reply:
+        name = name or self._only
+        if name is None:
+            if len(self._apis) == 1:
+                return next(iter(self._apis.values()))
+            served = ", ".join(sorted(self._apis)) or "none"
+            return _error(400, f"several APIs are served here ({served}); add ?api=NAME")
+        if self._only is not None and name != self._only:
+            return _error(404, f"this listener serves the API '{self._only}' only")
+        api = self._apis.get(name)
+        if api is None:
+            return _error(404, f"no API {name[:64]!r}; defined: {', '.join(sorted(self._apis))}")
+        return api
+
+    # --- a supervisor's side --------------------------------------------------------------------
+
+    async def _forward(self, call: Call) -> Reply:
+        workers = self.workers
+        assert workers is not None
+        if call.operation in _BY_ID:
+            cid = call.params["id"]
+            try:
+                owner = owner_of(cid)
+            except UnknownConnection as exc:
+                return _error(410, str(exc))
+            if owner.instance != self._ids.owner.instance or owner.worker >= workers.slots:
+                return _gone(cid, "not held by this proxy (or it restarted)")
+            return await workers.management(owner.worker, call)
+        if call.operation in _FAN_OUT:
+            checked = self._name(call, "group" if call.operation == "post_group" else "user")
+            if isinstance(checked, Reply):
+                return checked
+            replies = [await workers.management(w, call) for w in range(workers.slots)]
+            delivered = dropped = 0
+            for reply in replies:
+                if reply.status != 200 or reply.body is None:
+                    return reply
+                delivered += int(reply.body["delivered"])
+                dropped += int(reply.body["dropped_slow"])
+            return Reply(200, {"delivered": delivered, "dropped_slow": dropped})
+        return await self._forward_members(call, workers)
+
+    async def _forward_members(self, call: Call, workers: Workers) -> Reply:
+        """A group's members across workers: worker by worker, in join order within each; the
+        cursor (an id) names the worker to go on from."""
+        limit = _limit(call.query)
+        if isinstance(limit, Reply):
+            return limit
+        after = call.query.get("after")
+        first = 0
+        if after is not None:
+            try:
+                first = owner_of(after).worker
+            except UnknownConnection:
+                after = None
+        page: list[str] = []
+        size = 0
+        cursor: str | None = None
+        for worker in range(workers.slots):
+            query = {"limit": str(max(1, limit - len(page)))}
+            if worker == first and after is not None:
+                query["after"] = after
+            reply = await workers.management(worker, call._replace(query=query))
+            if reply.status != 200 or reply.body is None:
+                return reply
+            size += int(reply.body["size"])
+            if worker < first or len(page) >= limit:
+                continue
+            page += reply.body["connections"]
+            if reply.body["next"] is not None:
+                cursor = page[-1]
+        if cursor is None and len(page) >= limit:
+            cursor = page[-1] if page else None
+        group = call.params["group"]
+        return Reply(200, {"group": group, "size": size, "connections": page, "next": cursor})
+
+    # --- the operations, on this process's connections ------------------------------------------
+
+    def local(self, call: Call) -> Reply:
+        """``call`` on the connections this process holds."""
+        api = self._api(call.api)
+        if isinstance(api, Reply):
+            return api
+        operation = call.operation
+        if operation == "post_connection":
+            return self._post(api, call)
+        if operation == "get_connection":
+            return self._with_connection(api, call, lambda c: Reply(200, c.info()))
+        if operation == "delete_connection":
+            return self._delete(api, call)
+        if operation in ("post_group", "post_user"):
+            return self._fan_out(api, call, "group" if operation == "post_group" else "user")
+        if operation == "get_group":
+            return self._members(api, call)
+        if operation in ("join_group", "leave_group"):
+            return self._membership(api, call, join=operation == "join_group")
+        return _error(404, f"no operation {operation!r}")
+
+    def _connection(self, api: Api, cid: str) -> ApiConnection | Reply:
         try:
             owner = owner_of(cid)
         except UnknownConnection as exc:
             return _error(410, str(exc))
         if owner != self._ids.owner:
-            return _error(410, f"no connection {cid}: not held by this proxy (or it restarted)")
-        for name, api in self._apis.items():
-            if self._only is not None and name != self._only:
-                continue
-            connection = api.registry.get(cid)
-            if connection is not None:
-                return api, connection
-        return _error(410, f"no connection {cid}: it ended")
+            return _gone(cid, "not held by this proxy (or it restarted)")
+        connection = api.registry.get(cid)
+        if connection is None:
+            return _gone(cid, "it ended")
+        return connection
 
-    def _api(self, request: web.Request) -> Api | web.Response:
-        name = request.query.get("api", self._only)
-        if name is None:
-            if len(self._apis) == 1:
-                return next(iter(self._apis.values()))
-            return _error(
-                400,
-                f"several APIs are served here ({', '.join(sorted(self._apis))}); add ?api=NAME",
-            )
-        if self._only is not None and name != self._only:
-            return _error(404, f"this listener serves the API '{self._only}' only")
-        api = self._apis.get(name)
-        if api is None:
-            return _error(404, f"no API {name!r}; defined: {', '.join(sorted(self._apis))}")
-        return api
+    def _with_connection(
+        self, api: Api, call: Call, then: Callable[[ApiConnection], Reply]
+    ) -> Reply:
+        found = self._connection(api, call.params["id"])
+        return found if isinstance(found, Reply) else then(found)
 
-    @staticmethod
-    def _name(request: web.Request, key: str) -> str | web.Response:
-        name = request.match_info[key]
-        if not valid_group_name(name):
-            return _error(400, f"{key} {name[:64]!r} is not a name: 1-128 URL-safe characters")
-        return name
-
-    # --- one connection -------------------------------------------------------------------------
-
-    async def _post(self, request: web.Request) -> web.StreamResponse:
-        found = self._connection(request)
-        if isinstance(found, web.Response):
+    def _post(self, api: Api, call: Call) -> Reply:
+        found = self._connection(api, call.params["id"])
+        if isinstance(found, Reply):
             return found
-        api, connection = found
-        body = await _read_body(request, api.config.max_message_bytes)
-        if isinstance(body, web.Response):
-            return body
-        result = connection.send_message(body, _is_text(request.content_type))
+        result = found.send_message(call.body, call.text)
         if result is Delivery.GONE:
-            return _error(410, f"no connection {request.match_info['id']}: it is closing")
+            return _gone(call.params["id"], "it is closing")
         if result is Delivery.SLOW:
             return _error(
                 429,
@@ -139,115 +313,90 @@ class Management:
                 {"Retry-After": str(RETRY_AFTER_SECONDS)},
             )
         api.stats.messages[("@connections", "out")] += 1
-        return web.Response(status=200)
+        return Reply(200)
 
-    async def _get(self, request: web.Request) -> web.StreamResponse:
-        found = self._connection(request)
-        if isinstance(found, web.Response):
-            return found
-        return web.json_response(found[1].info())
-
-    async def _delete(self, request: web.Request) -> web.StreamResponse:
-        found = self._connection(request)
-        if isinstance(found, web.Response):
-            return found
-        raw_code = request.query.get("code", "1000")
+    def _delete(self, api: Api, call: Call) -> Reply:
+        raw_code = call.query.get("code", "1000")
         try:
             code = int(raw_code)
         except ValueError:
             code = -1
         if code != 1000 and code not in _CLOSE_CODES:
             return _error(422, f"code {raw_code[:16]!r} must be 1000 or 3000-4999 (RFC 6455 §7.4)")
-        reason = request.query.get("reason", "")
+        reason = call.query.get("reason", "")
         if len(reason.encode()) > 123:  # a Close frame's payload is at most 125 bytes
             return _error(422, "reason is over 123 bytes of UTF-8")
-        if not found[1].close_by_api(code, reason):
-            return _error(410, f"no connection {request.match_info['id']}: it is closing")
-        return web.Response(status=204)
-
-    # --- groups and users -----------------------------------------------------------------------
-
-    async def _post_group(self, request: web.Request) -> web.StreamResponse:
-        return await self._fan_out(request, "group")
-
-    async def _post_user(self, request: web.Request) -> web.StreamResponse:
-        return await self._fan_out(request, "user")
-
-    async def _fan_out(self, request: web.Request, kind: str) -> web.StreamResponse:
-        api = self._api(request)
-        if isinstance(api, web.Response):
-            return api
-        name = self._name(request, kind)
-        if isinstance(name, web.Response):
-            return name
-        body = await _read_body(request, api.config.max_message_bytes)
-        if isinstance(body, web.Response):
-            return body
-        text = _is_text(request.content_type)
-        registry = api.registry
-        sent = (
-            registry.send_group(name, body, text)
-            if kind == "group"
-            else registry.send_user(name, body, text)
-        )
-        api.stats.messages[(f"@{kind}s", "out")] += sent.delivered
-        return web.json_response({"delivered": sent.delivered, "dropped_slow": sent.dropped_slow})
-
-    async def _get_group(self, request: web.Request) -> web.StreamResponse:
-        api = self._api(request)
-        if isinstance(api, web.Response):
-            return api
-        name = self._name(request, "group")
-        if isinstance(name, web.Response):
-            return name
-        try:
-            limit = int(request.query.get("limit", DEFAULT_PAGE))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= MAX_PAGE:
-            return _error(422, f"limit must be 1-{MAX_PAGE}")
-        page, cursor = api.registry.members(name, request.query.get("after"), limit)
-        answer: dict[str, Any] = {
-            "group": name,
-            "size": api.registry.group_size(name),
-            "connections": page,
-            "next": cursor,
-        }
-        return web.json_response(answer)
-
-    async def _join(self, request: web.Request) -> web.StreamResponse:
-        return self._membership(request, join=True)
-
-    async def _leave(self, request: web.Request) -> web.StreamResponse:
-        return self._membership(request, join=False)
-
-    def _membership(self, request: web.Request, join: bool) -> web.Response:
-        name = self._name(request, "group")
-        if isinstance(name, web.Response):
-            return name
-        found = self._connection(request)
-        if isinstance(found, web.Response):
+        found = self._connection(api, call.params["id"])
+        if isinstance(found, Reply):
             return found
-        api, connection = found
+        if not found.close_by_api(code, reason):
+            return _gone(call.params["id"], "it is closing")
+        return Reply(204)
+
+    @staticmethod
+    def _name(call: Call, key: str) -> str | Reply:
+        name = call.params[key]
+        if not valid_group_name(name):
+            return _error(400, f"{key} {name[:64]!r} is not a name: 1-128 URL-safe characters")
+        return name
+
+    def _fan_out(self, api: Api, call: Call, kind: str) -> Reply:
+        name = self._name(call, kind)
+        if isinstance(name, Reply):
+            return name
+        registry = api.registry
+        if kind == "group":
+            sent = registry.send_group(name, call.body, call.text)
+        else:
+            sent = registry.send_user(name, call.body, call.text)
+        api.stats.messages[(f"@{kind}s", "out")] += sent.delivered
+        return Reply(200, {"delivered": sent.delivered, "dropped_slow": sent.dropped_slow})
+
+    def _members(self, api: Api, call: Call) -> Reply:
+        name = self._name(call, "group")
+        if isinstance(name, Reply):
+            return name
+        limit = _limit(call.query)
+        if isinstance(limit, Reply):
+            return limit
+        page, cursor = api.registry.members(name, call.query.get("after"), limit)
+        size = api.registry.group_size(name)
+        return Reply(200, {"group": name, "size": size, "connections": page, "next": cursor})
+
+    def _membership(self, api: Api, call: Call, join: bool) -> Reply:
+        name = self._name(call, "group")
+        if isinstance(name, Reply):
+            return name
+        found = self._connection(api, call.params["id"])
+        if isinstance(found, Reply):
+            return found
         if join:
-            if (
-                len(connection.groups) >= MAX_GROUPS_PER_CONNECTION
-                and name not in connection.groups
-            ):
+            full = len(found.groups) >= MAX_GROUPS_PER_CONNECTION
+            if full and name not in found.groups:
                 return _error(
                     409, f"the connection is in {MAX_GROUPS_PER_CONNECTION} groups already"
                 )
-            api.registry.join(name, connection)
+            api.registry.join(name, found)
         else:
-            api.registry.leave(name, connection)
-        return web.Response(status=204)
+            api.registry.leave(name, found)
+        return Reply(204)
+
+
+def _limit(query: Mapping[str, str]) -> int | Reply:
+    try:
+        limit = int(query.get("limit", DEFAULT_PAGE))
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_PAGE:
+        return _error(422, f"limit must be 1-{MAX_PAGE}")
+    return limit
 
 
 def _is_text(content_type: str) -> bool:
     return content_type.startswith("text/") or content_type == "application/json"
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes | web.Response:
+async def _read_body(request: web.Request, limit: int) -> bytes | Reply:
     """The request body, or 413 once it passes ``limit`` (read no further than that)."""
     length = request.content_length
     if length is not None and length > limit:
@@ -262,3 +411,6 @@ async def _read_body(request: web.Request, limit: int) -> bytes | web.Response:
         if size > limit:
             return _error(413, f"the message is over max_message_bytes ({limit})")
         chunks.append(chunk)
+
+
+__all__: Sequence[str] = ("Call", "Management", "Reply", "Workers")
