@@ -92,7 +92,7 @@ def test_help_shows_the_commands_users_run() -> None:
         for line in result.stdout.splitlines()
         if line.startswith("    ") and not line.startswith("     ")
     ]
-    assert listed == ["run", "check-config", "demo", "connect", "ca"], result.stdout
+    assert listed == ["run", "check-config", "demo", "connect", "ca", "asyncapi"], result.stdout
     assert "worker" not in result.stdout, result.stdout
     assert hidden_commands(build_parser()) == {"worker"}
     for path, parser in all_parsers(build_parser()):
