@@ -392,6 +392,67 @@ def test_connect_bad_header_is_a_usage_error() -> None:
     assert run_cli("connect", "ws://127.0.0.1:1/", "--header", "nocolon").returncode == 2
 
 
+API_CONFIG = """
+[listeners.public]
+address = "127.0.0.1:8443"
+api = "chat"
+
+[apis.chat]
+route_selection_expression = "$request.body.meta.action"
+
+[[apis.chat.routes]]
+key = "whoami"
+target_group = "backend"
+respond = true
+
+[target_groups.backend]
+protocol = "http"
+targets = [{ address = "127.0.0.1:1" }]
+"""
+
+
+def test_asyncapi_writes_the_document_of_the_only_api(tmp_path: Path) -> None:
+    path = tmp_path / "api.toml"
+    path.write_text(API_CONFIG)
+    result = run_cli("asyncapi", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["asyncapi"] == "3.0.0"
+    assert doc["servers"]["public"]["host"] == "127.0.0.1:8443"
+    assert "whoami" in doc["components"]["messages"]
+    out = tmp_path / "chat.json"
+    result = run_cli("asyncapi", "-c", str(path), "--api", "chat", "-o", str(out))
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    assert json.loads(out.read_text()) == doc
+
+
+@pytest.mark.parametrize(
+    ("extra", "args", "code", "says"),
+    [
+        ("", ["--api", "nope"], 2, "has no API 'nope'; --api takes one of: chat"),
+        ("[apis.other]\n", [], 2, "defines 2 APIs: choose one with --api (chat, other)"),
+        ("[apis.chat.bogus]\n", [], 78, "apis.chat.bogus"),
+    ],
+)
+def test_asyncapi_errors(tmp_path: Path, extra: str, args: list[str], code: int, says: str) -> None:
+    path = tmp_path / "api.toml"
+    path.write_text(API_CONFIG + extra)
+    result = run_cli("asyncapi", "-c", str(path), *args)
+    assert result.returncode == code, result.stderr
+    assert says in result.stderr
+    assert result.stdout == ""
+
+
+def test_asyncapi_on_a_config_without_apis_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "plain.toml"
+    path.write_text(
+        '[listeners.edge]\naddress = "127.0.0.1:0"\ndefault_target_group = "g"\n[target_groups.g]\n'
+    )
+    result = run_cli("asyncapi", "-c", str(path))
+    assert result.returncode == 2
+    assert "defines no API; add an [apis.NAME] section" in result.stderr
+
+
 def without_venv() -> dict[str, str]:
     """The environment of a terminal where the venv is not activated: PATH lacks its bin/."""
     venv_bin = str(Path(sys.executable).parent)
