@@ -92,7 +92,7 @@ def test_help_shows_the_commands_users_run() -> None:
         for line in result.stdout.splitlines()
         if line.startswith("    ") and not line.startswith("     ")
     ]
-    assert listed == ["run", "check-config", "demo", "connect", "ca"], result.stdout
+    assert listed == ["run", "check-config", "demo", "connect", "ca", "asyncapi"], result.stdout
     assert "worker" not in result.stdout, result.stdout
     assert hidden_commands(build_parser()) == {"worker"}
     for path, parser in all_parsers(build_parser()):
@@ -390,6 +390,67 @@ async def test_connect_command_round_trip(make_proxy: object, echo: EchoTarget) 
 
 def test_connect_bad_header_is_a_usage_error() -> None:
     assert run_cli("connect", "ws://127.0.0.1:1/", "--header", "nocolon").returncode == 2
+
+
+API_CONFIG = """
+[listeners.public]
+address = "127.0.0.1:8443"
+api = "chat"
+
+[apis.chat]
+route_selection_expression = "$request.body.meta.action"
+
+[[apis.chat.routes]]
+key = "whoami"
+target_group = "backend"
+respond = true
+
+[target_groups.backend]
+protocol = "http"
+targets = [{ address = "127.0.0.1:1" }]
+"""
+
+
+def test_asyncapi_writes_the_document_of_the_only_api(tmp_path: Path) -> None:
+    path = tmp_path / "api.toml"
+    path.write_text(API_CONFIG)
+    result = run_cli("asyncapi", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["asyncapi"] == "3.0.0"
+    assert doc["servers"]["public"]["host"] == "127.0.0.1:8443"
+    assert "whoami" in doc["components"]["messages"]
+    out = tmp_path / "chat.json"
+    result = run_cli("asyncapi", "-c", str(path), "--api", "chat", "-o", str(out))
+    assert (result.returncode, result.stdout) == (0, ""), result.stderr
+    assert json.loads(out.read_text()) == doc
+
+
+@pytest.mark.parametrize(
+    ("extra", "args", "code", "says"),
+    [
+        ("", ["--api", "nope"], 2, "has no API 'nope'; --api takes one of: chat"),
+        ("[apis.other]\n", [], 2, "defines 2 APIs: choose one with --api (chat, other)"),
+        ("[apis.chat.bogus]\n", [], 78, "apis.chat.bogus"),
+    ],
+)
+def test_asyncapi_errors(tmp_path: Path, extra: str, args: list[str], code: int, says: str) -> None:
+    path = tmp_path / "api.toml"
+    path.write_text(API_CONFIG + extra)
+    result = run_cli("asyncapi", "-c", str(path), *args)
+    assert result.returncode == code, result.stderr
+    assert says in result.stderr
+    assert result.stdout == ""
+
+
+def test_asyncapi_on_a_config_without_apis_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "plain.toml"
+    path.write_text(
+        '[listeners.edge]\naddress = "127.0.0.1:0"\ndefault_target_group = "g"\n[target_groups.g]\n'
+    )
+    result = run_cli("asyncapi", "-c", str(path))
+    assert result.returncode == 2
+    assert "defines no API; add an [apis.NAME] section" in result.stderr
 
 
 def without_venv() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Command line: ``wsproxy run | check-config | demo | connect | ca``.
+"""Command line: ``wsproxy run | check-config | demo | connect | ca | asyncapi``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 bad config (EX_CONFIG from sysexits.h).
 """
@@ -71,7 +71,8 @@ def _commands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: run, check-config, demo, connect, ca (and the internal worker)."""
+    """The command line: run, check-config, demo, connect, ca, asyncapi (and the internal
+    worker)."""
     parser = argparse.ArgumentParser(prog="wsproxy", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"wsproxy {__version__}")
     _add_global_options(parser, top=True)
@@ -151,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
     from wsproxy.ca.cli import add_parser as add_ca_parser
 
     add_ca_parser(commands)
+
+    asyncapi = commands.add_parser(
+        "asyncapi",
+        help="an AsyncAPI 3.0 document of a WebSocket API",
+        description="Write an AsyncAPI 3.0 document (JSON) of a WebSocket API of a config file: "
+        "its listeners, one message per route key, route responses, the error message and "
+        "backend pushes. Opens no socket and reads no certificate file.",
+    )
+    asyncapi.add_argument("-c", "--config", required=True, help="the TOML config file")
+    asyncapi.add_argument(
+        "--api", help="which [apis.NAME] to describe (needed when the file has several)"
+    )
+    asyncapi.add_argument(
+        "-o", "--output", help="write the document to this file (default: stdout)"
+    )
+
     commands.metavar = "{" + ",".join(c.dest for c in commands._choices_actions) + "}"
     for command in _commands(parser):
         _add_global_options(command, top=False)
@@ -322,6 +339,42 @@ def _cmd_connect(args: argparse.Namespace) -> int:
     return uvloop.run(run_connect(args.url, headers, args.subprotocol, context))
 
 
+def _cmd_asyncapi(args: argparse.Namespace) -> int:
+    import json
+
+    from wsproxy.api.asyncapi import document
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EX_CONFIG
+    names = sorted(config.apis)
+    api = args.api
+    if api is None and len(names) == 1:
+        api = names[0]
+    if api is None or api not in config.apis:
+        if not names:
+            problem = "defines no API; add an [apis.NAME] section"
+        elif api is None:
+            problem = f"defines {len(names)} APIs: choose one with --api ({', '.join(names)})"
+        else:
+            problem = f"has no API {api!r}; --api takes one of: {', '.join(names)}"
+        print(f"wsproxy asyncapi: {args.config} {problem}", file=sys.stderr)
+        return 2
+    text = json.dumps(document(config, api), indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+        return 0
+    try:
+        with open(args.output, "w", encoding="utf-8") as out:
+            out.write(text)
+    except OSError as exc:
+        print(f"wsproxy asyncapi: cannot write {args.output}: {exc.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_ca(args: argparse.Namespace) -> int:
     from wsproxy.ca.cli import run
 
@@ -338,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": _cmd_demo,
         "connect": _cmd_connect,
         "ca": _cmd_ca,
+        "asyncapi": _cmd_asyncapi,
     }
     try:
         return commands[args.command](args)
