@@ -138,11 +138,11 @@ class Proxy:
         }
         # WebSocket APIs outlive config generations: a reload updates them, connections stay.
         self.integrations = Integrations()
-        self._connection_ids = connection_ids or ConnectionIds()
+        self.connection_ids = connection_ids or ConnectionIds()
         self.apis: dict[str, Api] = {
             name: self._build_api(name, api_config) for name, api_config in config.apis.items()
         }
-        self.management = Management(self.apis, self._connection_ids)
+        self.management = Management(self.apis, self.connection_ids)
         self.descriptors = DescriptorBudget.from_rlimit()  # shared by every listener
         # Per listener name, so a listener rebound by a reload keeps counting where it was.
         self.listener_stats: dict[str, ListenerStats] = {}
@@ -180,9 +180,7 @@ class Proxy:
 
     def _build_api(self, name: str, config: ApiConfig) -> Api:
         secret = read_signing_secret(config.signing_secret_file)
-        return Api(
-            name, config, self.target_groups, self.integrations, self._connection_ids, secret
-        )
+        return Api(name, config, self.target_groups, self.integrations, self.connection_ids, secret)
 
     def _build_target_group(self, name: str, config: TargetGroupConfig) -> TargetGroup:
         return TargetGroup(name, config, make_balancer(config.algorithm, self._rng))
@@ -408,7 +406,7 @@ class Proxy:
                 api_config,
                 self.target_groups,
                 self.integrations,
-                self._connection_ids,
+                self.connection_ids,
                 secrets[name],
             )
             for name, api_config in new.apis.items()

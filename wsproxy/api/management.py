@@ -103,7 +103,7 @@ class Workers(Protocol):
     """A supervisor's workers, as management calls reach them."""
 
     @property
-    def slots(self) -> int: ...
+    def slot_count(self) -> int: ...
 
     async def management(self, worker: int, call: Call) -> Reply:
         """``call`` run by worker ``worker`` (503 when it cannot answer)."""
@@ -181,7 +181,7 @@ class Management:
         call = Call(operation, api.name, request.match_info, request.query, text, body)
         if self.workers is None:
             return self.local(call)
-        return await self._forward(call)
+        return await self._forward(call, self.workers)
 
     def _api(self, name: str | None) -> Api | Reply:
         name = name or self._only
@@ -199,23 +199,21 @@ class Management:
 
     # --- a supervisor's side --------------------------------------------------------------------
 
-    async def _forward(self, call: Call) -> Reply:
-        workers = self.workers
-        assert workers is not None
+    async def _forward(self, call: Call, workers: Workers) -> Reply:
         if call.operation in _BY_ID:
             cid = call.params["id"]
             try:
                 owner = owner_of(cid)
             except UnknownConnection as exc:
                 return _error(410, str(exc))
-            if owner.instance != self._ids.owner.instance or owner.worker >= workers.slots:
+            if owner.instance != self._ids.owner.instance or owner.worker >= workers.slot_count:
                 return _gone(cid, "not held by this proxy (or it restarted)")
             return await workers.management(owner.worker, call)
         if call.operation in _FAN_OUT:
             checked = self._name(call, "group" if call.operation == "post_group" else "user")
             if isinstance(checked, Reply):
                 return checked
-            replies = [await workers.management(w, call) for w in range(workers.slots)]
+            replies = [await workers.management(w, call) for w in range(workers.slot_count)]
             delivered = dropped = 0
             for reply in replies:
                 if reply.status != 200 or reply.body is None:
@@ -241,7 +239,7 @@ class Management:
         page: list[str] = []
         size = 0
         cursor: str | None = None
-        for worker in range(workers.slots):
+        for worker in range(workers.slot_count):
             query = {"limit": str(max(1, limit - len(page)))}
             if worker == first and after is not None:
                 query["after"] = after

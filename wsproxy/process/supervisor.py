@@ -28,6 +28,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from wsproxy.address import Address
+from wsproxy.api.management import Call as ManagementCall
+from wsproxy.api.management import Reply
 from wsproxy.config import Config
 from wsproxy.errors import WorkerUnavailable
 from wsproxy.listener import Listener, ListeningSockets
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 SYNC_SECONDS = 0.1  # how soon a health transition reaches the workers
 START_TIMEOUT = 30.0
 REPORT_TIMEOUT = 2.0
+# A management call a worker has not answered in this time gets 503 (a worker answers from its
+# memory, in microseconds, unless its event loop is stuck).
+MANAGEMENT_TIMEOUT = 5.0
 # Reports are also fetched this often without a scrape, so a worker killed outright loses at most
 # this much of its counts (the rest are kept as the slot's retired counts).
 REPORT_SECONDS = 5.0
@@ -164,6 +169,24 @@ class WorkerPool:
     def ready(self) -> bool:
         return all(slot.ready for slot in self.slots)
 
+    @property
+    def slot_count(self) -> int:
+        return len(self.slots)
+
+    async def management(self, worker: int, call: ManagementCall) -> Reply:
+        """A management call run by the worker that holds its connections (api/management.py)."""
+        slot = self.slots[worker]
+        channel = slot.channel
+        if not slot.ready or channel is None:
+            return Reply(503, {"error": f"worker {worker} is not serving (restarting?); retry"})
+        try:
+            reply = await channel.request(call.as_message(), MANAGEMENT_TIMEOUT)
+        except WorkerUnavailable as exc:
+            return Reply(503, {"error": f"worker {worker}: {exc}"})
+        if "error" in reply and "status" not in reply:
+            return Reply(503, {"error": f"worker {worker}: {reply['error']}"})
+        return Reply.from_message(reply)
+
     async def start(self) -> None:
         await asyncio.gather(*(self._start_slot(slot) for slot in self.slots))
         for slot in self.slots:
@@ -203,6 +226,7 @@ class WorkerPool:
             "config": proxy.config_text,
             "listeners": names,
             "targets": target_snapshot(proxy.target_groups, asyncio.get_running_loop().time()),
+            "instance": proxy.connection_ids.owner.instance.hex(),
         }
         try:
             reply = await channel.request(init, START_TIMEOUT, sockets)
@@ -519,5 +543,6 @@ def supervised_proxy(
     proxy = Proxy(config, path=path, config_text=text, role=Role.SUPERVISOR, binding=sockets)
     pool = WorkerPool(proxy, sockets, log_level=log_level, log_format=log_format)
     proxy.workers = pool
+    proxy.management.workers = pool
     proxy.metrics = Metrics(WorkerMetricsCollector(ProxyCollector(proxy), pool))
     return proxy, pool

@@ -15,6 +15,8 @@ import os
 import socket
 from typing import Any
 
+from wsproxy.api.connection_id import ConnectionIds
+from wsproxy.api.management import Call as ManagementCall
 from wsproxy.config import parse_file_text
 from wsproxy.listener import Listener
 from wsproxy.ops.admin import listener_rows
@@ -91,13 +93,25 @@ class Worker:
             return {}
         if op == "report":
             return self._report(proxy)
+        if op == "management":
+            return proxy.management.local(ManagementCall.from_message(message)).as_message()
         return {"error": f"unknown operation {op!r}"}
 
     async def _init(self, message: Message, socks: list[socket.socket]) -> Message:
         path, text = str(message["path"]), str(message["config"])
         self.sockets.give(list(message["listeners"]), socks)
         config = parse_file_text(text, path)
-        proxy = Proxy(config, path=path, config_text=text, role=Role.WORKER, binding=self.sockets)
+        # Ids name this worker's slot and the supervisor's instance, so the supervisor routes
+        # a management call to the worker that holds the connection.
+        ids = ConnectionIds(int(message["slot"]), bytes.fromhex(str(message["instance"])))
+        proxy = Proxy(
+            config,
+            path=path,
+            config_text=text,
+            role=Role.WORKER,
+            binding=self.sockets,
+            connection_ids=ids,
+        )
         apply_snapshot(proxy, message["targets"], asyncio.get_running_loop().time())
         self._report_passive_failures(proxy)
         await proxy.start()
