@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.api.test_api_flow import Backend, backend  # noqa: F401 (a fixture)
+from tests.api.conftest import Backend
 from tests.helpers.process import RunningProxy, start_proxy
 from wsproxy.api.connection_id import owner_of
 
