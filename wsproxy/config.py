@@ -523,6 +523,24 @@ class Config(_Section):
     target_groups: dict[Name, TargetGroupConfig] = Field(default_factory=dict)
     apis: dict[Name, ApiConfig] = Field(default_factory=dict)
 
+    @model_validator(mode="after")
+    def _management_is_authenticated(self) -> Config:
+        for name, api in self.apis.items():
+            management = api.management
+            if management is None:
+                continue
+            by_certificate = management.tls is not None and management.tls.client_auth == "required"
+            if by_certificate or self.admin.token_file is not None:
+                continue
+            if not is_loopback(management.address.host):
+                raise ValueError(
+                    f"apis.{name}.management: address {management.address} is reachable from "
+                    "the network and nothing authenticates callers; set [admin] token_file "
+                    '(calls then need that token) or tls with client_auth = "required" '
+                    "(backends present a certificate from client_ca)"
+                )
+        return self
+
 
 def _format_loc(loc: tuple[int | str, ...]) -> str:
     path = ""

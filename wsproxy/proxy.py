@@ -19,6 +19,7 @@ from wsproxy.api.api import Api
 from wsproxy.api.connection_id import ConnectionIds
 from wsproxy.api.integration import Integrations
 from wsproxy.api.management import Management
+from wsproxy.api.management_listener import ManagementListener
 from wsproxy.config import (
     ApiConfig,
     Config,
@@ -143,6 +144,7 @@ class Proxy:
             name: self._build_api(name, api_config) for name, api_config in config.apis.items()
         }
         self.management = Management(self.apis, self.connection_ids)
+        self.management_listeners: list[ManagementListener] = []
         self.descriptors = DescriptorBudget.from_rlimit()  # shared by every listener
         # Per listener name, so a listener rebound by a reload keeps counting where it was.
         self.listener_stats: dict[str, ListenerStats] = {}
@@ -192,6 +194,8 @@ class Proxy:
                 await self.binding.start(listener)
             if self.admin is not None:
                 await self.admin.start()
+            if self.role is not Role.WORKER:
+                await self._start_management_listeners()
             for checker in self.health_checkers.values():
                 checker.start()
             self._loop_lag.start()
@@ -202,7 +206,21 @@ class Proxy:
         except BaseException:
             for listener in self.listeners.values():
                 self.binding.stop(listener)
+            for management in self.management_listeners:
+                await management.stop()
             raise
+
+    async def _start_management_listeners(self) -> None:
+        """The @connections API on each API's own address, where one is configured (fixed for
+        the process's life, like the admin listener)."""
+        for name, api in self.config.apis.items():
+            if api.management is None:
+                continue
+            management = ManagementListener(
+                name, api.management, self.management, self.config.admin.token_file
+            )
+            self.management_listeners.append(management)
+            await management.start()
 
     async def drain(self, grace: float | None = None) -> None:
         """Readiness off, stop accepting, close connections within the grace period.
@@ -254,6 +272,8 @@ class Proxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.admin is not None:
             await self.admin.stop()
+        for management in self.management_listeners:
+            await management.stop()
         self._stopped.set()
         log.info("stopped")
 

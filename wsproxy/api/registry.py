@@ -72,6 +72,10 @@ class Registry:
     def __len__(self) -> int:
         return len(self._connections)
 
+    def ids(self) -> list[str]:
+        """Every connection id, oldest first."""
+        return list(self._connections)
+
     def get(self, connection_id: str) -> ApiConnection | None:
         return self._connections.get(connection_id)
 

@@ -1,0 +1,77 @@
+"""``[apis.NAME.management]``: the @connections API on its own TLS listener, where backends
+authenticate with client certificates from our CA instead of the admin token."""
+
+from __future__ import annotations
+
+import ssl
+
+import aiohttp
+import pytest
+
+from tests.api.conftest import Backend
+from tests.api.test_api_flow import ECHO, api_config, url
+from tests.conftest import ProxyFactory
+from tests.helpers.pki import Pki, make_pki
+from wsproxy.address import Address
+from wsproxy.config import parse_config
+from wsproxy.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def management(pki: Pki, client_auth: str = "required") -> str:
+    cert, key = pki.files("edge")
+    return f"""
+[apis.chat.management]
+address = "127.0.0.1:0"
+
+[apis.chat.management.tls]
+certificates = [{{ cert = "{cert}", key = "{key}" }}]
+client_auth = "{client_auth}"
+client_ca = "{pki.ca_file}"
+"""
+
+
+def client_context(pki: Pki, name: str | None) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=pki.ca_file)
+    if name is not None:
+        context.load_cert_chain(*pki.files(name))
+    return context
+
+
+async def test_a_backend_with_a_client_certificate_needs_no_token(
+    make_proxy: ProxyFactory, backend: Backend, pki: Pki
+) -> None:
+    proxy = await make_proxy(api_config(backend.address, ECHO) + management(pki))
+    (listener,) = proxy.management_listeners
+    assert listener.address is not None
+    base = f"https://localhost:{listener.address.port}"
+    async with aiohttp.ClientSession() as session, session.ws_connect(url(proxy)) as ws:
+        (connection_id,) = proxy.apis["chat"].registry.ids()
+        alice = client_context(pki, "alice")
+        async with session.post(
+            f"{base}/@connections/{connection_id}", data=b"via mTLS", ssl=alice
+        ) as response:
+            assert response.status == 200, await response.text()
+        assert await ws.receive_bytes(timeout=5) == b"via mTLS"
+        # Without a certificate the handshake fails (client_auth = "required").
+        with pytest.raises(aiohttp.ClientError):
+            async with session.get(
+                f"{base}/@connections/{connection_id}", ssl=client_context(pki, None)
+            ):
+                pass
+
+
+def test_a_management_listener_open_to_the_network_needs_a_way_to_authenticate(
+    pki: Pki,
+) -> None:
+    text = api_config(Address("127.0.0.1", 1), ECHO)
+    text += '\n[apis.chat.management]\naddress = "0.0.0.0:9443"\n'
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert "nothing authenticates callers" in str(caught.value)
+    parse_config(text.replace("0.0.0.0:9443", "127.0.0.1:9443"))  # loopback: allowed
+    parse_config('[admin]\ntoken_file = "t"\n' + text)  # the admin token protects it
