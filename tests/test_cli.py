@@ -518,22 +518,40 @@ async def test_demo_prints_commands_that_work_as_printed(tmp_path: Path) -> None
     assert "connected to echo-1" in text and "connected to echo-tls" in text
     commands = printed_commands(text)
     connects = [c for c in commands if " connect " in c]
-    assert len(connects) == 4, text
+    assert len(connects) == 5, text
+    (api,) = [c for c in connects if "?user=" in c]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     loop = asyncio.get_running_loop()
     for command in connects:
+        if command == api:
+            continue
         result = await loop.run_in_executor(
             None, functools.partial(run_as_printed, command, elsewhere, "hello\n")
         )
         assert result.returncode == 0, (command, result.stderr)
         assert result.stdout.splitlines()[-1] == "hello", (command, result.stdout)
+    # The API: a route response, and a message to everyone in the lobby.
+    said = '{"action": "whoami"}\n{"action": "sendmessage", "text": "hi"}\n'
+    result = await loop.run_in_executor(
+        None, functools.partial(run_as_printed, api, elsewhere, said)
+    )
+    assert result.returncode == 0, (api, result.stderr)
+    whoami, broadcast = (json.loads(line) for line in result.stdout.splitlines()[-2:])
+    assert whoami["user"] == "alice" and len(whoami["connectionId"]) == 24, result.stdout
+    assert broadcast == {"from": "alice", "text": "hi"}
 
-    (curl,) = [c for c in commands if c.startswith("curl ")]
-    result = await loop.run_in_executor(None, run_as_printed, curl, elsewhere)
-    assert result.returncode == 0, (curl, result.stderr)
-    groups = json.loads(result.stdout)["target_groups"]
-    assert {group["name"] for group in groups} == {"echo", "echo-v2", "echo-tls"}
+    curls = [c for c in commands if c.startswith("curl ")]
+    assert len(curls) == 2, text
+    for curl in curls:
+        result = await loop.run_in_executor(None, run_as_printed, curl, elsewhere)
+        assert result.returncode == 0, (curl, result.stderr)
+        answer = json.loads(result.stdout)
+        if "/@groups/lobby" in curl:
+            assert answer == {"delivered": 0, "dropped_slow": 0}  # nobody in the lobby now
+        else:
+            groups = answer["target_groups"]
+            assert {group["name"] for group in groups} == {"echo", "echo-v2", "echo-tls", "chat"}
 
     # "Revoke the demo client and watch its session end": an open mTLS session, then the
     # printed revoke command; the session ends (Close 1008) while its stdin is still open.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shlex
@@ -18,6 +19,7 @@ from aiohttp import web
 from wsproxy.address import Address
 from wsproxy.ca.authority import CertificateAuthority
 from wsproxy.config import parse_config
+from wsproxy.demo_chat import ChatIntegration
 from wsproxy.proxy import Proxy
 from wsproxy.tls import check_files
 
@@ -131,6 +133,46 @@ address = "{listen_passthrough}"
 protocol = "tls_passthrough"
 default_target_group = "echo-tls"
 
+# A WebSocket API: the proxy ends the WebSocket and routes each message by its "action" to
+# the chat integration, a plain HTTP service (wsproxy/demo_chat.py; docs/api.md).
+[listeners.demo-api]
+address = "{listen_api}"
+api = "chat"
+
+[apis.chat]
+route_selection_expression = "$request.body.action"
+
+[[apis.chat.routes]]
+key = "$connect"
+target_group = "chat"
+path = "/connect"
+
+[[apis.chat.routes]]
+key = "$disconnect"
+target_group = "chat"
+path = "/disconnect"
+
+[[apis.chat.routes]]
+key = "sendmessage"
+target_group = "chat"
+path = "/messages"
+
+[[apis.chat.routes]]
+key = "whoami"
+target_group = "chat"
+path = "/whoami"
+respond = true
+
+[[apis.chat.routes]]
+key = "$default"
+target_group = "chat"
+path = "/default"
+respond = true
+
+[target_groups.chat]
+protocol = "http"
+targets = [{{ address = "{chat}" }}]
+
 [target_groups.echo]
 algorithm = "round_robin"
 targets = [{{ address = "{echo1}" }}, {{ address = "{echo2}" }}]
@@ -179,6 +221,18 @@ async def _self_check(url: str, context: ssl.SSLContext | None = None) -> str:
         return greeting
 
 
+async def _self_check_api(url: str) -> str:
+    """whoami answers with a route response, and sendmessage comes back through the group."""
+    async with aiohttp.ClientSession() as session, session.ws_connect(url) as ws:
+        await ws.send_str('{"action": "whoami"}')
+        who = json.loads(await ws.receive_str(timeout=5))
+        await ws.send_str('{"action": "sendmessage", "text": "self-check"}')
+        said = json.loads(await ws.receive_str(timeout=5))
+        if said != {"from": who["user"], "text": "self-check"}:
+            raise RuntimeError(f"self-check: expected the broadcast back, got {said!r}")
+        return f"API 'chat': {who['user']} is connection {who['connectionId']}; the lobby echoed"
+
+
 def _demo_ca(
     ca_dir: str | None,
 ) -> tuple[tempfile.TemporaryDirectory[str] | None, Path, CertificateAuthority]:
@@ -222,6 +276,8 @@ async def run_demo(
         EchoTarget("echo-tls", ssl_context=target_tls),
     ]
     addresses = [await target.start() for target in targets]
+    chat = ChatIntegration()
+    chat_address = await chat.start()
     config = parse_config(
         DEMO_CONFIG.format(
             grace=2,
@@ -229,6 +285,8 @@ async def run_demo(
             listen=listen,
             listen_tls=_with_port(listen, 363),  # 8080 -> 8443
             listen_passthrough=_with_port(listen, 364),
+            listen_api=_with_port(listen, 365),
+            chat=chat_address,
             ca=directory.as_posix(),
             echo1=addresses[0],
             echo2=addresses[1],
@@ -239,7 +297,9 @@ async def run_demo(
     proxy = Proxy(check_files(config, "<demo>"))
     try:
         await proxy.start()
+        chat.admin = f"http://{proxy.admin.address}" if proxy.admin else ""
         base = f"ws://{proxy.listeners['demo'].address}"
+        api = f"ws://{proxy.listeners['demo-api'].address}"
         mtls = f"wss://{proxy.listeners['demo-mtls'].address}"
         passthrough = f"wss://{proxy.listeners['demo-passthrough'].address}"
         ca_file = store.ca_cert
@@ -249,6 +309,7 @@ async def run_demo(
             await _self_check(f"{base}/chat"),
             await _self_check(f"{mtls}/chat", client),
             await _self_check(f"{passthrough}/chat", ssl.create_default_context(cafile=ca_file)),
+            await _self_check_api(f"{api}/?user=self-check"),
         ]
         admin_url = f"http://{proxy.admin.address}" if proxy.admin else "(admin disabled)"
         tls_flags = f"--cacert {shlex.quote(str(ca_file))}"
@@ -271,6 +332,7 @@ async def run_demo(
   rule                         {base}/v2/...  -> 'echo-v2' (echo-2 only)
   listener 'demo-mtls'         {mtls}/       -> 'echo', client certificate required
   listener 'demo-passthrough'  {passthrough}/       -> 'echo-tls', TLS ends at the target
+  listener 'demo-api'          {api}/        -> API 'chat': messages routed by "action"
   admin                        {admin_url}/metrics  /healthz  /readyz  /v1/target-groups
   CA and certificates          {directory}
 
@@ -281,7 +343,13 @@ Try it in another terminal (type lines, each comes back; Ctrl-D to quit):
   {wsproxy} connect {base}/chat
   {wsproxy} connect {base}/v2/chat
   {wsproxy} connect {mtls}/chat {mtls_flags}
-  {wsproxy} connect {passthrough}/chat {tls_flags}{curl}
+  {wsproxy} connect {passthrough}/chat {tls_flags}
+
+The WebSocket API: type {{"action": "sendmessage", "text": "hi"}} and everyone in the lobby
+gets it (open two), or {{"action": "whoami"}} for your connection id; a backend pushes to a
+connection (POST /@connections/ID) or, here, to the whole lobby in one call:
+  {wsproxy} connect {api}/?user=alice
+  curl -s -d 'hello from a backend' {admin_url}/@groups/lobby{curl}
 
 Revoke the demo client and its session on 'demo-mtls' ends within a second:
   {wsproxy} ca revoke demo-client --dir {shlex.quote(str(directory))}
@@ -301,5 +369,6 @@ Stop with Ctrl-C.""",
         await proxy.shutdown()
         for target in targets:
             await target.stop()
+        await chat.stop()
         if temporary is not None:
             temporary.cleanup()
