@@ -32,6 +32,7 @@ class Kind(StrEnum):
     SETTINGS = "settings"  # the [proxy] or [admin] section
     LISTENER = "listener"
     TARGET_GROUP = "target_group"
+    API = "api"  # an [apis.NAME] section: routes and limits
     TARGET = "target"
     CERTIFICATE = "certificate"  # any TLS file: certificate, key, CA bundle, CRL
 
@@ -68,6 +69,8 @@ class Change:
             return f"listener '{self.name}' {self.action}{fields}"
         if self.kind is Kind.TARGET_GROUP:
             return f"target group '{self.name}' {self.action}{fields}"
+        if self.kind is Kind.API:
+            return f"API '{self.name}' {self.action}{fields}"
         if self.kind is Kind.TARGET:
             return f"target {self.name} of target group '{self.target_group}' {self.action}{fields}"
         return f"{_file_noun(self.used_by)} {self.name} {self.action} ({', '.join(self.used_by)})"
@@ -214,6 +217,7 @@ def diff(old: Config, new: Config, old_digests: Digests, new_digests: Digests) -
             changes.append(Change(Kind.SETTINGS, Action.CHANGED, section, tuple(keys)))
     changes += _sections(Kind.LISTENER, old.listeners, new.listeners)
     changes += _sections(Kind.TARGET_GROUP, old.target_groups, new.target_groups)
+    changes += _sections(Kind.API, old.apis, new.apis)
     for name in sorted(set(old.target_groups) & set(new.target_groups)):
         changes += _targets(name, old.target_groups[name], new.target_groups[name])
     changes += _files(old, new, old_digests, new_digests)

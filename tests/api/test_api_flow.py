@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -12,6 +13,7 @@ from tests.api.conftest import Backend
 from tests.conftest import ProxyFactory, listener_address
 from tests.helpers.process import parse_metrics
 from wsproxy.address import Address
+from wsproxy.config import load_config
 from wsproxy.proxy import Proxy
 
 
@@ -173,3 +175,28 @@ async def test_the_status_page_and_v1_apis_show_the_api(
     assert routes["sendmessage"]["messages_in"] == 1
     assert routes["sendmessage"]["messages_out"] == 1
     assert '<table data-api="chat">' in page and '<tr data-route="sendmessage">' in page
+
+
+async def test_a_reload_changes_routes_and_keeps_connections(
+    make_proxy: ProxyFactory, backend: Backend, tmp_path: Path
+) -> None:
+    """New routes apply to the next message; the open connection and its id stay."""
+    text = api_config(backend.address, ECHO)
+    config = tmp_path / "api.toml"
+    config.write_text('[admin]\naddress = "127.0.0.1:0"\n' + text)
+    proxy = Proxy(load_config(config), path=str(config))
+    await proxy.start()
+    try:
+        async with aiohttp.ClientSession() as session, session.ws_connect(url(proxy)) as ws:
+            await ws.send_str("before")
+            assert await ws.receive_str(timeout=5) == "before"
+            config.write_text(
+                '[admin]\naddress = "127.0.0.1:0"\n'
+                + text.replace('path = "/default"', 'path = "/default-v2"')
+            )
+            assert await proxy.reload() == []
+            await ws.send_str("after")
+            assert await ws.receive_str(timeout=5) == "after"
+        assert [path for path, _, _ in backend.calls] == ["/default", "/default-v2"]
+    finally:
+        await proxy.shutdown(grace=1.0)
