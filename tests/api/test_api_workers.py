@@ -86,6 +86,11 @@ targets = [{{ address = "{backend.address}" }}]
             if cursor is None:
                 break
         assert sorted(members) == sorted(ids)
+        async with session.get(f"{admin}/v1/apis") as answer:
+            (api,) = (await answer.json())["apis"]
+        assert api["connections"] == len(ids) and api["group_members"] == len(ids)
+        (route,) = api["routes"]
+        assert route["messages_in"] == route["messages_out"] == len(ids)
         async with session.delete(f"{admin}/@connections/{ids[0]}?code=4001") as answer:
             assert answer.status == 204
         closed = await sockets[0].receive(timeout=5)

@@ -43,6 +43,8 @@ class WorkersView(Protocol):
 
     def listener_rows(self) -> list[dict[str, Any]]: ...
 
+    def api_rows(self) -> list[dict[str, Any]]: ...
+
     def describe(self) -> list[dict[str, Any]]: ...
 
 
@@ -199,6 +201,65 @@ def crl_files(proxy: ProxyState) -> dict[str, str]:
         for name, listener in sorted(proxy.config.listeners.items())
         if listener.tls is not None and listener.tls.crl
     }
+
+
+def api_rows(proxy: ProxyState) -> list[dict[str, Any]]:
+    """``/v1/apis`` of one process (a supervisor sums its workers' rows)."""
+    rows = []
+    listeners = proxy.config.listeners
+    for api in proxy.metric_apis():
+        stats = api.stats
+        routes = []
+        for route in api.config.routes:
+            errors = {
+                reason: count
+                for (key, reason), count in sorted(stats.errors.items())
+                if key == route.key
+            }
+            routes.append(
+                {
+                    "key": route.key,
+                    "target_group": route.target_group,
+                    "path": route.path,
+                    "messages_in": stats.messages[(route.key, "in")],
+                    "messages_out": stats.messages[(route.key, "out")],
+                    "errors": errors,
+                }
+            )
+        rows.append(
+            {
+                "name": api.name,
+                "listeners": sorted(n for n, c in listeners.items() if c.api == api.name),
+                "connections": stats.connections,
+                "group_members": api.group_members,
+                "routes": routes,
+            }
+        )
+    return rows
+
+
+def sum_api_rows(reports: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Workers' ``/v1/apis`` rows as one: counts added, route by route."""
+    merged: dict[str, dict[str, Any]] = {}
+    for rows in reports:
+        for row in rows:
+            into = merged.get(row["name"])
+            if into is None:
+                merged[row["name"]] = json.loads(json.dumps(row))  # a deep copy
+                continue
+            into["connections"] += row["connections"]
+            into["group_members"] += row["group_members"]
+            routes = {route["key"]: route for route in into["routes"]}
+            for route in row["routes"]:
+                mine = routes.get(route["key"])
+                if mine is None:
+                    into["routes"].append(route)
+                    continue
+                mine["messages_in"] += route["messages_in"]
+                mine["messages_out"] += route["messages_out"]
+                for reason, count in route["errors"].items():
+                    mine["errors"][reason] = mine["errors"].get(reason, 0) + count
+    return [merged[name] for name in sorted(merged)]
 
 
 def listener_rows(proxy: ProxyState) -> list[dict[str, Any]]:
@@ -562,40 +623,13 @@ class AdminServer:
         )
 
     def _api_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        listeners = self._proxy.config.listeners
-        for api in self._proxy.metric_apis():
-            stats = api.stats
-            routes = []
-            for route in api.config.routes:
-                errors = {
-                    reason: count
-                    for (key, reason), count in sorted(stats.errors.items())
-                    if key == route.key
-                }
-                routes.append(
-                    {
-                        "key": route.key,
-                        "target_group": route.target_group,
-                        "path": route.path,
-                        "messages_in": stats.messages[(route.key, "in")],
-                        "messages_out": stats.messages[(route.key, "out")],
-                        "errors": errors,
-                    }
-                )
-            rows.append(
-                {
-                    "name": api.name,
-                    "listeners": sorted(n for n, c in listeners.items() if c.api == api.name),
-                    "connections": stats.connections,
-                    "group_members": api.group_members,
-                    "routes": routes,
-                }
-            )
-        return rows
+        workers = self._proxy.workers
+        return workers.api_rows() if workers is not None else api_rows(self._proxy)
 
     async def _apis(self, request: web.Request) -> web.Response:
-        """The WebSocket APIs: routes with their counts, connections (this process)."""
+        """The WebSocket APIs: routes with their counts, connections (summed over workers)."""
+        if self._proxy.workers is not None:
+            await self._proxy.workers.refresh()
         return web.json_response({"apis": self._api_rows()})
 
     async def _workers(self, request: web.Request) -> web.Response:

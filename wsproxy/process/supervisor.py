@@ -33,6 +33,7 @@ from wsproxy.api.management import Reply
 from wsproxy.config import Config
 from wsproxy.errors import WorkerUnavailable
 from wsproxy.listener import Listener, ListeningSockets
+from wsproxy.ops.admin import sum_api_rows
 from wsproxy.ops.logs import log_event
 from wsproxy.ops.metrics import Metrics, ProxyCollector
 from wsproxy.process.control import Channel, Message, make_pair
@@ -409,6 +410,9 @@ class WorkerPool:
 
     def listener_rows(self) -> list[dict[str, Any]]:
         return sum_listener_rows([slot.report.get("listeners", []) for slot in self.slots])
+
+    def api_rows(self) -> list[dict[str, Any]]:
+        return sum_api_rows([slot.report.get("apis", []) for slot in self.slots])
 
     def describe(self) -> list[dict[str, Any]]:
         return [slot.describe() for slot in self.slots]

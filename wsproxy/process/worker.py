@@ -19,7 +19,7 @@ from wsproxy.api.connection_id import ConnectionIds
 from wsproxy.api.management import Call as ManagementCall
 from wsproxy.config import parse_file_text
 from wsproxy.listener import Listener
-from wsproxy.ops.admin import listener_rows
+from wsproxy.ops.admin import api_rows, listener_rows
 from wsproxy.process.control import Channel, Message
 from wsproxy.process.target_sync import apply_snapshot
 from wsproxy.proxy import Proxy, Role
@@ -149,6 +149,7 @@ class Worker:
         return {
             "metrics": _metric_families(proxy),
             "listeners": listener_rows(proxy),
+            "apis": api_rows(proxy),
             "targets": {
                 name: {str(t.address): t.active for t in group.targets}
                 for name, group in proxy.target_groups.items()
