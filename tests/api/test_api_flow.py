@@ -10,7 +10,7 @@ import aiohttp
 from aiohttp import web
 
 from tests.api.conftest import Backend
-from tests.conftest import ProxyFactory, listener_address
+from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.helpers.process import parse_metrics
 from wsproxy.address import Address
 from wsproxy.config import load_config
@@ -200,3 +200,51 @@ async def test_a_reload_changes_routes_and_keeps_connections(
         assert [path for path, _, _ in backend.calls] == ["/default", "/default-v2"]
     finally:
         await proxy.shutdown(grace=1.0)
+
+
+DISCONNECT = """
+[[apis.chat.routes]]
+key = "$disconnect"
+target_group = "backend"
+path = "/disconnect"
+"""
+
+
+async def test_a_drain_closes_with_1001_and_calls_disconnect_for_each(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    proxy = await make_proxy(api_config(backend.address, ECHO + DISCONNECT))
+    async with aiohttp.ClientSession() as session:
+        sockets = [await session.ws_connect(url(proxy)) for _ in range(3)]
+        for ws in sockets:  # every connection is open (its message answered)
+            await ws.send_str("hi")
+            assert await ws.receive_str(timeout=5) == "hi"
+        await proxy.drain(grace=2.0)
+        for ws in sockets:
+            message = await ws.receive(timeout=5)
+            assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1001
+            await ws.close()
+    await proxy.apis["chat"].close(grace=5.0)
+    bodies = [json.loads(body) for path, _, body in backend.calls if path == "/disconnect"]
+    assert len(bodies) == 3
+    assert {body["closeCode"] for body in bodies} == {1001}
+    assert {body["closedBy"] for body in bodies} == {"proxy"}
+    assert {body["cause"] for body in bodies} == {"draining"}
+    types = {h["ce-type"] for path, h, _ in backend.calls if path == "/disconnect"}
+    assert types == {"wsproxy.disconnect"}
+
+
+async def test_a_client_close_calls_disconnect_with_its_code(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    proxy = await make_proxy(api_config(backend.address, ECHO + DISCONNECT))
+    async with aiohttp.ClientSession() as session, session.ws_connect(url(proxy)) as ws:
+        await ws.send_str("hi")
+        await ws.receive_str(timeout=5)
+        await ws.close(code=4321, message=b"bye")
+    # The proxy ends the connection when its socket closes, after the client's close returned.
+    await wait_for(lambda: proxy.apis["chat"].stats.connections == 0)
+    await proxy.apis["chat"].close(grace=5.0)
+    (body,) = [json.loads(body) for path, _, body in backend.calls if path == "/disconnect"]
+    assert (body["closeCode"], body["reason"], body["closedBy"]) == (4321, "bye", "client")
+    assert body["cause"] == "closed"
