@@ -248,3 +248,38 @@ async def test_a_client_close_calls_disconnect_with_its_code(
     (body,) = [json.loads(body) for path, _, body in backend.calls if path == "/disconnect"]
     assert (body["closeCode"], body["reason"], body["closedBy"]) == (4321, "bye", "client")
     assert body["cause"] == "closed"
+
+
+async def test_with_two_apis_an_id_needs_no_api_name_and_a_group_does(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    text = (
+        api_config(backend.address, ECHO)
+        + """
+[listeners.other]
+address = "127.0.0.1:0"
+api = "other"
+
+[apis.other]
+"""
+    )
+    proxy = await make_proxy(text)
+    admin = proxy.admin
+    assert admin is not None and admin.address is not None
+    base = f"http://{admin.address.host}:{admin.address.port}"
+    other = listener_address(proxy, "other")
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(f"ws://{other.host}:{other.port}/") as ws,
+    ):
+        await wait_for(lambda: len(proxy.apis["other"].registry) == 1)
+        (cid,) = proxy.apis["other"].registry.ids()
+        headers = {"Content-Type": "application/ld+json"}
+        async with session.post(f"{base}/@connections/{cid}", data="{}", headers=headers) as r:
+            assert r.status == 200
+        assert await ws.receive_str(timeout=5) == "{}"  # +json is text
+        async with session.post(f"{base}/@groups/room", data="x") as response:
+            assert response.status == 400
+            assert "?api=NAME" in (await response.json())["error"]
+        async with session.post(f"{base}/@groups/room?api=other", data="x") as response:
+            assert await response.json() == {"delivered": 0, "dropped_slow": 0}

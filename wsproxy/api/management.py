@@ -14,7 +14,8 @@ routes here know nothing of who is asking; the server that mounts them authentic
     POST   /@users/{user}                     one message to every connection of the user
 
 An unknown, malformed, ended or foreign id gets 410 Gone (never 404: a backend drops the id).
-With several APIs, ``?api=NAME`` says which one a group or user belongs to.
+An id names its connection whatever the API; with several APIs, ``?api=NAME`` says which one a
+group or user belongs to.
 
 The operations themselves (``Management.local``) are plain functions of the request's parts,
 so a supervisor (``[proxy] workers`` > 1) hands a call to the worker its id names, or to every
@@ -32,7 +33,13 @@ from aiohttp import web
 
 from wsproxy.api.api import Api
 from wsproxy.api.connection_id import ConnectionIds, UnknownConnection, owner_of
-from wsproxy.api.registry import MAX_GROUPS_PER_CONNECTION, MAX_PAGE, ApiConnection, Delivery
+from wsproxy.api.registry import (
+    MAX_GROUPS_PER_CONNECTION,
+    MAX_PAGE,
+    ApiConnection,
+    Delivery,
+    is_text,
+)
 from wsproxy.api.registry import valid_name as valid_group_name
 
 # How long a client over its send buffer is asked to wait (429): about what a client on a
@@ -168,17 +175,25 @@ class Management:
         return handle
 
     async def _serve(self, operation: str, request: web.Request) -> Reply:
-        api = self._api(request.query.get("api"))
-        if isinstance(api, Reply):
-            return api
+        name = request.query.get("api") or self._only
+        if operation in _BY_ID and name is None:
+            # An id names one connection whatever its API: no ?api= needed; the body is
+            # bounded by the largest limit here, and by its own API's where it is held.
+            limit = max((api.config.max_message_bytes for api in self._apis.values()), default=0)
+            name = ""
+        else:
+            api = self._api(name)
+            if isinstance(api, Reply):
+                return api
+            name, limit = api.name, api.config.max_message_bytes
         body = b""
         if request.method == "POST":
-            read = await _read_body(request, api.config.max_message_bytes)
+            read = await _read_body(request, limit)
             if isinstance(read, Reply):
                 return read
             body = read
-        text = _is_text(request.content_type)
-        call = Call(operation, api.name, request.match_info, request.query, text, body)
+        text = is_text(request.headers.get("Content-Type"))
+        call = Call(operation, name, request.match_info, request.query, text, body)
         if self.workers is None:
             return self.local(call)
         return await self._forward(call, self.workers)
@@ -261,10 +276,13 @@ class Management:
 
     def local(self, call: Call) -> Reply:
         """``call`` on the connections this process holds."""
-        api = self._api(call.api)
+        operation = call.operation
+        if not call.api and operation in _BY_ID:
+            api = self._holder(call.params["id"])
+        else:
+            api = self._api(call.api)
         if isinstance(api, Reply):
             return api
-        operation = call.operation
         if operation == "post_connection":
             return self._post(api, call)
         if operation == "get_connection":
@@ -278,6 +296,17 @@ class Management:
         if operation in ("join_group", "leave_group"):
             return self._membership(api, call, join=operation == "join_group")
         return _error(404, f"no operation {operation!r}")
+
+    def _holder(self, cid: str) -> Api | Reply:
+        """The API whose connection ``cid`` is (any this listener serves)."""
+        for name, api in self._apis.items():
+            if (self._only is None or name == self._only) and api.registry.get(cid) is not None:
+                return api
+        try:
+            owner_of(cid)
+        except UnknownConnection as exc:
+            return _error(410, str(exc))
+        return _gone(cid, "it ended")
 
     def _connection(self, api: Api, cid: str) -> ApiConnection | Reply:
         try:
@@ -301,6 +330,11 @@ class Management:
         found = self._connection(api, call.params["id"])
         if isinstance(found, Reply):
             return found
+        limit = api.config.max_message_bytes
+        if len(call.body) > limit:
+            return _error(
+                413, f"the message is {len(call.body)} bytes; max_message_bytes is {limit}"
+            )
         result = found.send_message(call.body, call.text)
         if result is Delivery.GONE:
             return _gone(call.params["id"], "it is closing")
@@ -388,10 +422,6 @@ def _limit(query: Mapping[str, str]) -> int | Reply:
     if not 1 <= limit <= MAX_PAGE:
         return _error(422, f"limit must be 1-{MAX_PAGE}")
     return limit
-
-
-def _is_text(content_type: str) -> bool:
-    return content_type.startswith("text/") or content_type == "application/json"
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes | Reply:

@@ -55,6 +55,15 @@ class Fanout(NamedTuple):
     dropped_slow: int
 
 
+def is_text(content_type: str | None) -> bool:
+    """Whether a payload of this media type goes to a client as a text message (else binary):
+    ``text/*``, ``application/json`` and ``application/*+json``, parameters ignored."""
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media.startswith("text/") or media == "application/json" or media.endswith("+json")
+
+
 def valid_name(name: str) -> bool:
     return NAME_RE.fullmatch(name) is not None
 

@@ -39,7 +39,7 @@ from websockets.typing import Subprotocol
 
 from wsproxy.api.api import Api
 from wsproxy.api.integration import Answer
-from wsproxy.api.registry import MAX_GROUPS_PER_CONNECTION, Delivery, valid_name
+from wsproxy.api.registry import MAX_GROUPS_PER_CONNECTION, Delivery, is_text, valid_name
 from wsproxy.errors import (
     ApiError,
     BadRequest,
@@ -78,7 +78,6 @@ MAX_REFUSAL_BODY = 4096
 # Time for the client to answer our Close before its socket is cut (RFC 6455 §7.1.1).
 CLOSE_TIMEOUT_SECONDS = 5.0
 MAX_USER_LENGTH = 128
-_TEXT_TYPES = ("text/", "application/json")
 _CLOSE_REASONS = {
     1002: Reason.WS_PROTOCOL_ERROR,
     1007: Reason.WS_INVALID_UTF8,
@@ -136,11 +135,6 @@ class ConnectRefused(HttpError):
     @property
     def status(self) -> int:
         return self.answer.status
-
-
-def is_text(content_type: str | None) -> bool:
-    """A payload the client gets as a text message (else binary)."""
-    return content_type is not None and content_type.lower().startswith(_TEXT_TYPES)
 
 
 def message_content_type(payload: bytes, text: bool) -> str:
@@ -342,8 +336,13 @@ class ApiFlow(WebSocketFlow):
             isinstance(g, str) and valid_name(g) for g in groups
         ):
             raise BadTargetResponse("$connect answered 'groups' that are not a list of names")
+        if len(groups) > MAX_GROUPS_PER_CONNECTION:
+            raise BadTargetResponse(
+                f"$connect answered {len(groups)} groups; a connection joins at most "
+                f"{MAX_GROUPS_PER_CONNECTION}"
+            )
         self.user = user
-        self.groups = set(groups[:MAX_GROUPS_PER_CONNECTION])
+        self.groups = set(groups)
 
     def _identity(self) -> dict[str, Any] | None:
         cert = self.client_cert
