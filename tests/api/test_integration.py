@@ -13,7 +13,7 @@ import pytest
 
 from tests.helpers.integration import Behaviour, Fault, IntegrationBackend, Reply
 from tests.helpers.pki import Pki, make_pki
-from tests.helpers.servers import closed_port
+from tests.helpers.servers import closed_port, full_accept_queue
 from wsproxy.address import Address
 from wsproxy.api.integration import Answer, Integrations
 from wsproxy.config import TargetGroupConfig, parse_config
@@ -199,6 +199,7 @@ async def test_the_sdk_reads_every_cloudevents_attribute(
     assert attributes["time"] == NOW
     assert seen.event_data == {"action": "sendmessage", "text": "h\u00e9"}
     assert seen.data == body
+    assert await backend.wait_for_calls(1) == [seen]
     assert seen.headers["content-type"] == "application/json"
     assert verify_signature(SECRET, seen.headers, seen.data, NOW)
     assert not verify_signature(b"another secret", seen.headers, seen.data, NOW)
@@ -218,6 +219,27 @@ async def test_a_refused_connect_moves_the_call_to_the_next_target(
     assert len(backend.calls) == 1
     assert group.stats.connect_errors[(str(down), "refused")] == 1
     assert group.targets[0].connect_failures == 1
+
+
+async def test_a_connect_timeout_moves_the_call_to_the_next_target(
+    backends: Backends, integrations: Integrations
+) -> None:
+    backend = await backends()
+    with full_accept_queue() as blackhole:
+        group = make_group(blackhole, backend.address, connect_timeout_seconds=0.2)
+        answer = await post(integrations, group)
+    assert answer.status == 200
+    assert group.stats.connect_errors[(str(blackhole), "timeout")] == 1
+
+
+async def test_a_connect_timeout_past_the_calls_deadline_is_a_timeout(
+    integrations: Integrations,
+) -> None:
+    with full_accept_queue() as blackhole:
+        group = make_group(blackhole, connect_timeout_seconds=30)
+        error = await failure(post(integrations, group, timeout=0.2))
+    assert error.error is ApiError.INTEGRATION_TIMEOUT
+    assert group.targets[0].active == 0
 
 
 async def test_every_connect_refused_is_unavailable_and_marks_targets_unhealthy(

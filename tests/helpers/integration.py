@@ -84,7 +84,8 @@ GARBAGE = b"\x16\x03\x01 this is not HTTP at all\r\n\r\n"
 
 @dataclass
 class IntegrationBackend:
-    """An HTTP(S) integration on 127.0.0.1 and an ephemeral port (``ssl`` makes it HTTPS).
+    """An HTTP(S) integration on 127.0.0.1 and an ephemeral port (``ssl`` makes it HTTPS);
+    ``answer(path, behaviour)`` says how calls to a path are answered (``default`` otherwise).
 
     ``connections`` counts accepted TCP connections (pooling shows as fewer connections than
     calls); ``errors`` holds calls the SDK refused to read (the backend answered them 400).
@@ -108,6 +109,15 @@ class IntegrationBackend:
 
     def calls_to(self, path: str) -> list[RecordedCall]:
         return [call for call in self.calls if call.path == path]
+
+    async def wait_for_calls(self, count: int, timeout: float = 10.0) -> list[RecordedCall]:
+        """The calls once there are at least ``count`` (``$disconnect`` arrives after the client
+        has gone); ``TimeoutError`` after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while len(self.calls) < count:
+                self.called.clear()
+                await self.called.wait()
+        return self.calls
 
     async def start(self) -> Address:
         app = web.Application()
