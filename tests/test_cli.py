@@ -157,10 +157,11 @@ def test_check_config_ok_on_the_example_once_its_files_exist(tmp_path: Path) -> 
     authority.issue_server("edge", ["chat.internal"], [])
     authority.issue_client("wsproxy")
     (tmp_path / "admin.token").write_text("s3cret\n")
+    (tmp_path / "chat.key").write_text("a signing key\n")
     result = run_cli("check-config", str(example))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1
-    assert "ok: 4 listener(s), 4 target group(s), 6 target(s)" in result.stdout
+    assert "ok: 5 listener(s), 5 target group(s), 7 target(s), 1 API(s)" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -217,6 +217,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     print(
         f"{args.file}: ok: {len(config.listeners)} listener(s), "
         f"{len(config.target_groups)} target group(s), {targets} target(s)"
+        + (f", {len(config.apis)} API(s)" if config.apis else "")
     )
     return 0
 

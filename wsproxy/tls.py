@@ -527,7 +527,8 @@ def check_listener_files(listener: str, config: ListenerTls) -> list[ConfigIssue
 def target_context(
     group: str, config: TargetTls, *, alpn: list[str] | None = None
 ) -> ssl.SSLContext:
-    """The client context the proxy uses toward a ``protocol = "tls"`` target group.
+    """The client context the proxy uses toward a ``protocol = "tls"`` or ``"https"`` target
+    group.
 
     The target's certificate is verified against ``ca`` (or the system store) and
     ``server_name``; the proxy presents ``client_cert`` when one is configured, so targets can
@@ -566,7 +567,7 @@ def target_context(
 
 
 def check_target_group_files(group: str, config: TargetTls) -> list[ConfigIssue]:
-    """Every problem with a ``protocol = "tls"`` target group's files (no socket opened)."""
+    """Every problem with a ``tls`` or ``https`` target group's files (no socket opened)."""
     try:
         target_context(group, config)
     except TlsConfigError as exc:
@@ -591,7 +592,7 @@ def check_files(config: Config, source: str) -> Config:
         if management is not None and management.tls is not None:
             issues += check_listener_files(f"{name}-management", management.tls)
     for name, group in config.target_groups.items():
-        if group.protocol == "tls":
+        if group.protocol in ("tls", "https"):
             issues += check_target_group_files(name, group.tls or TargetTls())
     if issues:
         raise ConfigError(source, issues)

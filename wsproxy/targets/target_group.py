@@ -115,6 +115,10 @@ class TargetGroup:
         self.ssl_context: ssl.SSLContext | None = None
         if config.protocol == "tls":
             self.ssl_context = target_context(name, config.tls or TargetTls(), alpn=alpn)
+        elif config.protocol == "https":
+            # Integration calls speak HTTP/1.1 only (wsproxy/api/integration.py); saying so in
+            # ALPN keeps a backend that also serves h2 from choosing it.
+            self.ssl_context = target_context(name, config.tls or TargetTls(), alpn=["http/1.1"])
         self._sessions: dict[Target, Session] = {}  # the first session of each target's list
         self._drains: set[asyncio.Task[None]] = set()
 
@@ -376,25 +380,30 @@ class TargetGroup:
                         endpoint.tls = True
         except ssl.SSLError as exc:
             # Never a fallback to plaintext: a target that fails TLS is a failed dial.
-            self._failed(target, "tls")
+            self.connect_failed(target, "tls")
             raise TargetTlsFailed(
                 f"target {address} of '{self.name}': TLS failed ({exc.reason or exc})"
             ) from None
         except TimeoutError:
-            self._failed(target, "timeout")
+            self.connect_failed(target, "timeout")
             raise TargetConnectTimeout(
                 f"target {address} of '{self.name}' did not accept within "
                 f"{self.config.connect_timeout_seconds:g} s"
             ) from None
         except OSError as exc:
-            self._failed(target, "refused" if isinstance(exc, ConnectionRefusedError) else "error")
+            self.connect_failed(
+                target, "refused" if isinstance(exc, ConnectionRefusedError) else "error"
+            )
             raise TargetRefused(
                 f"target {address} of '{self.name}': {exc.strerror or exc}"
             ) from None
         target.connect_failures = 0
         self.stats.connect_seconds.observe(time.perf_counter() - started)
 
-    def _failed(self, target: Target, reason: str) -> None:
+    def connect_failed(self, target: Target, reason: str) -> None:
+        """Count a failed connect to ``target`` (``reason``: tls, timeout, refused or error):
+        ``unhealthy_after_connect_failures`` in a row mark it unhealthy at once (a passive
+        check). Dials and integration calls (wsproxy/api/integration.py) both report here."""
         target.connect_failures += 1
         self.stats.connect_errors[(target.label, reason)] += 1
         limit = self.config.unhealthy_after_connect_failures
