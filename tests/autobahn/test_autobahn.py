@@ -50,6 +50,9 @@ def _cases() -> tuple[str, ...]:
 @pytest.fixture
 def wstest() -> Path:
     path = run.find_wstest()
+    named = os.environ.get("WSPROXY_WSTEST")
+    if path is None and named:
+        pytest.fail(f"WSPROXY_WSTEST={named} is not an executable wstest; run {run.INSTALL_SCRIPT}")
     if path is None:
         pytest.skip(f"wstest is not installed: run `bash {run.INSTALL_SCRIPT}`")
     return path
