@@ -1,5 +1,6 @@
-"""Autobahn|Testsuite's fuzzing client against a WebSocket echo server: every case passes except
-the ones over the API's size limits (``run.SIZE_LIMIT_EXCLUSIONS``, each with its reason).
+"""Autobahn|Testsuite's fuzzing client against an API listener in front of an echo integration
+($default, respond = true): every case passes except the ones over the API's size limits
+(``run.SIZE_LIMIT_EXCLUSIONS``, each with its reason).
 
 Skipped only when wstest is not installed (``bash tests/autobahn/install.sh``; CI runs it).
 Select with ``pytest -m autobahn``. ``WSPROXY_AUTOBAHN_CASES`` widens the run by hand:
@@ -18,9 +19,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
 
 from tests.autobahn import run
-from tests.autobahn.echo_server import EchoServer
+from tests.conftest import ProxyFactory, listener_address
 
 pytestmark = pytest.mark.autobahn
 
@@ -58,14 +60,42 @@ def wstest() -> Path:
     return path
 
 
+async def _echo(request: web.Request) -> web.Response:
+    """The integration: each message comes back as it went (the same Content-Type makes a
+    text message text again, octet-stream binary)."""
+    return web.Response(body=await request.read(), content_type=request.content_type)
+
+
 @pytest.fixture
-async def autobahn_url() -> AsyncIterator[str]:
-    """The server under test: for now the stand-in echo server (tests/autobahn/echo_server.py)
-    with the API's default limits; any ws:// URL served from this event loop or elsewhere."""
-    server = EchoServer()
-    await server.start()
-    yield server.url
-    await server.stop()
+async def autobahn_url(make_proxy: ProxyFactory) -> AsyncIterator[str]:
+    """The server under test: an API listener with API Gateway's limits (the defaults) whose
+    $default route answers with an echo integration over HTTP."""
+    app = web.Application(client_max_size=1024 * 1024)
+    app.router.add_post("/echo", _echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    proxy = await make_proxy(f"""
+[listeners.edge]
+address = "127.0.0.1:0"
+api = "echo"
+
+[apis.echo]
+
+[[apis.echo.routes]]
+key = "$default"
+target_group = "echo"
+path = "/echo"
+respond = true
+
+[target_groups.echo]
+protocol = "http"
+targets = [{{ address = "{host}:{port}" }}]
+""")
+    address = listener_address(proxy)
+    yield f"ws://{address.host}:{address.port}/"
+    await runner.cleanup()
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_SECONDS + 60)

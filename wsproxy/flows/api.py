@@ -66,6 +66,7 @@ from wsproxy.wire.route_selection import (
     select_route,
 )
 from wsproxy.wire.upgrade import check_host, validate_upgrade_request, wants_upgrade
+from wsproxy.wire.websocket_server import ApiServerProtocol
 
 log = logging.getLogger(__name__)
 _QUIET = logging.getLogger("wsproxy.api.websockets")  # websockets' own per-frame debug lines
@@ -248,7 +249,7 @@ class ApiFlow(WebSocketFlow):
             if p.strip()
         ]
         chosen = await self._connect(head.headers, target.path, target.query, offered)
-        protocol = ServerProtocol(
+        protocol = ApiServerProtocol(
             extensions=[ServerPerMessageDeflateFactory()],
             select_subprotocol=lambda _protocol, _offered: chosen,
             max_size=(config.max_message_bytes, config.max_frame_bytes),
@@ -502,7 +503,8 @@ class ApiFlow(WebSocketFlow):
                          api.name, key, self.connection_id, answer.status)  # fmt: skip
                 self._send_error(ApiError.INTEGRATION_ERROR, request_id, "integration error")
                 return
-            respond = route.respond and answer.body
+            # A 2xx body is the response, an empty one too (an empty message); 204 says none.
+            respond = route.respond and answer.status != 204
             if (
                 respond
                 and self.send_message(answer.body, is_text(answer.content_type)) is Delivery.QUEUED
