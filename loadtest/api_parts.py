@@ -309,7 +309,9 @@ def main(argv: list[str]) -> None:
     elif part == "reference":
         uvloop.run(reference(rest[0], int(rest[1]), int(rest[2]), int(rest[3])))
     elif part == "push":
-        uvloop.run(push(rest[0], rest[1], float(rest[2]), int(rest[3]), int(rest[4]), int(rest[5])))
+        with open(rest[1]) as file:
+            ids: list[str] = json.load(file)
+        uvloop.run(push(rest[0], ids, float(rest[2]), int(rest[3]), int(rest[4]), int(rest[5])))
     else:
         raise SystemExit(f"unknown part {part!r}: integration, clients, reference or push")
 
