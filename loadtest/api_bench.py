@@ -36,6 +36,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,6 +47,7 @@ from loadtest.client import Endpoint
 from loadtest.compare import LOAD_CORE, pinned
 from loadtest.ports import WSPROXY, announced_ports
 from loadtest.procstat import cpu_seconds
+from loadtest.pyspy import Recording, top
 from loadtest.scenarios import (
     CpuWindow,
     Reservoir,
@@ -88,6 +90,12 @@ def add_parser(commands: Any) -> None:
             "--client-processes", type=int, default=0, help="0: one per 2,500 clients"
         )
         parser.add_argument("--json", help="also write the result to this file")
+        parser.add_argument(
+            "--profile",
+            help="py-spy the proxy over the measured window into this file (collapsed stacks); "
+            "the result then names the top functions",
+        )
+        parser.add_argument("--py-spy", help="the py-spy program (default: on PATH)")
 
 
 # --- the processes ---------------------------------------------------------------------------
@@ -96,9 +104,27 @@ def add_parser(commands: Any) -> None:
 class Bench:
     """The processes of one run, each stopped by its PID at the end."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self, workdir: Path, profile: str | None = None, py_spy: str | None = None
+    ) -> None:
         self.workdir = workdir
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.profile = Path(profile) if profile else None
+        self.py_spy = py_spy
+        self.profiled: dict[str, Any] | None = None
+
+    @contextlib.contextmanager
+    def window(self, pid: int) -> Iterator[None]:
+        """The measured window: with ``--profile``, py-spy samples ``pid`` while it lasts."""
+        if self.profile is None:
+            yield
+            return
+        recording = Recording(pid, self.profile, self.py_spy)
+        try:
+            yield
+        finally:
+            recording.stop()
+        self.profiled = top(self.profile)
 
     def start(self, command: list[str], **popen: Any) -> subprocess.Popen[bytes]:
         process = subprocess.Popen(command, cwd=ROOT, **popen)
@@ -241,7 +267,7 @@ def machine() -> dict[str, Any]:
 
 
 async def drive_messages(
-    url: str, clients: int, messages: int, size: int, pid: int
+    bench: Bench, url: str, clients: int, messages: int, size: int, pid: int
 ) -> dict[str, Any]:
     from loadtest.api_parts import message
 
@@ -273,9 +299,10 @@ async def drive_messages(
 
     # One message each first: the proxy's pool to the integration holds its connections.
     await asyncio.gather(*(one(session, 1, False) for session in sessions))
-    window = CpuWindow(pid)
-    done = await asyncio.gather(*(one(session, messages, True) for session in sessions))
-    elapsed, cpu = window.finish()
+    with bench.window(pid):
+        window = CpuWindow(pid)
+        done = await asyncio.gather(*(one(session, messages, True) for session in sessions))
+        elapsed, cpu = window.finish()
     await close_all(sessions)
     total = sum(done)
     return {
@@ -295,7 +322,9 @@ def run_messages(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     messages = min(max(args.messages, 1), MAX_MESSAGES)
     integration = start_integration(bench)
     pid, port, _admin = start_proxy(bench, integration, connect=False, clients=clients)
-    proxy = uvloop.run(drive_messages(f"ws://127.0.0.1:{port}/", clients, messages, args.size, pid))
+    proxy = uvloop.run(
+        drive_messages(bench, f"ws://127.0.0.1:{port}/", clients, messages, args.size, pid)
+    )
     # The reference on the proxy's core, while the proxy idles.
     reference_process = bench.start(
         pinned([*PARTS, "reference", f"http://127.0.0.1:{integration}/echo", str(clients),
@@ -339,18 +368,19 @@ def run_push(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     ids_file = bench.workdir / "ids.json"
     ids_file.write_text(json.dumps(ids))
     shares = [requests // drivers + (1 if i < requests % drivers else 0) for i in range(drivers)]
-    cpu = cpu_seconds(pid)
     base = f"http://127.0.0.1:{admin}"
     settings = [str(seconds), str(max(1, args.concurrency)), str(args.size)]
-    started = [
-        bench.start(
-            [*PARTS, "push", base, str(ids_file), settings[0], str(share), *settings[1:]],
-            stdout=subprocess.PIPE,
-        )
-        for share in shares
-    ]
-    parts = [read_json(process.stdout, "a push driver") for process in started]
-    cpu = cpu_seconds(pid) - cpu
+    with bench.window(pid):
+        cpu = cpu_seconds(pid)
+        started = [
+            bench.start(
+                [*PARTS, "push", base, str(ids_file), settings[0], str(share), *settings[1:]],
+                stdout=subprocess.PIPE,
+            )
+            for share in shares
+        ]
+        parts = [read_json(process.stdout, "a push driver") for process in started]
+        cpu = cpu_seconds(pid) - cpu
     statuses: Counter[str] = Counter()
     for part in parts:
         statuses.update(part["statuses"])
@@ -385,7 +415,7 @@ def run_push(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
 
 
 async def join_and_post(
-    admin: int, ids: list[str], rounds: int, size: int, concurrency: int, pid: int
+    bench: Bench, admin: int, ids: list[str], rounds: int, size: int, concurrency: int, pid: int
 ) -> dict[str, Any]:
     from loadtest.api_parts import message
 
@@ -407,16 +437,19 @@ async def join_and_post(
         join_seconds = time.perf_counter() - started
         if statuses != Counter({"204": len(ids)}):
             raise RuntimeError(f"joins answered {dict(statuses)}")
-        cpu = cpu_seconds(pid)
-        posted_at = time.monotonic()
         answers = []
-        for _ in range(rounds):
-            async with session.post(
-                f"{base}/@groups/all", data=payload, headers={"Content-Type": "application/json"}
-            ) as answer:
-                answers.append(await answer.json())
-        post_seconds = time.monotonic() - posted_at
-        post_cpu = cpu_seconds(pid) - cpu
+        with bench.window(pid):
+            cpu = cpu_seconds(pid)
+            posted_at = time.monotonic()
+            for _ in range(rounds):
+                async with session.post(
+                    f"{base}/@groups/all",
+                    data=payload,
+                    headers={"Content-Type": "application/json"},
+                ) as answer:
+                    answers.append(await answer.json())
+            post_seconds = time.monotonic() - posted_at
+            post_cpu = cpu_seconds(pid) - cpu
     return {
         "joins_per_second": round(len(ids) / join_seconds, 1),
         "posted_at": posted_at,
@@ -434,7 +467,9 @@ def run_fanout(args: argparse.Namespace, bench: Bench) -> dict[str, Any]:
     pid, port, admin = start_proxy(bench, integration, connect=True, clients=clients)
     sessions = start_clients(bench, f"ws://127.0.0.1:{port}/", clients, args.client_processes)
     ids = connection_ids(integration, clients)
-    posted = uvloop.run(join_and_post(admin, ids, rounds, args.size, max(1, args.concurrency), pid))
+    posted = uvloop.run(
+        join_and_post(bench, admin, ids, rounds, args.size, max(1, args.concurrency), pid)
+    )
     received = wait_received(sessions, posted["delivered"])
     got = sum(answer["received"] for answer in received)
     seconds = max(answer["last_at"] for answer in received) - posted["posted_at"]
@@ -503,11 +538,13 @@ def run_api(args: argparse.Namespace) -> int:
     raise_fd_limit()
     runs = {"api-messages": run_messages, "api-push": run_push, "api-fanout": run_fanout}
     with tempfile.TemporaryDirectory(prefix="wsproxy-api-bench-") as workdir:
-        bench = Bench(Path(workdir))
+        bench = Bench(Path(workdir), args.profile, args.py_spy)
         try:
             result = runs[args.command](args, bench)
         finally:
             bench.stop_all()
+    if bench.profiled is not None:
+        result["profile"] = {"file": args.profile, **bench.profiled}
     result["command"] = "python -m loadtest " + shlex.join(sys.argv[1:])
     result["machine"] = machine()
     line = json.dumps(result, separators=(",", ":"))
