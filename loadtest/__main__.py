@@ -4,8 +4,8 @@ Scenarios: echo, throughput, connect, hold, sweep (against any WebSocket endpoin
 (wsproxy vs direct vs HAProxy vs nginx, see compare.py), ab (two versions of wsproxy, alternating
 rounds, see ab.py), scaling (wsproxy with 1 worker vs N, see scaling.py), session-memory (where
 an idle session's bytes go, see session_memory.py), handshake-fairness (a canary's TLS handshake
-beside one address's idle sockets, see handshake_fairness.py) and setup (installs HAProxy and
-nginx).
+beside one address's idle sockets, see handshake_fairness.py), api-messages, api-push and
+api-fanout (the WebSocket API mode, see api_bench.py) and setup (installs HAProxy and nginx).
 Each scenario prints one JSON line on stdout, then a human summary; progress goes to stderr.
 """
 
@@ -124,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     from loadtest import handshake_fairness
 
     handshake_fairness.add_parser(commands)
+    from loadtest import api_bench
+
+    api_bench.add_parser(commands)
     commands.add_parser("setup", help="install HAProxy and nginx (Debian) where missing")
     return parser
 
@@ -152,6 +155,10 @@ def main(argv: list[str] | None = None) -> int:
         from loadtest.handshake_fairness import run_handshake_fairness
 
         return run_handshake_fairness(args)
+    if args.command in ("api-messages", "api-push", "api-fanout"):
+        from loadtest.api_bench import run_api
+
+        return run_api(args)
     if args.command == "session-memory":
         from loadtest.session_memory import run_session_memory
 
