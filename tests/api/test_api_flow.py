@@ -7,12 +7,16 @@ import json
 from pathlib import Path
 
 import aiohttp
+import pytest
+import websockets.asyncio.client
 from aiohttp import web
+from websockets.frames import Frame, Opcode
 
 from tests.api.conftest import Backend
 from tests.conftest import ProxyFactory, listener_address, wait_for
 from tests.helpers.process import parse_metrics
 from wsproxy.address import Address
+from wsproxy.api.registry import Prepared
 from wsproxy.config import load_config
 from wsproxy.proxy import Proxy
 
@@ -283,3 +287,37 @@ api = "other"
             assert "?api=NAME" in (await response.json())["error"]
         async with session.post(f"{base}/@groups/room?api=other", data="x") as response:
             assert await response.json() == {"delivered": 0, "dropped_slow": 0}
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
+def test_a_prepared_frame_is_what_websockets_writes(size: int) -> None:
+    data = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    for text, opcode in ((True, Opcode.TEXT), (False, Opcode.BINARY)):
+        expected = Frame(opcode, data).serialize(mask=False, extensions=[])
+        assert Prepared(data, text).frame == expected
+
+
+async def test_a_group_send_reaches_members_with_and_without_compression(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    proxy = await make_proxy(api_config(backend.address, ECHO))
+    admin = proxy.admin
+    assert admin is not None and admin.address is not None
+    base = f"http://{admin.address.host}:{admin.address.port}"
+    registry = proxy.apis["chat"].registry
+    async with (
+        aiohttp.ClientSession() as session,
+        session.ws_connect(url(proxy)) as plain,
+        websockets.asyncio.client.connect(url(proxy), compression="deflate") as deflated,
+    ):
+        await wait_for(lambda: len(registry) == 2)
+        for cid in registry.ids():
+            async with session.put(f"{base}/@groups/room/connections/{cid}") as response:
+                assert response.status == 204
+        text = "x" * 70_000  # a 64-bit length, compressed for one member
+        async with session.post(
+            f"{base}/@groups/room", data=text, headers={"Content-Type": "text/plain"}
+        ) as response:
+            assert await response.json() == {"delivered": 2, "dropped_slow": 0}
+        assert await plain.receive_str(timeout=5) == text
+        assert await asyncio.wait_for(deflated.recv(), 5) == text

@@ -43,9 +43,44 @@ class ApiConnection(Protocol):
 
     def send_message(self, data: bytes, text: bool) -> Delivery: ...
 
+    def send_prepared(self, message: Prepared) -> Delivery:
+        """Send a message serialized once for many connections (a group or user send)."""
+
     def close_by_api(self, code: int, reason: str) -> bool: ...
 
     def info(self) -> dict[str, Any]: ...
+
+
+class Prepared:
+    """One message for many connections: its payload, and its frame serialized once for every
+    connection without extensions (an unmasked server frame is the same bytes for all)."""
+
+    __slots__ = ("_frame", "data", "text")
+
+    def __init__(self, data: bytes, text: bool) -> None:
+        self.data = data
+        self.text = text
+        self._frame: bytes | None = None
+
+    @property
+    def frame(self) -> bytes:
+        frame = self._frame
+        if frame is None:
+            frame = self._frame = encode_frame(self.data, self.text)
+        return frame
+
+
+def encode_frame(data: bytes, text: bool) -> bytes:
+    """An unmasked, unfragmented server data frame (RFC 6455 §5.2)."""
+    first = 0x81 if text else 0x82
+    length = len(data)
+    if length < 126:
+        head = bytes((first, length))
+    elif length < 1 << 16:
+        head = bytes((first, 126)) + length.to_bytes(2, "big")
+    else:
+        head = bytes((first, 127)) + length.to_bytes(8, "big")
+    return head + data
 
 
 class Fanout(NamedTuple):
@@ -169,8 +204,9 @@ class Registry:
 def _fan_out(members: list[ApiConnection], data: bytes, text: bool) -> Fanout:
     # A copy of the member list: a send may end a connection, which leaves the group.
     delivered = dropped = 0
+    message = Prepared(data, text)
     for member in members:
-        result = member.send_message(data, text)
+        result = member.send_prepared(message)
         if result is Delivery.QUEUED:
             delivered += 1
         elif result is Delivery.SLOW:

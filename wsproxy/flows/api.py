@@ -39,7 +39,13 @@ from websockets.typing import Subprotocol
 
 from wsproxy.api.api import Api
 from wsproxy.api.integration import Answer
-from wsproxy.api.registry import MAX_GROUPS_PER_CONNECTION, Delivery, is_text, valid_name
+from wsproxy.api.registry import (
+    MAX_GROUPS_PER_CONNECTION,
+    Delivery,
+    Prepared,
+    is_text,
+    valid_name,
+)
 from wsproxy.errors import (
     ApiError,
     BadRequest,
@@ -552,6 +558,27 @@ class ApiFlow(WebSocketFlow):
             protocol.send_binary(data)
         self.last_active = self.loop.time()
         self._flush()
+        return Delivery.QUEUED
+
+    def send_prepared(self, message: Prepared) -> Delivery:
+        protocol = self.protocol
+        if protocol is None or protocol.extensions:
+            return self.send_message(message.data, message.text)  # compressed per connection
+        transport = self.client.transport
+        if (
+            self.finished
+            or self._end is not None
+            or protocol.state is not State.OPEN
+            or transport is None
+            or transport.is_closing()
+        ):
+            return Delivery.GONE
+        if transport.get_write_buffer_size() > self.api.config.max_send_buffer_bytes:
+            return Delivery.SLOW
+        frame = message.frame
+        self.handshake_bytes_out += len(frame)
+        self.last_active = self.loop.time()
+        transport.write(frame)
         return Delivery.QUEUED
 
     def close_by_api(self, code: int, reason: str) -> bool:
