@@ -13,7 +13,7 @@ import logging
 import secrets
 import time
 from collections.abc import Coroutine, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from wsproxy.api.connection_id import ConnectionIds
 from wsproxy.api.integration import Answer, Integrations
@@ -22,7 +22,7 @@ from wsproxy.config import ApiConfig, RouteConfig
 from wsproxy.errors import ApiError, IntegrationFailed, NoTargets
 from wsproxy.ops.metrics import ApiStats
 from wsproxy.targets.target_group import TargetGroup
-from wsproxy.wire.cloudevents import Call, call_headers
+from wsproxy.wire.cloudevents import event_headers, format_time
 from wsproxy.wire.route_selection import parse_expression
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,24 @@ log = logging.getLogger(__name__)
 MAX_DISCONNECT_CALLS = 10_000
 
 
+class Caller(Protocol):
+    """The connection an integration call is made for."""
+
+    @property
+    def client_ip(self) -> str: ...
+
+    @property
+    def ce_headers(self) -> tuple[tuple[str, str], ...]:
+        """Its ``ce-*`` fields (``wire.cloudevents.connection_headers``)."""
+
+
 class Api:
     """See the module docstring."""
 
     __slots__ = (
         "_disconnects",
+        "_time_ms",
+        "_time_text",
         "config",
         "fields",
         "ids",
@@ -65,6 +78,8 @@ class Api:
         self.registry = Registry()
         self.stats = ApiStats()
         self._disconnects: set[asyncio.Task[None]] = set()
+        self._time_ms = 0
+        self._time_text = ""
         self.config = config
         self.fields = parse_expression(config.route_selection_expression)
         self.route_keys = frozenset(route.key for route in config.routes)
@@ -93,19 +108,23 @@ class Api:
         self,
         route: RouteConfig,
         event_type: str,
-        facts: Call,
+        caller: Caller,
+        request_id: str,
         body: bytes,
         content_type: str,
     ) -> Answer:
-        """One integration call of ``route`` (``facts.event_id`` from ``request_id``); any HTTP
-        answer is returned (the caller decides what non-2xx means); ``IntegrationFailed`` when
-        there was none, counted by reason."""
-        call = facts._replace(
-            event_type=event_type,
-            route_key=route.key,
-            time=dt.datetime.now(dt.UTC),
+        """One integration call of ``route`` for the connection ``caller`` (its ``ce-id`` is
+        ``request_id``); any HTTP answer is returned (the caller decides what non-2xx means);
+        ``IntegrationFailed`` when there was none, counted by reason."""
+        headers = event_headers(
+            caller.ce_headers,
+            request_id,
+            event_type,
+            route.key,
+            self._now_text(),
+            body,
+            self.secret,
         )
-        headers = call_headers(call, body, self.secret)
         headers.append(("Content-Type", content_type))
         config = self.config
         started = time.perf_counter()
@@ -118,7 +137,7 @@ class Api:
                 route.path,
                 headers,
                 body,
-                client_ip=facts.source_ip,
+                client_ip=caller.client_ip,
                 timeout=config.integration_timeout_seconds,
                 max_body=config.max_message_bytes,
             )
@@ -130,6 +149,15 @@ class Api:
             raise
         finally:
             self.stats.observe(route.key, time.perf_counter() - started)
+
+    def _now_text(self) -> str:
+        """``ce-time`` of now, formatted once per millisecond (calls come in bursts)."""
+        now = time.time()
+        millisecond = int(now * 1000)
+        if millisecond != self._time_ms:
+            self._time_ms = millisecond
+            self._time_text = format_time(dt.datetime.fromtimestamp(now, dt.UTC))
+        return self._time_text
 
     def count_error(self, route: str, error: ApiError) -> None:
         self.stats.errors[(route, error)] += 1

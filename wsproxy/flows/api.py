@@ -43,6 +43,7 @@ from wsproxy.api.registry import (
     MAX_GROUPS_PER_CONNECTION,
     Delivery,
     Prepared,
+    encode_frame,
     is_text,
     valid_name,
 )
@@ -63,7 +64,7 @@ from wsproxy.flows.websocket import WebSocketFlow
 from wsproxy.ops.logs import connection_logging, log_connection
 from wsproxy.ops.metrics import LiveCounts
 from wsproxy.ops.termination import Phase
-from wsproxy.wire.cloudevents import CONNECT, DISCONNECT, MESSAGE, Call
+from wsproxy.wire.cloudevents import CONNECT, DISCONNECT, MESSAGE, connection_headers
 from wsproxy.wire.http1 import HeadBuffer, ResponseHead, parse_request_head, serialize_response_head
 from wsproxy.wire.request_target import check_version, parse_request_target
 from wsproxy.wire.route_selection import (
@@ -92,7 +93,6 @@ _CLOSE_REASONS = {
 }
 
 
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)  # a placeholder Api.call replaces
 _ERROR_TEXT = {
     ApiError.NO_ROUTE: "no route for the message",
     ApiError.INTEGRATION_ERROR: "integration error",
@@ -167,6 +167,7 @@ class ApiFlow(WebSocketFlow):
         "_session_timer",
         "_tick",
         "api",
+        "ce_headers",
         "connected_at",
         "connection_id",
         "groups",
@@ -184,6 +185,7 @@ class ApiFlow(WebSocketFlow):
             raise RuntimeError(f"listener '{context.name}' has no API")
         self.api: Api = api
         self.connection_id = ""
+        self.ce_headers: tuple[tuple[str, str], ...] = ()
         self.user: str | None = None
         self.groups: set[str] = set()
         self.protocol: ServerProtocol | None = None
@@ -248,6 +250,14 @@ class ApiFlow(WebSocketFlow):
         api = self.api
         config = api.config
         self.connection_id = api.ids.new()
+        cert = self.client_cert
+        self.ce_headers = connection_headers(
+            api.name,
+            self.connection_id,
+            self.client_ip,
+            cert.subject if cert is not None else None,
+            cert.fingerprint_sha256 if cert is not None else None,
+        )
         offered = [
             p.strip()
             for value in head.get_all("sec-websocket-protocol")
@@ -305,7 +315,9 @@ class ApiFlow(WebSocketFlow):
         ).encode()
         self.phase = Phase.UPGRADE
         try:
-            answer = await self.api.call(route, CONNECT, self._facts(), body, "application/json")
+            answer = await self.api.call(
+                route, CONNECT, self, Api.request_id(), body, "application/json"
+            )
         except IntegrationFailed as exc:
             log.info("listener '%s': $connect of %s: %s", self.context.name, self.client_ip, exc)
             if exc.error is ApiError.INTEGRATION_TIMEOUT:
@@ -356,20 +368,6 @@ class ApiFlow(WebSocketFlow):
         if cert is None:
             return None
         return {"subject": cert.subject, "fingerprint": cert.fingerprint_sha256}
-
-    def _facts(self, request_id: str = "") -> Call:
-        cert = self.client_cert
-        return Call(
-            event_id=request_id or Api.request_id(),
-            event_type="",
-            api=self.api.name,
-            connection_id=self.connection_id,
-            route_key="",
-            source_ip=self.client_ip,
-            time=_EPOCH,
-            client_subject=cert.subject if cert is not None else None,
-            client_fingerprint=cert.fingerprint_sha256 if cert is not None else None,
-        )
 
     # --- 2. the open connection -----------------------------------------------------------------
 
@@ -496,9 +494,8 @@ class ApiFlow(WebSocketFlow):
                 self._send_error(ApiError.NO_ROUTE, request_id, "no route for the message")
                 return
             content_type = message_content_type(payload, text)
-            facts = self._facts(request_id)
             try:
-                answer = await api.call(route, MESSAGE, facts, payload, content_type)
+                answer = await api.call(route, MESSAGE, self, request_id, payload, content_type)
             except IntegrationFailed as exc:
                 log.info("api '%s' route '%s' (%s): %s", api.name, key, self.connection_id, exc)
                 self._send_error(exc.error, request_id, _ERROR_TEXT[exc.error])
@@ -552,11 +549,16 @@ class ApiFlow(WebSocketFlow):
             return Delivery.GONE
         if transport.get_write_buffer_size() > self.api.config.max_send_buffer_bytes:
             return Delivery.SLOW
+        self.last_active = self.loop.time()
+        if not protocol.extensions:  # a plain frame: no need of the protocol's serializer
+            frame = encode_frame(data, text)
+            self.handshake_bytes_out += len(frame)
+            transport.write(frame)
+            return Delivery.QUEUED
         if text:
             protocol.send_text(data)
         else:
             protocol.send_binary(data)
-        self.last_active = self.loop.time()
         self._flush()
         return Delivery.QUEUED
 
@@ -769,7 +771,9 @@ class ApiFlow(WebSocketFlow):
             separators=(",", ":"),
         ).encode()
         try:
-            answer = await api.call(route, DISCONNECT, self._facts(), body, "application/json")
+            answer = await api.call(
+                route, DISCONNECT, self, Api.request_id(), body, "application/json"
+            )
         except IntegrationFailed as exc:
             log.info("api '%s': $disconnect of %s failed: %s", api.name, self.connection_id, exc)
             return

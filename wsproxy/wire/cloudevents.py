@@ -69,28 +69,60 @@ def sign(secret: bytes, event_id: str, time: str, body: bytes) -> str:
     return SIGNATURE_PREFIX + digest.hexdigest()
 
 
-def call_headers(call: Call, body: bytes, secret: bytes | None = None) -> list[tuple[str, str]]:
-    """The ``ce-*`` fields of ``call`` (Content-Type is the caller's: it names the data)."""
-    time = format_time(call.time)
-    event_id = encode_value(call.event_id)  # signed as sent
+def connection_headers(
+    api: str,
+    connection_id: str,
+    source_ip: str,
+    client_subject: str | None = None,
+    client_fingerprint: str | None = None,
+) -> tuple[tuple[str, str], ...]:
+    """The ``ce-*`` fields every call of one connection carries alike (built once per
+    connection: percent-encoding each value costs more than the rest of a call's head)."""
     headers = [
         ("ce-specversion", SPEC_VERSION),
-        ("ce-id", event_id),
-        ("ce-type", call.event_type),
-        ("ce-source", encode_value(f"/apis/{call.api}/connections/{call.connection_id}")),
-        ("ce-time", time),
-        ("ce-api", encode_value(call.api)),
-        ("ce-connectionid", encode_value(call.connection_id)),
-        ("ce-routekey", encode_value(call.route_key)),
-        ("ce-sourceip", encode_value(call.source_ip)),
+        ("ce-source", encode_value(f"/apis/{api}/connections/{connection_id}")),
+        ("ce-api", encode_value(api)),
+        ("ce-connectionid", encode_value(connection_id)),
+        ("ce-sourceip", encode_value(source_ip)),
     ]
-    if call.client_subject is not None:
-        headers.append(("ce-clientsubject", encode_value(call.client_subject)))
-    if call.client_fingerprint is not None:
-        headers.append(("ce-clientfingerprint", encode_value(call.client_fingerprint)))
+    if client_subject is not None:
+        headers.append(("ce-clientsubject", encode_value(client_subject)))
+    if client_fingerprint is not None:
+        headers.append(("ce-clientfingerprint", encode_value(client_fingerprint)))
+    return tuple(headers)
+
+
+def event_headers(
+    connection: tuple[tuple[str, str], ...],
+    event_id: str,
+    event_type: str,
+    route_key: str,
+    time: str,
+    body: bytes,
+    secret: bytes | None = None,
+) -> list[tuple[str, str]]:
+    """A call's ``ce-*`` fields: ``connection``'s (``connection_headers``) and this call's.
+    ``time`` as ``format_time`` gives it; Content-Type is the caller's (it names the data)."""
+    event_id = encode_value(event_id)  # signed as sent
+    headers = [
+        *connection,
+        ("ce-id", event_id),
+        ("ce-type", event_type),
+        ("ce-time", time),
+        ("ce-routekey", encode_value(route_key)),
+    ]
     if secret is not None:
         headers.append(("ce-signature", sign(secret, event_id, time, body)))
     return headers
+
+
+def call_headers(call: Call, body: bytes, secret: bytes | None = None) -> list[tuple[str, str]]:
+    """The ``ce-*`` fields of ``call`` (Content-Type is the caller's: it names the data)."""
+    fixed = connection_headers(
+        call.api, call.connection_id, call.source_ip, call.client_subject, call.client_fingerprint
+    )
+    time = format_time(call.time)
+    return event_headers(fixed, call.event_id, call.event_type, call.route_key, time, body, secret)
 
 
 def verify_signature(
