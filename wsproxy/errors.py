@@ -440,7 +440,12 @@ class ApiError(DescribedEnum):
         503,
         "the route's target group has no target that accepted a connection",
     )
-    THROTTLED = "throttled", 429, "the connection is over a rate limit of the API"
+    THROTTLED = (
+        "throttled",
+        429,
+        "the connection sent over its listener's max_messages_per_second (the message is "
+        "dropped), or $disconnect calls were over 10,000 in flight",
+    )
 
 
 class WsproxyError(Exception):

@@ -321,3 +321,37 @@ async def test_a_group_send_reaches_members_with_and_without_compression(
             assert await response.json() == {"delivered": 2, "dropped_slow": 0}
         assert await plain.receive_str(timeout=5) == text
         assert await asyncio.wait_for(deflated.recv(), 5) == text
+
+
+async def test_messages_over_the_rate_are_throttled_and_the_connection_stays(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    text = api_config(backend.address, ECHO).replace(
+        'api = "chat"', 'api = "chat"\nmax_messages_per_second = 1\nmessages_burst = 2'
+    )
+    proxy = await make_proxy(text)
+    async with aiohttp.ClientSession() as session, session.ws_connect(url(proxy)) as ws:
+        for index in range(3):  # at once: two fit the burst, the third is over
+            await ws.send_str(f"m{index}")
+        answers = [await ws.receive_str(timeout=5) for _ in range(3)]
+        errors = [json.loads(a) for a in answers if a.startswith("{")]
+        assert sorted(a for a in answers if not a.startswith("{")) == ["m0", "m1"]
+        assert [e["error"] for e in errors] == ["throttled"]
+    assert proxy.apis["chat"].stats.errors[("$default", "throttled")] == 1
+
+
+async def test_a_frame_flood_ends_the_connection_with_1008(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    text = api_config(backend.address, ECHO).replace(
+        'api = "chat"', 'api = "chat"\nmax_frames_per_second = 10\nframes_burst = 10'
+    )
+    proxy = await make_proxy(text)
+    async with aiohttp.ClientSession() as session, session.ws_connect(url(proxy)) as ws:
+        for _ in range(50):
+            await ws.ping()
+        message = await ws.receive(timeout=5)
+        while message.type is aiohttp.WSMsgType.PONG:
+            message = await ws.receive(timeout=5)
+        assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1008
+    await wait_for(lambda: not proxy.listeners["edge"].flows)

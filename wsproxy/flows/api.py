@@ -74,6 +74,7 @@ from wsproxy.wire.route_selection import (
 )
 from wsproxy.wire.upgrade import check_host, validate_upgrade_request, wants_upgrade
 from wsproxy.wire.websocket_server import ApiServerProtocol
+from wsproxy.wire.wssession import FrameBudget, TokenBucket, frame_limit
 
 log = logging.getLogger(__name__)
 _QUIET = logging.getLogger("wsproxy.api.websockets")  # websockets' own per-frame debug lines
@@ -161,10 +162,14 @@ class ApiFlow(WebSocketFlow):
         "_end",
         "_fragments",
         "_fragments_text",
+        "_frame_budget",
+        "_frames",
         "_in_flight",
+        "_messages",
         "_pending",
         "_ping_deadline",
         "_session_timer",
+        "_throttle",
         "_tick",
         "api",
         "ce_headers",
@@ -203,6 +208,24 @@ class ApiFlow(WebSocketFlow):
         self._session_timer: asyncio.TimerHandle | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         self._ping_deadline = 0.0
+        # The listener's rate limits: messages over max_messages_per_second get a `throttled`
+        # error (the connection stays, as API Gateway's throttling); frames over
+        # max_frames_per_second end it with 1008, as on tunnel listeners.
+        config = context.config
+        self._throttle = (
+            TokenBucket(config.max_messages_per_second, config.messages_burst)
+            if config.max_messages_per_second
+            else None
+        )
+        self._messages = 0
+        self._frame_budget = (
+            FrameBudget(
+                frame_limit(config.max_frames_per_second, config.frames_burst), self.loop.time()
+            )
+            if config.max_frames_per_second
+            else None
+        )
+        self._frames = 0
 
     # --- 1. request head and $connect -----------------------------------------------------------
 
@@ -406,7 +429,16 @@ class ApiFlow(WebSocketFlow):
         self.handshake_bytes_in += len(data)
         self.last_active = self.loop.time()
         protocol.receive_data(data)
-        for event in protocol.events_received():
+        events = protocol.events_received()
+        budget = self._frame_budget
+        if budget is not None and events:
+            self._frames += len(events)
+            if self._frames > budget.free_until() and budget.spend(self._frames, self.last_active):
+                self._end = Reason.FRAME_RATE_EXCEEDED
+                protocol.fail(1008, "frame rate exceeded")
+                self._flush()
+                return
+        for event in events:
             if isinstance(event, Frame):
                 self._frame(event)
         self._flush()
@@ -465,6 +497,15 @@ class ApiFlow(WebSocketFlow):
         key = select_route(payload, api.fields, _custom_keys(api))
         self.route_counts[key] += 1
         api.stats.messages[(key, "in")] += 1
+        throttle = self._throttle
+        if throttle is not None:
+            self._messages += 1
+            if throttle.spend(self._messages, self.loop.time()):
+                api.count_error(key, ApiError.THROTTLED)
+                self._send_error(
+                    ApiError.THROTTLED, Api.request_id(), _ERROR_TEXT[ApiError.THROTTLED]
+                )
+                return
         self._pending.append((key, payload, text))
         self._pump()
 
@@ -620,8 +661,10 @@ class ApiFlow(WebSocketFlow):
 
     def _close_expired(self) -> None:
         self._close_timer = None
-        if self._end in (None, Reason.CLOSED_BY_API, Reason.DRAINING):
-            self._end = Reason.CLOSE_TIMEOUT if self._end is None else self._end
+        protocol = self.protocol
+        answered = protocol is not None and protocol.close_rcvd is not None
+        if self._end is None and not answered:
+            self._end = Reason.CLOSE_TIMEOUT  # our Close was never answered
         self.client.abort()
 
     def _flush(self) -> None:
@@ -634,8 +677,19 @@ class ApiFlow(WebSocketFlow):
                 self.handshake_bytes_out += len(chunk)
                 client.write(chunk)
             else:  # websockets' "close the connection now" (after the close handshake)
-                client.close()
+                self._shut()
         if protocol.state is State.CLOSED and client.open:
+            self._shut()
+
+    def _shut(self) -> None:
+        """End our side without losing what we wrote last: closing a socket with unread input
+        makes the kernel send RST, which can destroy our Close before the client reads it
+        (a client that is still sending: a flood, a message on its way). So send FIN, read and
+        discard until the client's own FIN, and cut it after ``CLOSE_TIMEOUT_SECONDS``."""
+        client = self.client
+        if self._close_timer is None:
+            self._close_timer = self.loop.call_later(CLOSE_TIMEOUT_SECONDS, self._close_expired)
+        if not client.write_eof():  # TLS cannot half-close: close (close_notify) now
             client.close()
 
     def _client_eof(self) -> bool:
