@@ -4,67 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 
 import aiohttp
-import pytest
 from aiohttp import web
 
-from tests.conftest import ProxyFactory, listener_address
-from wsproxy.address import Address
-from wsproxy.proxy import Proxy
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@dataclass
-class Backend:
-    """An integration backend: records every call, answers as each path's handler says."""
-
-    calls: list[tuple[str, dict[str, str], bytes]] = field(default_factory=list)
-    handlers: dict[str, Handler] = field(default_factory=dict)
-    address: Address = field(default_factory=lambda: Address("127.0.0.1", 0))
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.calls.append((request.path, dict(request.headers), body))
-        handler = self.handlers.get(request.path)
-        if handler is not None:
-            return await handler(request)
-        return web.Response(body=body, content_type=request.content_type)  # echo
-
-
-@pytest.fixture
-async def backend() -> AsyncIterator[Backend]:
-    server = Backend()
-    app = web.Application()
-    app.router.add_route("POST", "/{tail:.*}", server.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    server.address = Address(host, port)
-    yield server
-    await runner.cleanup()
-
-
-def api_config(backend: Address, routes: str = "", api_extra: str = "") -> str:
-    return f"""
-[listeners.edge]
-address = "127.0.0.1:0"
-api = "chat"
-
-[apis.chat]
-{api_extra}
-{routes}
-
-[target_groups.backend]
-protocol = "http"
-targets = [{{ address = "{backend}" }}]
-"""
-
+from tests.conftest import ProxyFactory
+from tests.helpers.api_backend import Backend, api_config, url
 
 ECHO = """
 [[apis.chat.routes]]
@@ -79,11 +24,6 @@ target_group = "backend"
 path = "/messages"
 respond = true
 """
-
-
-def url(proxy: Proxy) -> str:
-    address = listener_address(proxy)
-    return f"ws://{address.host}:{address.port}/chat"
 
 
 async def test_messages_go_to_their_routes_and_answers_come_back(
