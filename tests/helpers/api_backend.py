@@ -102,6 +102,7 @@ class ApiCanary:
         self.exchanged = 0
         self._task: asyncio.Task[None] | None = None
         self._progress = asyncio.Event()
+        self._stopping = False
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -133,7 +134,7 @@ class ApiCanary:
         self._progress.set()
 
     async def _loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self._exchange()
             await asyncio.sleep(0)
 
@@ -150,9 +151,7 @@ class ApiCanary:
                 waiter = asyncio.ensure_future(self._progress.wait())
                 await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
                 waiter.cancel()
-        if task.done():
-            task.result()  # the failure, if any
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        self._stopping = True  # at an exchange boundary: every message sent was answered
+        async with asyncio.timeout(10):
+            await task  # raises the failure, if any
         assert self.exchanged >= target
