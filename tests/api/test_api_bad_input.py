@@ -27,11 +27,12 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosedError
 
 from tests.conftest import ProxyFactory, listener_address
-from tests.helpers.api_backend import ApiCanary, Backend, Handler, api_config, url
+from tests.helpers.api_backend import ApiCanary, Backend, Handler, admin_base, api_config, url
 from tests.helpers.servers import Handler as RawHandler
-from tests.helpers.wsraw import RawWebSocket
+from tests.helpers.wsraw import RawWebSocket, upgrade_request
 from wsproxy.address import Address
 from wsproxy.errors import ApiError, Reason
+from wsproxy.proxy import Proxy
 from wsproxy.wire.wsframe import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_TEXT
 
 OP_CONT = OP_CONTINUATION
@@ -580,3 +581,217 @@ targets = [{{ address = "{closed_port}" }}, {{ address = "{backend.address}" }}]
             assert json.loads(await ws.receive_str(timeout=10)) == {"action": "bad", "i": i}
         await canary.finish()
     assert backend.paths().count("/bad") == 4
+
+
+# --- $connect and $disconnect ---------------------------------------------------------------
+
+CONNECT_ROUTE = """
+[[apis.chat.routes]]
+key = "$connect"
+target_group = "{group}"
+path = "/connect"
+"""
+
+
+def chooses(protocol: str) -> Handler:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=200, headers={"Sec-WebSocket-Protocol": protocol})
+
+    return handler
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A ``$connect`` that refuses or fails, and the HTTP answer the client gets instead of 101."""
+
+    id: str
+    status: int
+    reason: Reason
+    error: ApiError | None  # counted under route $connect
+    handler: Handler | None = None
+    raw: RawHandler | None = None
+    down: bool = False
+    body: bytes | None = None  # the body the client gets, when it must be exactly that
+
+
+REFUSALS = [
+    Refusal(
+        "403-with-body",
+        403,
+        Reason.CONNECT_REJECTED,
+        ApiError.INTEGRATION_ERROR,
+        status(403, b"go away: no token"),
+        body=b"go away: no token",
+    ),
+    Refusal(
+        "401-body-capped",
+        401,
+        Reason.CONNECT_REJECTED,
+        ApiError.INTEGRATION_ERROR,
+        status(401, b"y" * 100_000),
+        body=b"y" * 4096,
+    ),
+    Refusal("500", 500, Reason.CONNECT_REJECTED, ApiError.INTEGRATION_ERROR, status(500)),
+    Refusal(
+        "never-answers", 504, Reason.TARGET_HANDSHAKE_TIMEOUT, ApiError.INTEGRATION_TIMEOUT, never
+    ),
+    Refusal("target-down", 503, Reason.NO_TARGETS, ApiError.UNAVAILABLE, down=True),
+    Refusal("garbage", 502, Reason.BAD_TARGET_RESPONSE, ApiError.INTEGRATION_ERROR, raw=garbage),
+    Refusal(
+        "protocol-not-offered",
+        502,
+        Reason.BAD_TARGET_RESPONSE,
+        ApiError.INTEGRATION_ERROR,
+        chooses("c"),
+    ),
+    Refusal(
+        "protocol-list-chosen",
+        502,
+        Reason.BAD_TARGET_RESPONSE,
+        ApiError.INTEGRATION_ERROR,
+        chooses("a, b"),
+    ),
+]
+
+
+async def upgrade(proxy: Proxy, extra: tuple[str, ...] = ()) -> tuple[int, bytes, bytes]:
+    """Ask for an upgrade on path /bad; the answer's status, head and body (read to EOF: a
+    refusal closes the connection)."""
+    address = listener_address(proxy)
+    reader, writer = await asyncio.open_connection(address.host, address.port)
+    try:
+        writer.write(upgrade_request("/bad", extra=extra))
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+            body = await reader.read() if not head.startswith(b"HTTP/1.1 101") else b""
+    finally:
+        writer.close()
+    return int(head.split(b" ", 2)[1]), head, body
+
+
+async def replace_target(proxy: Proxy, name: str, old: Address, new: Address) -> None:
+    """Through the admin API: register ``new`` in group ``name``, deregister ``old``."""
+    base = admin_base(proxy)
+    async with aiohttp.ClientSession() as session:
+        targets = f"{base}/v1/target-groups/{name}/targets"
+        async with session.post(targets, json={"address": str(new)}) as response:
+            assert response.status == 201, await response.text()
+        async with session.delete(f"{targets}/{old}") as response:
+            assert response.status == 202, await response.text()
+
+
+def only_the_bad(handler: Handler) -> Handler:
+    """``handler`` for the upgrade on /bad; the canary (on /canary) is let in."""
+
+    async def choose(request: web.Request) -> web.StreamResponse:
+        if json.loads(await request.read())["path"] == "/bad":
+            return await handler(request)
+        return web.Response(status=200)
+
+    return choose
+
+
+@pytest.mark.parametrize("row", REFUSALS, ids=lambda row: row.id)
+async def test_connect_refusals(
+    row: Refusal,
+    make_proxy: ProxyFactory,
+    backend: Backend,
+    raw_servers: Any,
+    closed_port: Address,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # $connect goes to group "other": first the backend, which lets the canary in; then the
+    # row's target replaces it (registered, the backend deregistered: draining, so new
+    # connections go to the row's target only).
+    bad_target: Address | None = None
+    if row.raw is not None:
+        bad_target = (await raw_servers(row.raw)).address
+    elif row.down:
+        bad_target = closed_port
+    elif row.handler is not None:
+        backend.handlers["/connect"] = only_the_bad(row.handler)
+    routes = ECHO_ROUTES + CONNECT_ROUTE.format(group="other")
+    settings = f"integration_timeout_seconds = {TIMEOUT}"
+    extra = group("other", backend.address)
+    proxy = await make_proxy(api_config(backend.address, routes, settings, extra))
+    api = proxy.apis["chat"]
+    with caplog.at_level(logging.INFO, logger=ACCESS):
+        async with ApiCanary.running(proxy) as canary:
+            if bad_target is not None:
+                await replace_target(proxy, "other", backend.address, bad_target)
+            code, head, body = await upgrade(proxy, ("Sec-WebSocket-Protocol: a, b",))
+            assert code == row.status, head
+            assert b"Connection: close" in head
+            if row.body is not None:
+                assert body == row.body
+            await wait_until(lambda: bool(connection_lines(caplog)))
+            await canary.finish()
+    (line,) = connection_lines(caplog)
+    assert line["reason"] == row.reason.value
+    assert line["status"] == row.status
+    assert api.stats.errors == ({("$connect", row.error): 1} if row.error else {})
+    assert len(api.registry) == 0  # the canary has left too
+
+
+async def test_connect_choosing_an_offered_protocol_gets_it(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    """The control row of the two above: a protocol the client offered is accepted."""
+    backend.handlers["/connect"] = only_the_bad(chooses("b"))
+    routes = ECHO_ROUTES + CONNECT_ROUTE.format(group="backend")
+    proxy = await make_proxy(api_config(backend.address, routes))
+    code, head, _ = await upgrade(proxy, ("Sec-WebSocket-Protocol: a, b",))
+    assert code == 101, head
+    assert b"Sec-WebSocket-Protocol: b\r\n" in head
+
+
+DISCONNECT_ROUTE = """
+[[apis.chat.routes]]
+key = "$disconnect"
+target_group = "{group}"
+path = "/disconnect"
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "error"),
+    [
+        ("target-down", ApiError.UNAVAILABLE),
+        ("500", ApiError.INTEGRATION_ERROR),
+        ("never-answers", ApiError.INTEGRATION_TIMEOUT),
+    ],
+)
+async def test_a_failing_disconnect_never_delays_the_close(
+    case: str,
+    error: ApiError,
+    make_proxy: ProxyFactory,
+    backend: Backend,
+    closed_port: Address,
+) -> None:
+    """$disconnect runs after the close; its failure is counted. The integration timeout is
+    long here (20 s) so that a close that waited for it would not end within the bound."""
+    extra, target_group = "", "backend"
+    if case == "target-down":
+        extra, target_group = group("other", closed_port), "other"
+    elif case == "500":
+        backend.handlers["/disconnect"] = status(500)
+    else:
+        backend.handlers["/disconnect"] = never
+    routes = ECHO_ROUTES + DISCONNECT_ROUTE.format(group=target_group)
+    proxy = await make_proxy(
+        api_config(backend.address, routes, "integration_timeout_seconds = 20", extra)
+    )
+    api = proxy.apis["chat"]
+    async with ApiCanary.running(proxy) as canary, aiohttp.ClientSession() as session:
+        ws = await session.ws_connect(url(proxy, "/bad"))
+        await ws.send_str("hello")
+        assert await ws.receive_str(timeout=10) == "hello"
+        async with asyncio.timeout(5):  # well within the integration's 20 s
+            assert await ws.close()
+            assert ws.close_code == 1000
+            await wait_until(lambda: len(api.registry) == 1)  # the canary's only
+        if case != "never-answers":
+            await wait_until(lambda: api.stats.errors[("$disconnect", error)] == 1)
+        await canary.finish()
+    if case == "never-answers":
+        assert backend.paths().count("/disconnect") == 1  # called, and still waiting
