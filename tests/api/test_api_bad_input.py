@@ -10,18 +10,22 @@ code, an HTTP status, the ``error`` of the error message) and what the proxy cou
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
 import logging
+import random
 import socket
+import urllib.parse
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp import web
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosedError
@@ -31,6 +35,7 @@ from tests.helpers.api_backend import ApiCanary, Backend, Handler, admin_base, a
 from tests.helpers.servers import Handler as RawHandler
 from tests.helpers.wsraw import RawWebSocket, upgrade_request
 from wsproxy.address import Address
+from wsproxy.config import parse_config
 from wsproxy.errors import ApiError, Reason
 from wsproxy.proxy import Proxy
 from wsproxy.wire.wsframe import OP_BINARY, OP_CLOSE, OP_CONTINUATION, OP_TEXT
@@ -795,3 +800,285 @@ async def test_a_failing_disconnect_never_delays_the_close(
         await canary.finish()
     if case == "never-answers":
         assert backend.paths().count("/disconnect") == 1  # called, and still waiting
+
+
+# --- management API -------------------------------------------------------------------------
+
+WHOAMI_ROUTE = """
+[[apis.chat.routes]]
+key = "whoami"
+target_group = "backend"
+path = "/whoami"
+respond = true
+"""
+
+
+async def whoami(request: web.Request) -> web.StreamResponse:
+    return web.Response(text=request.headers["ce-connectionid"])
+
+
+async def management_proxy(make_proxy: ProxyFactory, backend: Backend, extra: str = "") -> Proxy:
+    backend.handlers["/whoami"] = whoami
+    return await make_proxy(api_config(backend.address, ECHO_ROUTES + WHOAMI_ROUTE, extra))
+
+
+async def connection_id(ws: aiohttp.ClientWebSocketResponse) -> str:
+    await ws.send_str('{"action": "whoami"}')
+    return await ws.receive_str(timeout=10)
+
+
+def respell(cid: str, change: Callable[[bytearray], None]) -> str:
+    raw = bytearray(base64.urlsafe_b64decode(cid))
+    change(raw)
+    return base64.urlsafe_b64encode(bytes(raw)).decode()
+
+
+def bad_ids(live: str, ended: str) -> dict[str, str]:
+    """Ids that name no live connection of this proxy, by kind."""
+    return {
+        "unknown": respell(live, lambda raw: raw.__setitem__(slice(6, 18), bytes(12))),
+        "ended": ended,
+        "other-instance": respell(live, lambda raw: raw.__setitem__(slice(1, 5), b"\xff" * 4)),
+        "other-version": respell(live, lambda raw: raw.__setitem__(0, 2)),
+        "too-short": live[:-1],
+        "too-long": live + "A",
+        "tiny": "x",
+        "huge": "A" * 4000,
+        "bad-base64": "!" * 24,
+        "padded": live[:22] + "==",
+        "standard-alphabet": "+" * 24,
+        "non-ascii": "é" * 24,
+        "nul": "%00" * 24,
+    }
+
+
+OPERATIONS = [
+    ("post_connection", "POST", "/@connections/{}"),
+    ("get_connection", "GET", "/@connections/{}"),
+    ("delete_connection", "DELETE", "/@connections/{}"),
+    ("join_group", "PUT", "/@groups/room/connections/{}"),
+    ("leave_group", "DELETE", "/@groups/room/connections/{}"),
+]
+
+
+async def test_ids_that_name_no_live_connection_get_410(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    proxy = await management_proxy(make_proxy, backend)
+    base = admin_base(proxy)
+    async with ApiCanary.running(proxy) as canary, aiohttp.ClientSession() as session:
+        async with session.ws_connect(url(proxy, "/gone")) as gone:
+            ended = await connection_id(gone)
+        async with session.ws_connect(url(proxy, "/bad")) as ws:
+            live = await connection_id(ws)
+            await wait_until(lambda: len(proxy.apis["chat"].registry) == 2)
+            for kind, cid in bad_ids(live, ended).items():
+                for _, method, path in OPERATIONS:
+                    target = base + path.format(cid.replace("%", "%25") if kind != "nul" else cid)
+                    if kind == "non-ascii":
+                        target = base + path.format(urllib.parse.quote(cid))
+                    async with session.request(method, target, data=b"x") as response:
+                        assert response.status == 410, (kind, method, path)
+                        assert "error" in await response.json()
+            # The live connection saw none of it and still works.
+            await ws.send_str("still here")
+            assert await ws.receive_str(timeout=10) == "still here"
+        await canary.finish()
+    requests = proxy.management.requests
+    for operation, _, _ in OPERATIONS:
+        assert requests[(operation, 410)] == len(bad_ids(live, ended))
+
+
+async def test_an_oversized_post_gets_413(make_proxy: ProxyFactory, backend: Backend) -> None:
+    """Over max_message_bytes (default 128 KiB), with a Content-Length and chunked without."""
+    limit = 131072
+    proxy = await management_proxy(make_proxy, backend)
+    base = admin_base(proxy)
+
+    async def chunked(size: int) -> AsyncIterator[bytes]:
+        for _ in range(size // 8192):
+            yield b"c" * 8192
+        yield b"c" * (size % 8192)
+
+    async with ApiCanary.running(proxy) as canary, aiohttp.ClientSession() as session:
+        async with session.ws_connect(url(proxy, "/bad")) as ws:
+            cid = await connection_id(ws)
+            join = f"{base}/@groups/room/connections/{cid}"
+            async with session.put(join) as response:
+                assert response.status == 204
+            for target in (f"{base}/@connections/{cid}", f"{base}/@groups/room"):
+                async with session.post(target, data=b"L" * (limit + 1)) as response:
+                    assert response.status == 413
+                async with session.post(target, data=chunked(limit + 1)) as response:
+                    assert response.status == 413
+                async with session.post(target, data=chunked(10 * limit)) as response:
+                    assert response.status == 413
+                # The control: exactly the limit is delivered, whole, and nothing else came.
+                async with session.post(target, data=b"E" * limit) as response:
+                    assert response.status == 200
+                assert await ws.receive_bytes(timeout=10) == b"E" * limit
+            await ws.send_str("still here")
+            assert await ws.receive_str(timeout=10) == "still here"
+        await canary.finish()
+    assert proxy.management.requests[("post_connection", 413)] == 3
+    assert proxy.management.requests[("post_group", 413)] == 3
+
+
+async def test_a_slow_client_gets_429_and_the_proxy_buffers_a_bounded_amount(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    """A client that stops reading: POSTs are taken until its send buffer passes
+    max_send_buffer_bytes, then 429 with Retry-After; what the proxy holds for it stays near
+    that bound; a group send drops it (dropped_slow); once it reads again it gets every
+    accepted message, whole and in order."""
+    buffer_limit = 256 * 1024
+    message = 64 * 1024
+    proxy = await management_proxy(make_proxy, backend, f"max_send_buffer_bytes = {buffer_limit}\n")
+    api = proxy.apis["chat"]
+    base = admin_base(proxy)
+    address = listener_address(proxy)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # the kernel holds little
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (address.host, address.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=message)
+    slow = RawWebSocket(reader, writer)
+    writer.write(upgrade_request("/slow"))
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+    slow.send(OP_TEXT, b'{"action": "whoami"}')
+    _, raw_id = await slow.recv()
+    cid = raw_id.decode()
+    accepted = 0
+    async with ApiCanary.running(proxy) as canary, aiohttp.ClientSession() as session:
+        async with session.put(f"{base}/@groups/room/connections/{cid}") as response:
+            assert response.status == 204
+        for i in range(2000):  # bounded: kernel buffers plus the limit are far less
+            payload = i.to_bytes(4, "big") + b"s" * (message - 4)
+            async with session.post(f"{base}/@connections/{cid}", data=payload) as response:
+                if response.status == 429:
+                    assert response.headers["Retry-After"].isdigit()
+                    break
+                assert response.status == 200
+                accepted += 1
+        else:
+            raise AssertionError("no 429 after 2000 messages to a client that does not read")
+        assert accepted > buffer_limit // message  # the kernel's buffers took some too
+        flow = api.registry.get(cid)
+        assert flow is not None
+        transport = flow.client.transport  # type: ignore[attr-defined]
+        held = transport.get_write_buffer_size()
+        assert buffer_limit < held <= buffer_limit + message + 64
+        async with session.post(f"{base}/@groups/room", data=b"to all") as response:
+            assert await response.json() == {"delivered": 0, "dropped_slow": 1}
+        assert transport.get_write_buffer_size() == held  # nothing more was taken
+        await canary.finish()
+    for i in range(accepted):  # reading again: every accepted message, whole and in order
+        opcode, payload = await slow.recv(timeout=10)
+        assert opcode == OP_BINARY
+        assert payload == i.to_bytes(4, "big") + b"s" * (message - 4)
+    slow.abort()
+
+
+async def test_a_wrong_or_missing_token_gets_401(backend: Backend, tmp_path: Any) -> None:
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    backend.handlers["/whoami"] = whoami
+    text = f'[admin]\naddress = "127.0.0.1:0"\ntoken_file = "{token}"\n' + api_config(
+        backend.address, ECHO_ROUTES + WHOAMI_ROUTE
+    )
+    proxy = Proxy(parse_config(text, "<test>"), rng=random.Random(7))
+    await proxy.start()
+    try:
+        base = admin_base(proxy)
+        async with ApiCanary.running(proxy) as canary, aiohttp.ClientSession() as session:
+            async with session.ws_connect(url(proxy, "/bad")) as ws:
+                cid = await connection_id(ws)
+                calls = [
+                    *((method, path.format(cid)) for _, method, path in OPERATIONS),
+                    ("POST", "/@groups/room"),
+                    ("GET", "/@groups/room"),
+                    ("POST", "/@users/someone"),
+                ]
+                for authorization in (None, "Bearer wrong", "Bearer s3cret-token2", "s3cret-token"):
+                    headers = {"Authorization": authorization} if authorization else {}
+                    for method, path in calls:
+                        async with session.request(
+                            method, base + path, data=b"x", headers=headers
+                        ) as response:
+                            assert response.status == 401, (authorization, method, path)
+                good = {"Authorization": "Bearer s3cret-token"}
+                async with session.post(
+                    f"{base}/@connections/{cid}", data=b"ok", headers=good
+                ) as response:
+                    assert response.status == 200
+                assert await ws.receive_bytes(timeout=10) == b"ok"
+            await canary.finish()
+    finally:
+        await proxy.shutdown(grace=1.0)
+
+
+BAD_CLOSES = [
+    "code=999",
+    "code=1001",
+    "code=1004",
+    "code=1005",
+    "code=1006",
+    "code=1015",
+    "code=2999",
+    "code=5000",
+    "code=-1",
+    "code=abc",
+    "code=",
+    "code=1000.0",
+    "code=99999999999999999999",
+    "code=4000&reason=" + "r" * 124,
+    "code=4000&reason=" + "é" * 62,
+]
+
+
+async def test_bad_close_codes_get_422(make_proxy: ProxyFactory, backend: Backend) -> None:
+    proxy = await management_proxy(make_proxy, backend)
+    base = admin_base(proxy)
+    async with ApiCanary.running(proxy) as canary, aiohttp.ClientSession() as session:
+        async with session.ws_connect(url(proxy, "/bad")) as ws:
+            cid = await connection_id(ws)
+            for query in BAD_CLOSES:
+                async with session.delete(f"{base}/@connections/{cid}?{query}") as response:
+                    assert response.status == 422, query
+            await ws.send_str("still open")
+            assert await ws.receive_str(timeout=10) == "still open"
+            async with session.delete(
+                f"{base}/@connections/{cid}?code=4999&reason=" + "r" * 123
+            ) as response:
+                assert response.status == 204
+            closing = await ws.receive(timeout=10)
+            assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == 4999
+        await canary.finish()
+    assert proxy.management.requests[("delete_connection", 422)] == len(BAD_CLOSES)
+
+
+BAD_NAMES = ["a b", "a%2Fb", "é", "<script>", "x" * 129, "%00", "a%22b", "tab%09"]
+
+
+async def test_bad_group_and_user_names_get_400(make_proxy: ProxyFactory, backend: Backend) -> None:
+    proxy = await management_proxy(make_proxy, backend)
+    base = admin_base(proxy)
+    async with ApiCanary.running(proxy) as canary, aiohttp.ClientSession() as session:
+        async with session.ws_connect(url(proxy, "/bad")) as ws:
+            cid = await connection_id(ws)
+            for name in BAD_NAMES:
+                quoted = name if "%" in name else urllib.parse.quote(name, safe="")
+                for method, path in (
+                    ("POST", f"/@groups/{quoted}"),
+                    ("GET", f"/@groups/{quoted}"),
+                    ("PUT", f"/@groups/{quoted}/connections/{cid}"),
+                    ("DELETE", f"/@groups/{quoted}/connections/{cid}"),
+                    ("POST", f"/@users/{quoted}"),
+                ):
+                    target = yarl.URL(base + path, encoded=True)
+                    async with session.request(method, target, data=b"x") as response:
+                        assert response.status == 400, (name, method, path)
+            await ws.send_str("still open")
+            assert await ws.receive_str(timeout=10) == "still open"
+        await canary.finish()
+    assert len(proxy.apis["chat"].registry.members("room", None, 10)[0]) == 0
