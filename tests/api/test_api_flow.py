@@ -12,30 +12,12 @@ import websockets.asyncio.client
 from aiohttp import web
 from websockets.frames import Frame, Opcode
 
-from tests.api.conftest import Backend
 from tests.conftest import ProxyFactory, listener_address, wait_for
+from tests.helpers.api_backend import Backend, api_config, url
 from tests.helpers.process import parse_metrics
-from wsproxy.address import Address
 from wsproxy.api.registry import Prepared
 from wsproxy.config import load_config
 from wsproxy.proxy import Proxy
-
-
-def api_config(backend: Address, routes: str = "", api_extra: str = "") -> str:
-    return f"""
-[listeners.edge]
-address = "127.0.0.1:0"
-api = "chat"
-
-[apis.chat]
-{api_extra}
-{routes}
-
-[target_groups.backend]
-protocol = "http"
-targets = [{{ address = "{backend}" }}]
-"""
-
 
 ECHO = """
 [[apis.chat.routes]]
@@ -50,11 +32,6 @@ target_group = "backend"
 path = "/messages"
 respond = true
 """
-
-
-def url(proxy: Proxy) -> str:
-    address = listener_address(proxy)
-    return f"ws://{address.host}:{address.port}/chat"
 
 
 async def test_messages_go_to_their_routes_and_answers_come_back(

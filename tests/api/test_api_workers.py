@@ -8,7 +8,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.api.conftest import Backend
+from tests.helpers.api_backend import Backend
 from tests.helpers.process import RunningProxy, start_proxy
 from wsproxy.api.connection_id import owner_of
 

@@ -8,9 +8,9 @@ import ssl
 import aiohttp
 import pytest
 
-from tests.api.conftest import Backend
-from tests.api.test_api_flow import ECHO, api_config, url
+from tests.api.test_api_flow import ECHO
 from tests.conftest import ProxyFactory
+from tests.helpers.api_backend import Backend, api_config, url
 from tests.helpers.pki import Pki, make_pki
 from wsproxy.address import Address
 from wsproxy.config import parse_config

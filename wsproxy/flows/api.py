@@ -30,6 +30,7 @@ from collections import Counter, deque
 from http import HTTPStatus
 from typing import Any
 
+from websockets.exceptions import PayloadTooBig
 from websockets.extensions.permessage_deflate import ServerPerMessageDeflateFactory
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
@@ -684,9 +685,15 @@ class ApiFlow(WebSocketFlow):
     def _shut(self) -> None:
         """End our side without losing what we wrote last: closing a socket with unread input
         makes the kernel send RST, which can destroy our Close before the client reads it
-        (a client that is still sending: a flood, a message on its way). So send FIN, read and
-        discard until the client's own FIN, and cut it after ``CLOSE_TIMEOUT_SECONDS``."""
+        (a client that is still sending: a flood, a message on its way). So unless the client
+        has sent its Close, send FIN, read and discard until the client's own FIN (RFC 6455
+        §7.1.1: the client closes once the server has), and cut it after
+        ``CLOSE_TIMEOUT_SECONDS``."""
         client = self.client
+        protocol = self.protocol
+        if protocol is not None and protocol.close_rcvd is not None:
+            client.close()  # the client sent its Close, and nothing may follow it (§5.5.1)
+            return
         if self._close_timer is None:
             self._close_timer = self.loop.call_later(CLOSE_TIMEOUT_SECONDS, self._close_expired)
         if not client.write_eof():  # TLS cannot half-close: close (close_notify) now
@@ -709,6 +716,11 @@ class ApiFlow(WebSocketFlow):
         if protocol is not None:
             sent = protocol.close_sent
             if sent is not None and sent.code in _CLOSE_REASONS and protocol.close_rcvd is None:
+                failure = protocol.parser_exc
+                if isinstance(failure, PayloadTooBig) and failure.message is None:
+                    size = failure.size
+                    if size is not None and size > self.api.config.max_frame_bytes:
+                        return Reason.WS_FRAME_TOO_LARGE  # one frame alone is over the limit
                 return _CLOSE_REASONS[sent.code]
             if protocol.close_rcvd is not None:
                 return Reason.CLOSED
