@@ -85,6 +85,9 @@ _QUIET.setLevel(logging.WARNING)
 CONNECT_HEADERS = ("origin", "user-agent", "authorization", "cookie", "sec-websocket-protocol")
 # The largest part of a refusing $connect answer the client gets.
 MAX_REFUSAL_BODY = 4096
+# A connection with permessage-deflate is parsed this many wire bytes at a time, so the messages
+# one slice can inflate into (deflate expands ~1000x at most) bound what waits for a slot.
+INFLATED_SLICE_BYTES = 1024
 # Time for the client to answer our Close before its socket is cut (RFC 6455 §7.1.1).
 CLOSE_TIMEOUT_SECONDS = 5.0
 MAX_USER_LENGTH = 128
@@ -165,9 +168,12 @@ class ApiFlow(WebSocketFlow):
         "_fragments_text",
         "_frame_budget",
         "_frames",
+        "_heard",
+        "_held",
         "_in_flight",
         "_messages",
         "_pending",
+        "_pending_bytes",
         "_ping_deadline",
         "_session_timer",
         "_throttle",
@@ -200,6 +206,11 @@ class ApiFlow(WebSocketFlow):
         self.last_active = 0.0
         self.route_counts: Counter[str] = Counter()
         self._pending: deque[tuple[str, bytes, bool]] = deque()
+        self._pending_bytes = 0
+        # Client bytes read but not yet given to the protocol: while messages wait for an
+        # integration slot, parsing (and inflating) more would hold them without bound.
+        self._held = b""
+        self._heard = 0.0  # when the client last sent anything (keepalive)
         self._in_flight = 0
         self._fragments: list[bytes] = []
         self._fragments_text = False
@@ -402,7 +413,7 @@ class ApiFlow(WebSocketFlow):
         self.task = None
         self.phase = Phase.DATA
         now = self.loop.time()
-        self.connected_at = self.last_active = now
+        self.connected_at = self.last_active = self._heard = now
         self.wall_connected_at = _wall_now()
         self.api.registry.add(self)
         self.api.stats.connections += 1
@@ -419,34 +430,77 @@ class ApiFlow(WebSocketFlow):
         if self.draining:
             self.close_by_proxy(1001, "going away", Reason.DRAINING)
         elif held:
-            self._data(held)
-        if not self.finished and self._in_flight < self.api.config.max_in_flight_per_connection:
-            client.resume_reading()
+            self._feed(held)
+        self._release()
 
     def _data(self, data: bytes) -> None:
         protocol = self.protocol
         if protocol is None or self.finished:
             return
         self.handshake_bytes_in += len(data)
-        self.last_active = self.loop.time()
-        protocol.receive_data(data)
+        self._heard = self.loop.time()
+        if self._held or self._holding():
+            self._held += data  # at most what arrives before the pause takes effect
+            self.client.pause_reading()
+            return
+        self._feed(data)
+
+    def _holding(self) -> bool:
+        """Whether client bytes must wait unparsed: messages are waiting for an integration
+        slot (and the connection is not closing, when its Close must be read)."""
+        return self._end is None and bool(self._pending)
+
+    def _feed(self, data: bytes) -> None:
+        """Give ``data`` to the protocol, in slices when it inflates messages, and keep what
+        is left once a message has to wait: a compressed read could otherwise inflate into a
+        thousand messages held at once (up to ~1000x its size)."""
+        protocol = self.protocol
+        if protocol is None:
+            return
+        step = INFLATED_SLICE_BYTES if protocol.extensions else len(data) or 1
+        for start in range(0, len(data), step):
+            protocol.receive_data(data[start : start + step])
+            if not self._events(protocol):
+                break
+            if self._holding():
+                self._held = data[start + step :] + self._held
+                self.client.pause_reading()
+                break
+        self._flush()
+
+    def _events(self, protocol: ServerProtocol) -> bool:
+        """Handle what the protocol parsed; False once the connection failed."""
         events = protocol.events_received()
         budget = self._frame_budget
         if budget is not None and events:
             self._frames += len(events)
-            if self._frames > budget.free_until() and budget.spend(self._frames, self.last_active):
+            if self._frames > budget.free_until() and budget.spend(self._frames, self._heard):
                 self._end = Reason.FRAME_RATE_EXCEEDED
                 protocol.fail(1008, "frame rate exceeded")
-                self._flush()
-                return
+                return False
         for event in events:
             if isinstance(event, Frame):
                 self._frame(event)
-        self._flush()
+        return True
+
+    def _release(self) -> None:
+        """A slot freed (or the connection is closing): parse what was held, then read on."""
+        if self.finished:
+            return
+        if self._held and not self._holding():
+            held, self._held = self._held, b""
+            self._feed(held)
+        closing = self._end is not None  # its Close must be read, whatever is in flight
+        if not self._held and (
+            closing or self._in_flight < self.api.config.max_in_flight_per_connection
+        ):
+            self.client.resume_reading()
 
     def _frame(self, frame: Frame) -> None:
         opcode = frame.opcode
         data = frame.data if isinstance(frame.data, bytes) else bytes(frame.data)
+        if opcode is not Opcode.PING and opcode is not Opcode.PONG:
+            self.last_active = self._heard  # data, not keepalive, keeps a connection from idling
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             text = opcode is Opcode.TEXT
             if frame.fin:
@@ -508,12 +562,14 @@ class ApiFlow(WebSocketFlow):
                 )
                 return
         self._pending.append((key, payload, text))
+        self._pending_bytes += len(payload)
         self._pump()
 
     def _pump(self) -> None:
         limit = self.api.config.max_in_flight_per_connection
         while self._pending and self._in_flight < limit:
             key, payload, text = self._pending.popleft()
+            self._pending_bytes -= len(payload)
             route = self.api.route(key)
             if route is None:
                 self.api.count_error(key, ApiError.NO_ROUTE)
@@ -521,10 +577,8 @@ class ApiFlow(WebSocketFlow):
                 continue
             self._in_flight += 1
             self.context.spawn(self._deliver(key, payload, text))
-        if self._in_flight >= limit:
+        if self._in_flight >= limit and self._end is None:
             self.client.pause_reading()  # at the limit: the client's bytes wait in the kernel
-        elif not self.finished:
-            self.client.resume_reading()
 
     async def _deliver(self, key: str, payload: bytes, text: bool) -> None:
         api = self.api
@@ -562,6 +616,7 @@ class ApiFlow(WebSocketFlow):
             self._in_flight -= 1
             if not self.finished:
                 self._pump()
+                self._release()
 
     def _send_error(self, error: ApiError, request_id: str, message: str) -> None:
         body = json.dumps(
@@ -627,8 +682,11 @@ class ApiFlow(WebSocketFlow):
 
     def close_by_api(self, code: int, reason: str) -> bool:
         """DELETE /@connections/{id}: a Close with ``code``; False when already closing."""
-        if self._end is not None or self.finished:
+        protocol = self.protocol
+        if self._end is not None or self.finished or protocol is None:
             return False
+        if protocol.state is not State.OPEN:
+            return False  # the client's own Close is under way
         self.close_by_proxy(code, reason, Reason.CLOSED_BY_API)
         return True
 
@@ -654,9 +712,13 @@ class ApiFlow(WebSocketFlow):
         if protocol is None or self._end is not None or self.finished:
             return
         self._end = why
+        # Messages still waiting are not sent on; what was held is read now, for the Close.
+        self._pending.clear()
+        self._pending_bytes = 0
         if protocol.state is State.OPEN:
             protocol.send_close(code, reason)
             self._flush()
+        self._release()
         if not self.finished and self._close_timer is None:
             self._close_timer = self.loop.call_later(CLOSE_TIMEOUT_SECONDS, self._close_expired)
 
@@ -737,8 +799,13 @@ class ApiFlow(WebSocketFlow):
         if self.finished or self._end is not None:
             return
         now = self.loop.time()
-        if now - self.last_active >= self.api.config.idle_timeout_seconds:
+        busy = self._in_flight > 0  # a call under way: not idle, and not reading its answers
+        if not busy and now - self.last_active >= self.api.config.idle_timeout_seconds:
             self.close_by_proxy(1001, "idle timeout", Reason.IDLE_TIMEOUT)
+            return
+        if busy or self._held:
+            self._ping_deadline = 0.0  # reading is paused: a Pong could not be read
+            self._arm_tick()
             return
         if self._ping_deadline and now >= self._ping_deadline:
             self._end = Reason.PING_TIMEOUT
@@ -746,8 +813,8 @@ class ApiFlow(WebSocketFlow):
             return
         interval = self.context.config.ping_interval_seconds
         protocol = self.protocol
-        idle = now - self.last_active
-        if interval and protocol is not None and not self._ping_deadline and idle >= interval:
+        silent = now - self._heard
+        if interval and protocol is not None and not self._ping_deadline and silent >= interval:
             protocol.send_ping(b"wsproxy")
             self._ping_deadline = now + self.context.config.ping_timeout_seconds
             self._flush()
