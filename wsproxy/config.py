@@ -927,8 +927,19 @@ def read_signing_secret(path: str | None) -> bytes | None:
 
 
 def api_file_issues(config: Config) -> list[ConfigIssue]:
-    """Every API's signing secret file must be readable and hold a key."""
+    """Every API's signing secret file must be readable and hold a key, and a management
+    listener that asks for the admin token needs a token in that file, admin on or off."""
     issues: list[ConfigIssue] = []
+    token_users = [
+        name
+        for name, api in config.apis.items()
+        if api.management is not None
+        and not (api.management.tls is not None and api.management.tls.client_auth == "required")
+    ]
+    if token_users and config.admin.token_file is not None and not config.admin.enabled:
+        issues += admin_file_issues(
+            config.model_copy(update={"admin": config.admin.model_copy(update={"enabled": True})})
+        )
     for name, api in config.apis.items():
         try:
             read_signing_secret(api.signing_secret_file)

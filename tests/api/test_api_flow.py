@@ -13,7 +13,7 @@ from aiohttp import web
 from websockets.frames import Frame, Opcode
 
 from tests.conftest import ProxyFactory, listener_address, wait_for
-from tests.helpers.api_backend import Backend, api_config, url
+from tests.helpers.api_backend import Backend, admin_base, api_config, url
 from tests.helpers.process import parse_metrics
 from wsproxy.api.registry import Prepared
 from wsproxy.config import load_config
@@ -332,3 +332,29 @@ async def test_a_frame_flood_ends_the_connection_with_1008(
             message = await ws.receive(timeout=5)
         assert message.type is aiohttp.WSMsgType.CLOSE and message.data == 1008
     await wait_for(lambda: not proxy.listeners["edge"].flows)
+
+
+async def test_text_that_is_not_utf8_never_goes_out_as_text(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    """A client fails the connection on such a text frame (1007), and one group POST would do
+    that to every member: management calls get 422, route responses an integration_error."""
+
+    async def latin1(request: web.Request) -> web.StreamResponse:
+        return web.Response(body="café".encode("latin-1"), content_type="text/plain")
+
+    backend.handlers["/messages"] = latin1
+    proxy = await make_proxy(api_config(backend.address, ECHO))
+    base = admin_base(proxy)
+    async with aiohttp.ClientSession() as session, session.ws_connect(url(proxy)) as ws:
+        await ws.send_str('{"action": "sendmessage"}')
+        assert json.loads(await ws.receive_str(timeout=5))["error"] == "integration_error"
+        (cid,) = proxy.apis["chat"].registry.ids()
+        headers = {"Content-Type": "text/plain"}
+        for path in (f"/@connections/{cid}", "/@groups/room?api=chat"):
+            async with session.post(base + path, data=b"\xff\xfe", headers=headers) as response:
+                assert response.status == 422, path
+        binary = {"Content-Type": "application/octet-stream"}
+        async with session.post(f"{base}/@connections/{cid}", data=b"\xff", headers=binary) as r:
+            assert r.status == 200
+        assert await ws.receive_bytes(timeout=5) == b"\xff"  # the connection is fine

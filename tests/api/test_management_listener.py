@@ -4,6 +4,7 @@ authenticate with client certificates from our CA instead of the admin token."""
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -13,8 +14,10 @@ from tests.conftest import ProxyFactory
 from tests.helpers.api_backend import Backend, api_config, url
 from tests.helpers.pki import Pki, make_pki
 from wsproxy.address import Address
+from wsproxy.api.management_listener import ManagementListener
 from wsproxy.config import parse_config
 from wsproxy.errors import ConfigError
+from wsproxy.tls import check_files
 
 
 @pytest.fixture(scope="module")
@@ -75,3 +78,39 @@ def test_a_management_listener_open_to_the_network_needs_a_way_to_authenticate(
     assert "nothing authenticates callers" in str(caught.value)
     parse_config(text.replace("0.0.0.0:9443", "127.0.0.1:9443"))  # loopback: allowed
     parse_config('[admin]\ntoken_file = "t"\n' + text)  # the admin token protects it
+
+
+def test_an_empty_admin_token_never_opens_a_management_listener(tmp_path: Path) -> None:
+    """With [admin] off, its token file still guards the management listener: an empty one is
+    a config error, never "no token, so no check"."""
+    token = tmp_path / "admin.token"
+    token.write_text("  \n")
+    text = (
+        f'[admin]\nenabled = false\ntoken_file = "{token}"\n'
+        + api_config(Address("127.0.0.1", 1), ECHO)
+        + '\n[apis.chat.management]\naddress = "0.0.0.0:0"\n'
+    )
+    config = parse_config(text)
+    with pytest.raises(ConfigError) as caught:
+        check_files(config, "<test>")
+    assert "is empty" in str(caught.value)
+    with pytest.raises(ConfigError):
+        ManagementListener("chat", config.apis["chat"].management, None, str(token))  # type: ignore[arg-type]
+
+
+async def test_a_tokenless_loopback_management_listener_refuses_browsers(
+    make_proxy: ProxyFactory, backend: Backend
+) -> None:
+    proxy = await make_proxy(
+        api_config(backend.address, ECHO) + '\n[apis.chat.management]\naddress = "127.0.0.1:0"\n'
+    )
+    (listener,) = proxy.management_listeners
+    assert listener.address is not None
+    base = f"http://127.0.0.1:{listener.address.port}"
+    async with aiohttp.ClientSession() as session:
+        headers = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+        async with session.post(f"{base}/@groups/room", data="x", headers=headers) as response:
+            assert response.status == 403
+            assert "Origin" in (await response.json())["error"]
+        async with session.post(f"{base}/@groups/room", data="x") as response:
+            assert response.status == 200  # curl and backends send no Origin

@@ -24,6 +24,7 @@ worker for a group or user, over the control channel (``Workers``), and sums the
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -39,6 +40,7 @@ from wsproxy.api.registry import (
     ApiConnection,
     Delivery,
     is_text,
+    valid_text,
 )
 from wsproxy.api.registry import valid_name as valid_group_name
 
@@ -118,6 +120,15 @@ class Workers(Protocol):
 
 def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> Reply:
     return Reply(status, {"error": message}, headers)
+
+
+_NOT_UTF8 = Reply(
+    422,
+    {
+        "error": "the body is not UTF-8, so it cannot be a text message; send binary data as "
+        "application/octet-stream"
+    },
+)
 
 
 def _gone(cid: str, why: str) -> Reply:
@@ -228,14 +239,25 @@ class Management:
             checked = self._name(call, "group" if call.operation == "post_group" else "user")
             if isinstance(checked, Reply):
                 return checked
-            replies = [await workers.management(w, call) for w in range(workers.slot_count)]
-            delivered = dropped = 0
+            # Every worker at once, so one slow worker does not hold up the others' members.
+            replies = await asyncio.gather(
+                *(workers.management(w, call) for w in range(workers.slot_count))
+            )
+            delivered = dropped = unavailable = 0
             for reply in replies:
+                if reply.status == 503:
+                    unavailable += 1  # its members got nothing; the others' did
+                    continue
                 if reply.status != 200 or reply.body is None:
-                    return reply
+                    return reply  # the same refusal from every worker (422, 400)
                 delivered += int(reply.body["delivered"])
                 dropped += int(reply.body["dropped_slow"])
-            return Reply(200, {"delivered": delivered, "dropped_slow": dropped})
+            if unavailable == len(replies):
+                return replies[0]
+            answer: dict[str, Any] = {"delivered": delivered, "dropped_slow": dropped}
+            if unavailable:
+                answer["workers_unavailable"] = unavailable  # at most once: do not resend
+            return Reply(200, answer)
         return await self._forward_members(call, workers)
 
     async def _forward_members(self, call: Call, workers: Workers) -> Reply:
@@ -330,6 +352,8 @@ class Management:
         found = self._connection(api, call.params["id"])
         if isinstance(found, Reply):
             return found
+        if call.text and not valid_text(call.body):
+            return _NOT_UTF8
         limit = api.config.max_message_bytes
         if len(call.body) > limit:
             return _error(
@@ -376,6 +400,8 @@ class Management:
         name = self._name(call, kind)
         if isinstance(name, Reply):
             return name
+        if call.text and not valid_text(call.body):
+            return _NOT_UTF8
         registry = api.registry
         if kind == "group":
             sent = registry.send_group(name, call.body, call.text)

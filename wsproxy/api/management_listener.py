@@ -19,7 +19,8 @@ from aiohttp import web
 from wsproxy.address import Address
 from wsproxy.api.management import Management
 from wsproxy.config import ApiManagementConfig
-from wsproxy.errors import ClientCertRejected
+from wsproxy.errors import ClientCertRejected, ConfigError, ConfigIssue
+from wsproxy.ops.cross_site import cross_site_refusal
 from wsproxy.ops.logs import log_event
 from wsproxy.tls import ServerTls
 
@@ -41,9 +42,15 @@ class ManagementListener:
     ) -> None:
         self.api = api
         self.config = config
-        self._management = management.serving(api)
         token = Path(token_file).read_text(encoding="utf-8").strip() if token_file else None
+        if token_file is not None and not token:
+            # Never "no token, so no check": the config promised calls need this token.
+            raise ConfigError(
+                token_file,
+                [ConfigIssue("admin.token_file", f"{token_file} is empty; put a token in it")],
+            )
         self._expected = f"Bearer {token}".encode() if token else None
+        self._management = management.serving(api)
         self.tls = ServerTls(f"{api}-management", config.tls) if config.tls is not None else None
         self._by_certificate = config.tls is not None and config.tls.client_auth == "required"
         self.address: Address | None = None
@@ -83,6 +90,12 @@ class ManagementListener:
             if refusal is None:
                 return await handler(request)
             return web.json_response({"error": refusal}, status=403)
+        refusal = cross_site_refusal(request, tokenless=self._expected is None)
+        if refusal is not None:
+            return web.json_response(
+                {"error": f"refused {refusal}; use curl or another non-browser client"},
+                status=403,
+            )
         if self._expected is None:
             return await handler(request)  # loopback without a token (checked by the config)
         sent = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")

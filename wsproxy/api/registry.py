@@ -99,6 +99,16 @@ def is_text(content_type: str | None) -> bool:
     return media.startswith("text/") or media == "application/json" or media.endswith("+json")
 
 
+def valid_text(data: bytes) -> bool:
+    """Whether ``data`` may go out as a text message: UTF-8 (RFC 6455 §5.6; a client fails the
+    connection with 1007 otherwise, so nothing that is not goes out as text)."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def valid_name(name: str) -> bool:
     return NAME_RE.fullmatch(name) is not None
 

@@ -47,6 +47,7 @@ from wsproxy.api.registry import (
     encode_frame,
     is_text,
     valid_name,
+    valid_text,
 )
 from wsproxy.errors import (
     ApiError,
@@ -603,11 +604,16 @@ class ApiFlow(WebSocketFlow):
                 self._send_error(ApiError.INTEGRATION_ERROR, request_id, "integration error")
                 return
             # A 2xx body is the response, an empty one too (an empty message); 204 says none.
-            respond = route.respond and answer.status != 204
-            if (
-                respond
-                and self.send_message(answer.body, is_text(answer.content_type)) is Delivery.QUEUED
-            ):
+            if not route.respond or answer.status == 204:
+                return
+            text = is_text(answer.content_type)
+            if text and not valid_text(answer.body):
+                api.count_error(key, ApiError.INTEGRATION_ERROR)
+                log.info("api '%s' route '%s' (%s): a text answer that is not UTF-8",
+                         api.name, key, self.connection_id)  # fmt: skip
+                self._send_error(ApiError.INTEGRATION_ERROR, request_id, "integration error")
+                return
+            if self.send_message(answer.body, text) is Delivery.QUEUED:
                 api.stats.messages[(key, "out")] += 1
         except Exception:  # connection boundary: this message fails, the connection stays
             log.exception("api '%s': unexpected error in an integration call", api.name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import json
 import logging
 import time
@@ -26,6 +25,7 @@ from wsproxy.config import Config
 from wsproxy.errors import TargetExists
 from wsproxy.listener import Listener
 from wsproxy.ops import status_page
+from wsproxy.ops.cross_site import cross_site_refusal
 from wsproxy.ops.logs import log_event
 from wsproxy.ops.metrics import Metrics, snapshot_listeners
 from wsproxy.targets.target import Target
@@ -296,51 +296,6 @@ def _public(path: str) -> bool:
     return path.startswith("/v1/listeners/") and path.endswith(("/crl", "/crl.pem"))
 
 
-_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-
-
-def _host_is_an_address(host: str) -> bool:
-    """Whether a Host value names this machine by address or as localhost (no DNS name a
-    rebinding attack could point here); the port, if any, is not looked at."""
-    if host.startswith("["):  # an IPv6 literal, with or without a port
-        name = host[1:].partition("]")[0]
-    else:
-        name = host.rpartition(":")[0] if ":" in host else host
-    name = name.lower().rstrip(".")
-    if name == "localhost" or name.endswith(".localhost"):
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-def _cross_site_refusal(request: web.Request, tokenless: bool) -> str | None:
-    """Why a state-changing request is refused as a browser's cross-site request, or None.
-
-    A web page the operator opens can send a form-like POST (no preflight) to the admin port,
-    and a DNS name it controls can be re-pointed at 127.0.0.1 (rebinding) so that the request
-    even looks same-origin. Browsers name the page in ``Origin`` and ``Sec-Fetch-Site``; a
-    rebinding request still names the attacker's host in ``Host``, which matters only where no
-    token protects the endpoint (a browser never adds our bearer token by itself)."""
-    if request.method in _SAFE_METHODS:
-        return None
-    site = request.headers.get("Sec-Fetch-Site")
-    if site is not None and site not in ("same-origin", "none"):
-        return f"a browser's {site} request (Sec-Fetch-Site)"
-    origin = request.headers.get("Origin")
-    if origin is not None and origin != f"{request.scheme}://{request.host}":
-        return f"a request from the page at {origin!r} (Origin)"
-    if tokenless and not _host_is_an_address(request.host):
-        return (
-            f"a request addressed to {request.host!r}: without [admin] token_file, changes are "
-            "accepted only at an IP address or localhost (a DNS name may be rebound to this "
-            "machine by a web page)"
-        )
-    return None
-
-
 class AdminServer:
     """The admin listener: reads the proxy through ``ProxyState``, acts through
     ``ProxyCommands`` (both are the ``Proxy`` in production; it never imports it)."""
@@ -404,7 +359,7 @@ class AdminServer:
         # [admin] unauthenticated names what answers without the token (config.AdminSection):
         # at least the probes, which orchestrators send without secrets, and the status page's
         # static HTML (it holds no data and asks for the token). Everything else needs it.
-        refusal = _cross_site_refusal(request, tokenless=self._token is None)
+        refusal = cross_site_refusal(request, tokenless=self._token is None)
         if refusal is not None:
             return _error(403, f"refused {refusal}; use curl or another non-browser client")
         path = request.path

@@ -31,7 +31,7 @@ from wsproxy.address import Address
 from wsproxy.api.management import Call as ManagementCall
 from wsproxy.api.management import Reply
 from wsproxy.config import Config
-from wsproxy.errors import WorkerUnavailable
+from wsproxy.errors import MalformedControlMessage, WorkerUnavailable
 from wsproxy.listener import Listener, ListeningSockets
 from wsproxy.ops.admin import sum_api_rows
 from wsproxy.ops.logs import log_event
@@ -184,6 +184,9 @@ class WorkerPool:
             reply = await channel.request(call.as_message(), MANAGEMENT_TIMEOUT)
         except WorkerUnavailable as exc:
             return Reply(503, {"error": f"worker {worker}: {exc}"})
+        except MalformedControlMessage:
+            # The control channel carries up to 16 MiB: a larger message cannot reach a worker.
+            return Reply(413, {"error": "the message is too large to reach a worker (16 MiB)"})
         if "error" in reply and "status" not in reply:
             return Reply(503, {"error": f"worker {worker}: {reply['error']}"})
         return Reply.from_message(reply)
