@@ -161,7 +161,7 @@ def test_check_config_ok_on_the_example_once_its_files_exist(tmp_path: Path) -> 
     result = run_cli("check-config", str(example))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1
-    assert "ok: 5 listener(s), 5 target group(s), 7 target(s), 1 API(s)" in result.stdout
+    assert "ok: 5 listener(s), 6 target group(s), 7 target(s), 1 API(s)" in result.stdout
 
 
 @pytest.mark.parametrize(

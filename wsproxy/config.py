@@ -225,6 +225,64 @@ class HealthCheckConfig(_Section):
         return self
 
 
+def _nameserver(value: object) -> Address:
+    """``"10.0.0.10"`` (port 53), ``"127.0.0.1:5353"`` or ``"[::1]:5353"``: an IP address,
+    because the resolver must not need a resolver to find its server."""
+    if isinstance(value, Address):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(
+            f"a nameserver is a string like '10.0.0.10' or '127.0.0.1:5353', got {value!r}"
+        )
+    try:
+        return Address(str(ipaddress.ip_address(value)), 53)
+    except ValueError:
+        pass
+    if ":" not in value:
+        raise ValueError(f"nameserver {value!r} must be an IP address, not a host name")
+    address = parse_address(value)
+    try:
+        ipaddress.ip_address(address.host)
+    except ValueError:
+        raise ValueError(
+            f"nameserver {value!r} must be an IP address (with an optional port), not a host name"
+        ) from None
+    return address
+
+
+Nameserver = Annotated[Address, PlainValidator(_nameserver), PlainSerializer(str)]
+
+
+def _dns_name(value: str) -> str:
+    if ":" in value or value.startswith("["):
+        raise ValueError(f"must be a DNS name like 'chat.default.svc.cluster.local', got {value!r}")
+    parse_address(f"{value}:53")  # the host-name rules targets follow (labels, 253 characters)
+    return value
+
+
+DnsName = Annotated[str, AfterValidator(_dns_name)]
+
+
+class DnsDiscoveryConfig(_Section):
+    """``discovery = { dns = ... }``: the group's targets are what a DNS name answers (HAProxy's
+    ``server-template`` with resolvers, Envoy's ``STRICT_DNS``)."""
+
+    dns: DnsName
+    # None: the name is queried as SRV and each answer gives its target's port.
+    port: int | None = Field(None, ge=1, le=65535)
+    # 0.5 s minimum, as for health checks; 5 s: a pod that left is noticed about as fast as
+    # Kubernetes' own endpoint propagation.
+    refresh_seconds: float = Field(5.0, ge=0.5, le=3600)
+    # None: the system's resolver (/etc/resolv.conf).
+    nameservers: tuple[Nameserver, ...] | None = None
+
+    @model_validator(mode="after")
+    def _some_nameserver(self) -> DnsDiscoveryConfig:
+        if self.nameservers == ():
+            raise ValueError("nameservers is empty; list one or leave it out (system resolver)")
+        return self
+
+
 class TargetGroupConfig(_Section):
     # tcp/tls: tunnels dial it. http/https: an API's routes call it (pooled HTTP/1.1 keep-alive).
     protocol: Literal["tcp", "tls", "http", "https"] = "tcp"
@@ -246,9 +304,15 @@ class TargetGroupConfig(_Section):
     # How long a target may take to answer the WebSocket upgrade once the request is sent.
     handshake_timeout_seconds: float = Field(10.0, gt=0, le=300)
     targets: tuple[TargetConfig, ...] = ()
+    discovery: DnsDiscoveryConfig | None = None
 
     @model_validator(mode="after")
     def _unique_targets(self) -> TargetGroupConfig:
+        if self.discovery is not None and self.targets:
+            raise ValueError(
+                "discovery and targets exclude each other: the DNS answers are the targets; "
+                "remove the targets list or the discovery table"
+            )
         if self.tls is not None and self.protocol not in ("tls", "https"):
             raise ValueError("a tls table needs protocol = 'tls' or 'https'")
         seen: set[Address] = set()

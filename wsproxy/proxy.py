@@ -40,6 +40,7 @@ from wsproxy.ops.loop_lag import LoopLagMonitor
 from wsproxy.ops.metrics import Histogram, ListenerStats, Metrics, ProxyCollector
 from wsproxy.targets.balancer import make_balancer
 from wsproxy.targets.checker import HealthChecker
+from wsproxy.targets.discovery import DnsDiscovery
 from wsproxy.targets.target import Target
 from wsproxy.targets.target_group import TargetGroup
 from wsproxy.tls import ServerTls, check_files, target_context
@@ -164,6 +165,10 @@ class Proxy:
         self.health_checkers: dict[str, HealthChecker] = {}
         for group in self.target_groups.values():
             self._add_checker(group)
+        # Like health checks, DNS discovery runs where target states are owned (not in workers).
+        self.discoveries: dict[str, DnsDiscovery] = {}
+        for group in self.target_groups.values():
+            self._add_discovery(group)
         self.retired: list[Listener] = []  # replaced by a reload; their sessions still run
         self.reloads: dict[str, int] = {"success": 0, "error": 0}
         self.last_reload_ok = True
@@ -200,6 +205,8 @@ class Proxy:
                 await self._start_management_listeners()
             for checker in self.health_checkers.values():
                 checker.start()
+            for discovery in self.discoveries.values():
+                discovery.start()
             self._loop_lag.start()
             watch = self.config.proxy.watch_config and self.role is not Role.WORKER
             if watch and self.path is not None:
@@ -259,6 +266,8 @@ class Proxy:
         await self.drain(grace)
         if self._stopped.is_set():
             return
+        for discovery in self.discoveries.values():
+            await discovery.stop()
         for checker in self.health_checkers.values():
             await checker.stop()
         for group in self.target_groups.values():
@@ -475,9 +484,11 @@ class Proxy:
             if name not in added_groups:
                 self._update_group(self.target_groups[name], group_config, fresh_contexts.get(name))
         for name in [n for n in self.target_groups if n not in new.target_groups]:
+            self._stop_discovery(name)  # before draining: it would register them again
             self.target_groups[name].deregister_all()
         for name in added_groups:
             self._add_checker(self.target_groups[name], start=True)
+            self._add_discovery(self.target_groups[name], start=True)
 
     def _update_group(
         self, group: TargetGroup, config: TargetGroupConfig, context: ssl.SSLContext | None
@@ -490,7 +501,13 @@ class Proxy:
         group.config = config
         if config.algorithm != old.algorithm:
             group.balancer = make_balancer(config.algorithm, self._rng)
-        group.reconcile(config)
+        if config.discovery is None:
+            group.reconcile(config)
+        # else DNS owns the membership: its next answer replaces the old set (static or not),
+        # and a worker keeps what its supervisor's snapshots say.
+        if config.discovery != old.discovery:
+            self._stop_discovery(group.name)
+            self._add_discovery(group, start=True)
         if config.health_check != old.health_check:
             checker = self.health_checkers.pop(group.name, None)
             if checker is not None:
@@ -508,6 +525,23 @@ class Proxy:
         checker = self.health_checkers[group.name] = HealthChecker(group, check, self._rng)
         if start:
             checker.start()
+
+    def _add_discovery(self, group: TargetGroup, *, start: bool = False) -> None:
+        """DNS discovery of ``group``, if it has it; not in workers (their supervisor's
+        snapshots carry the membership, so each name is queried once)."""
+        config = group.config.discovery
+        if config is None or self.role is Role.WORKER:
+            return
+        discovery = DnsDiscovery(group, config, self._rng, self.register, self.deregister)
+        self.discoveries[group.name] = discovery
+        if start:
+            discovery.start()
+
+    def _stop_discovery(self, name: str) -> None:
+        discovery = self.discoveries.pop(name, None)
+        if discovery is not None:
+            discovery.cancel()
+            self._spawn(discovery.stop())
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)

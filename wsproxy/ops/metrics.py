@@ -212,6 +212,8 @@ class TargetGroupStats:
     connect_errors: Counter[tuple[str, str]] = field(default_factory=Counter)  # (target, reason)
     health_checks: Counter[tuple[str, str]] = field(default_factory=Counter)  # (target, result)
     transitions: Counter[str] = field(default_factory=Counter)  # target
+    discovery_lookups: Counter[str] = field(default_factory=Counter)  # result: ok, error
+    discovery_errors: Counter[str] = field(default_factory=Counter)  # DiscoveryFailure
     connect_seconds: Histogram = field(default_factory=lambda: Histogram(HANDSHAKE_BUCKETS))
 
     def connect_errors_by_reason(self) -> Counter[str]:
@@ -535,6 +537,18 @@ class ProxyCollector(Collector):
             "target_group",
             "target",
         )
+        lookups = _counter(
+            "wsproxy_target_discovery_lookups",
+            "DNS lookups of target groups with discovery, by result (ok, error)",
+            "target_group",
+            "result",
+        )
+        discovery_errors = _counter(
+            "wsproxy_target_discovery_errors",
+            "Failed DNS lookups (the last good set of targets is kept), by reason",
+            "target_group",
+            "reason",
+        )
         for group in self._proxy.metric_target_groups():
             name = group.name
             states: Counter[str] = Counter()
@@ -553,8 +567,13 @@ class ProxyCollector(Collector):
             for address, count in sorted(stats.transitions.items()):
                 transitions.add_metric([name, address], count)
             stats.connect_seconds.add_to(connect_seconds, [name])
+            for result, count in sorted(stats.discovery_lookups.items()):
+                lookups.add_metric([name, result], count)
+            for reason, count in sorted(stats.discovery_errors.items()):
+                discovery_errors.add_metric([name, reason], count)
         yield from (target_active, target_state, healthy, unhealthy)
         yield from (connect_errors, connect_seconds, checks, transitions)
+        yield from (lookups, discovery_errors)
 
     def _process_state(self) -> Iterator[Metric]:
         proxy = self._proxy

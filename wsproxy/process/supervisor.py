@@ -460,6 +460,8 @@ FROM_SUPERVISOR = frozenset(
         "wsproxy_target_group_healthy_targets",
         "wsproxy_target_group_unhealthy_targets",
         "wsproxy_health_checks",
+        "wsproxy_target_discovery_lookups",  # DNS discovery runs here only
+        "wsproxy_target_discovery_errors",
         "wsproxy_draining",
         "wsproxy_config_reloads",
         "wsproxy_config_last_reload_successful",
