@@ -80,6 +80,10 @@ async def autobahn_url(make_proxy: ProxyFactory) -> AsyncIterator[str]:
 [listeners.edge]
 address = "127.0.0.1:0"
 api = "echo"
+# Off: the 12.*/13.* cases send up to 32 fragments per message, 1,000 messages as fast as the
+# client can, which passes the default 10,000 frames/s on a fast run (a 1008 by design, tested
+# in tests/api); here the protocol is under test, not the flood limit.
+max_frames_per_second = 0
 
 [apis.echo]
 

@@ -25,7 +25,7 @@ import codecs
 import datetime as dt
 import json
 import logging
-import sys
+import time
 from collections import Counter, deque
 from http import HTTPStatus
 from typing import Any
@@ -44,7 +44,6 @@ from wsproxy.api.registry import (
     MAX_GROUPS_PER_CONNECTION,
     Delivery,
     Prepared,
-    encode_frame,
     is_text,
     valid_name,
     valid_text,
@@ -55,7 +54,6 @@ from wsproxy.errors import (
     BadTargetResponse,
     HttpError,
     IntegrationFailed,
-    MalformedHead,
     NoTargets,
     Reason,
     TargetHandshakeTimeout,
@@ -66,15 +64,20 @@ from wsproxy.flows.websocket import WebSocketFlow
 from wsproxy.ops.logs import connection_logging, log_connection
 from wsproxy.ops.metrics import LiveCounts
 from wsproxy.ops.termination import Phase
-from wsproxy.wire.cloudevents import CONNECT, DISCONNECT, MESSAGE, connection_headers
-from wsproxy.wire.http1 import HeadBuffer, ResponseHead, parse_request_head, serialize_response_head
-from wsproxy.wire.request_target import check_version, parse_request_target
+from wsproxy.wire.cloudevents import (
+    CONNECT,
+    DISCONNECT,
+    MESSAGE,
+    connection_headers,
+    format_time,
+)
+from wsproxy.wire.http1 import HeadBuffer, ResponseHead, serialize_response_head
 from wsproxy.wire.route_selection import (
     CONNECT_ROUTE,
     DISCONNECT_ROUTE,
     select_route,
 )
-from wsproxy.wire.upgrade import check_host, validate_upgrade_request, wants_upgrade
+from wsproxy.wire.upgrade import validate_upgrade_request, wants_upgrade
 from wsproxy.wire.websocket_server import ApiServerProtocol
 from wsproxy.wire.wssession import FrameBudget, TokenBucket, frame_limit
 
@@ -115,25 +118,9 @@ def _phrase(status: int) -> str:
         return "Unknown"
 
 
-def _valid_utf8(data: bytes) -> bool:
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-def _wall_now() -> float:
-    return dt.datetime.now(dt.UTC).timestamp()
-
-
 def _iso(timestamp: float) -> str:
-    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
-
-
-def _custom_keys(api: Api) -> frozenset[str]:
-    return api.route_keys
+    """A Unix time as RFC 3339 UTC with milliseconds, as ``ce-time`` is written."""
+    return format_time(dt.datetime.fromtimestamp(timestamp, dt.UTC))
 
 
 class ConnectRefused(HttpError):
@@ -266,17 +253,7 @@ class ApiFlow(WebSocketFlow):
     ) -> None:
         raw_head, rest = await self._read_request_head(buffer, head_read)
         del buffer, head_read
-        try:
-            head = parse_request_head(raw_head)
-        except MalformedHead as exc:
-            raise BadRequest(str(exc)) from None
-        check_version(head)
-        target = parse_request_target(head.method, head.target)
-        self.path = sys.intern(target.path[:256])
-        host = check_host(head)
-        if target.authority is not None:
-            host = target.authority
-        self.host = sys.intern(host[:256])
+        head, target, _host = self._parse_head(raw_head)
         if not wants_upgrade(head):
             raise UpgradeRequired(
                 f"listener '{self.context.name}' serves the WebSocket API '{self.api.name}'; "
@@ -415,7 +392,7 @@ class ApiFlow(WebSocketFlow):
         self.phase = Phase.DATA
         now = self.loop.time()
         self.connected_at = self.last_active = self._heard = now
-        self.wall_connected_at = _wall_now()
+        self.wall_connected_at = time.time()
         self.api.registry.add(self)
         self.api.stats.connections += 1
         callbacks = client.callbacks
@@ -505,7 +482,7 @@ class ApiFlow(WebSocketFlow):
         if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
             text = opcode is Opcode.TEXT
             if frame.fin:
-                if text and not _valid_utf8(data):
+                if text and not valid_text(data):
                     self._invalid_utf8()
                     return
                 self._message(data, text)
@@ -550,7 +527,7 @@ class ApiFlow(WebSocketFlow):
         api = self.api
         if self._end is not None:
             return  # closing: messages still arriving are not routed
-        key = select_route(payload, api.fields, _custom_keys(api))
+        key = select_route(payload, api.fields, api.route_keys)
         self.route_counts[key] += 1
         api.stats.messages[(key, "in")] += 1
         throttle = self._throttle
@@ -639,6 +616,9 @@ class ApiFlow(WebSocketFlow):
     # --- what management calls do (registry.ApiConnection) --------------------------------------
 
     def send_message(self, data: bytes, text: bool) -> Delivery:
+        return self.send_prepared(Prepared(data, text))
+
+    def send_prepared(self, message: Prepared) -> Delivery:
         protocol = self.protocol
         transport = self.client.transport
         if (
@@ -653,36 +633,15 @@ class ApiFlow(WebSocketFlow):
         if transport.get_write_buffer_size() > self.api.config.max_send_buffer_bytes:
             return Delivery.SLOW
         self.last_active = self.loop.time()
-        if not protocol.extensions:  # a plain frame: no need of the protocol's serializer
-            frame = encode_frame(data, text)
-            self.handshake_bytes_out += len(frame)
-            transport.write(frame)
+        if protocol.extensions:  # compressed for this connection by its protocol
+            if message.text:
+                protocol.send_text(message.data)
+            else:
+                protocol.send_binary(message.data)
+            self._flush()
             return Delivery.QUEUED
-        if text:
-            protocol.send_text(data)
-        else:
-            protocol.send_binary(data)
-        self._flush()
-        return Delivery.QUEUED
-
-    def send_prepared(self, message: Prepared) -> Delivery:
-        protocol = self.protocol
-        if protocol is None or protocol.extensions:
-            return self.send_message(message.data, message.text)  # compressed per connection
-        transport = self.client.transport
-        if (
-            self.finished
-            or self._end is not None
-            or protocol.state is not State.OPEN
-            or transport is None
-            or transport.is_closing()
-        ):
-            return Delivery.GONE
-        if transport.get_write_buffer_size() > self.api.config.max_send_buffer_bytes:
-            return Delivery.SLOW
-        frame = message.frame
+        frame = message.frame  # a plain frame: the same bytes for every member of a group
         self.handshake_bytes_out += len(frame)
-        self.last_active = self.loop.time()
         transport.write(frame)
         return Delivery.QUEUED
 

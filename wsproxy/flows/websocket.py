@@ -57,7 +57,12 @@ from wsproxy.wire.http1 import (
     serialize_request,
     serialize_response_head,
 )
-from wsproxy.wire.request_target import check_version, in_origin_form, parse_request_target
+from wsproxy.wire.request_target import (
+    RequestTarget,
+    check_version,
+    in_origin_form,
+    parse_request_target,
+)
 from wsproxy.wire.upgrade import (
     WEBSOCKET_VERSION,
     check_host,
@@ -246,11 +251,8 @@ class WebSocketFlow(Flow):
 
     # --- 2. validate and route ------------------------------------------------------------------
 
-    async def _run(
-        self, buffer: HeadBuffer, head_read: asyncio.Future[tuple[bytes, bytes]]
-    ) -> None:
-        raw_head, rest = await self._read_request_head(buffer, head_read)
-        del buffer, head_read
+    def _parse_head(self, raw_head: bytes) -> tuple[RequestHead, RequestTarget, str]:
+        """The request head, its checked target and its host; the log's path and host set."""
         try:
             head = parse_request_head(raw_head)
         except MalformedHead as exc:
@@ -265,6 +267,14 @@ class WebSocketFlow(Flow):
         if target.authority is not None:
             host = target.authority  # RFC 9112 §3.2.2: an absolute-form URL's authority wins
         self.host = sys.intern(host[:256])
+        return head, target, host
+
+    async def _run(
+        self, buffer: HeadBuffer, head_read: asyncio.Future[tuple[bytes, bytes]]
+    ) -> None:
+        raw_head, rest = await self._read_request_head(buffer, head_read)
+        del buffer, head_read
+        head, target, host = self._parse_head(raw_head)
         upgrade = wants_upgrade(head)
         key = ""
         if upgrade:
